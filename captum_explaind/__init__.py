@@ -1,0 +1,37 @@
+"""captum_explaind: exact path-kernel (ExPLAIND) attribution as a Captum plugin.
+
+A model trained by gradient descent is rewritten exactly as a sum over its training steps,
+parameters and training samples. Record the run with :class:`TrajectoryRecorder`, then explain
+predictions with :class:`ExactPathKernel` and the attribution views.
+"""
+
+from ._compat import ensure_torchvision_importable as _ensure_torchvision_importable
+
+# Must run before anything imports torchvision or transformers models (see _compat).
+_ensure_torchvision_importable()
+
+__version__ = "0.1.0"
+
+from .errors import (  # noqa: E402
+    ExplaindError,
+    MissingOptimizerStateError,
+    TrajectoryCorruptError,
+    TrajectoryError,
+    TrajectoryMismatchError,
+    UnsupportedOptimizerError,
+)
+from .recording import Trajectory, TrajectoryRecorder  # noqa: E402
+from .epk import ExactPathKernel, Reconstruction  # noqa: E402
+
+__all__ = [
+    "TrajectoryRecorder",
+    "Trajectory",
+    "ExactPathKernel",
+    "Reconstruction",
+    "ExplaindError",
+    "TrajectoryError",
+    "TrajectoryCorruptError",
+    "TrajectoryMismatchError",
+    "UnsupportedOptimizerError",
+    "MissingOptimizerStateError",
+]

@@ -1,0 +1,222 @@
+"""On-disk format of a recorded trajectory.
+
+A trajectory is a directory::
+
+    manifest.json                    versioned description (model, optimizer, recording options)
+    initial.safetensors              θ_0: every parameter (trainable and frozen) and every buffer
+    steps/step_00000001.safetensors  one file per optimizer step s = 1, 2, ...
+
+Each step file holds the trainable parameters right after the step (``param/<name>``), the
+optimizer state later views need (``state/<name>/<key>``), buffers that changed during the step
+(``buffer/<name>``), the training samples that formed the step (``batch/index``,
+``batch/weight``, ``batch/micro``) and, in its safetensors metadata under ``"record"``, a JSON
+object with the per-step scalars (learning rate and hyperparameters per parameter group, which
+parameters had no gradient, the squared norms of the gradients the optimizer saw, Adam step
+counts). Nothing on the load path is pickled.
+
+Every file is written to a temporary name, flushed to disk and then renamed into place, so a
+crash leaves either a complete step file or none: a readable prefix of the run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Mapping, Optional
+
+import torch
+from safetensors.torch import save as _st_save
+
+FORMAT_NAME = "captum_explaind.trajectory"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+INITIAL = "initial.safetensors"
+STEPS_DIR = "steps"
+TMP_SUFFIX = ".tmp"
+
+PARAM_PREFIX = "param/"
+BUFFER_PREFIX = "buffer/"
+STATE_PREFIX = "state/"
+BATCH_INDEX = "batch/index"
+BATCH_WEIGHT = "batch/weight"
+BATCH_MICRO = "batch/micro"
+
+__all__ = [
+    "FORMAT_NAME",
+    "FORMAT_VERSION",
+    "MicroBatch",
+    "StepRecord",
+    "step_filename",
+    "parse_step_filename",
+    "atomic_write_bytes",
+    "atomic_write_json",
+    "write_safetensors",
+    "dtype_to_str",
+    "str_to_dtype",
+]
+
+
+def step_filename(step: int) -> str:
+    """File name of step ``step`` (1-based) inside ``steps/``."""
+    return f"step_{step:08d}.safetensors"
+
+
+def parse_step_filename(name: str) -> Optional[int]:
+    """Inverse of :func:`step_filename`; ``None`` for names that are not step files."""
+    if not (name.startswith("step_") and name.endswith(".safetensors")):
+        return None
+    core = name[len("step_") : -len(".safetensors")]
+    return int(core) if core.isdigit() else None
+
+
+def _fsync_dir(path: str) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # pragma: no cover - platforms without directory fds
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # pragma: no cover
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: str, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that readers see the old file, or the whole new one."""
+    tmp = path + TMP_SUFFIX
+    with open(tmp, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(os.path.dirname(path) or ".")
+
+
+def atomic_write_json(path: str, obj: Any) -> None:
+    atomic_write_bytes(path, json.dumps(obj, indent=1, sort_keys=True).encode("utf-8"))
+
+
+def write_safetensors(path: str, tensors: Mapping[str, torch.Tensor], metadata: Optional[Dict[str, str]] = None) -> None:
+    """Atomically write ``tensors`` (made contiguous, on CPU) as one safetensors file."""
+    flat = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    atomic_write_bytes(path, _st_save(flat, metadata=metadata))
+
+
+_DTYPES = {
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "float32": torch.float32,
+    "float64": torch.float64,
+    "int8": torch.int8,
+    "int16": torch.int16,
+    "int32": torch.int32,
+    "int64": torch.int64,
+    "uint8": torch.uint8,
+    "bool": torch.bool,
+    "complex64": torch.complex64,
+    "complex128": torch.complex128,
+}
+
+
+def dtype_to_str(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def str_to_dtype(name: str) -> torch.dtype:
+    try:
+        return _DTYPES[name]
+    except KeyError as err:
+        raise ValueError(f"unknown dtype {name!r} in trajectory") from err
+
+
+@dataclass
+class MicroBatch:
+    """Training samples that fed one backward pass of a step.
+
+    Attributes:
+        indices (Tensor): dataset indices (int64, may repeat).
+        weights (Tensor): each entry's weight ``a`` in the loss whose gradient was taken, so that
+            the step's gradient is ``Σ a_k ∇L_k`` up to the global scale measured at replay.
+    """
+
+    indices: torch.Tensor
+    weights: torch.Tensor
+
+
+@dataclass
+class StepRecord:
+    """Per-step scalars of a recorded optimizer step (parsed from the step file's metadata).
+
+    Attributes:
+        step (int): 1-based optimizer step.
+        lr (list[float]): learning rate of each parameter group, read just before the step.
+        groups (list[dict]): the other hyperparameters of each group at that step.
+        inactive (list[str]): trainable parameters whose ``.grad`` was ``None`` (skipped by torch).
+        grad_sq (dict[str, float]): squared 2-norm of each parameter's gradient as the optimizer
+            saw it (after clipping and loss scaling), computed in float64.
+        state_step (dict[str, int]): per-parameter Adam step counts after the step.
+        batches (list[MicroBatch]): the micro-batches logged for this step.
+    """
+
+    step: int
+    lr: List[float]
+    groups: List[Dict[str, Any]]
+    inactive: List[str] = field(default_factory=list)
+    grad_sq: Dict[str, float] = field(default_factory=dict)
+    state_step: Dict[str, int] = field(default_factory=dict)
+    batches: List[MicroBatch] = field(default_factory=list)
+
+    @property
+    def grad_norm(self) -> float:
+        """Global 2-norm of the gradient the optimizer saw."""
+        return float(sum(self.grad_sq.values())) ** 0.5
+
+    def to_json(self) -> Dict[str, Any]:
+        return {
+            "step": self.step,
+            "lr": self.lr,
+            "groups": self.groups,
+            "inactive": self.inactive,
+            "grad_sq": self.grad_sq,
+            "state_step": self.state_step,
+            "n_micro": len(self.batches),
+        }
+
+    @classmethod
+    def from_json(cls, obj: Mapping[str, Any], batches: List[MicroBatch]) -> "StepRecord":
+        return cls(
+            step=int(obj["step"]),
+            lr=[float(x) for x in obj["lr"]],
+            groups=[dict(g) for g in obj["groups"]],
+            inactive=list(obj.get("inactive", [])),
+            grad_sq={k: float(v) for k, v in obj.get("grad_sq", {}).items()},
+            state_step={k: int(v) for k, v in obj.get("state_step", {}).items()},
+            batches=batches,
+        )
+
+
+def pack_batches(batches: List[MicroBatch]) -> Dict[str, torch.Tensor]:
+    """Concatenate micro-batches into the three flat tensors stored in a step file."""
+    if not batches:
+        return {
+            BATCH_INDEX: torch.zeros(0, dtype=torch.int64),
+            BATCH_WEIGHT: torch.zeros(0, dtype=torch.float64),
+            BATCH_MICRO: torch.zeros(0, dtype=torch.int32),
+        }
+    return {
+        BATCH_INDEX: torch.cat([b.indices.to(torch.int64) for b in batches]),
+        BATCH_WEIGHT: torch.cat([b.weights.to(torch.float64) for b in batches]),
+        BATCH_MICRO: torch.cat(
+            [torch.full((len(b.indices),), i, dtype=torch.int32) for i, b in enumerate(batches)]
+        ),
+    }
+
+
+def unpack_batches(index: torch.Tensor, weight: torch.Tensor, micro: torch.Tensor, n_micro: int) -> List[MicroBatch]:
+    out = []
+    for i in range(n_micro):
+        sel = micro == i
+        out.append(MicroBatch(indices=index[sel].clone(), weights=weight[sel].clone()))
+    return out

@@ -1,0 +1,461 @@
+"""Record a PyTorch training run to disk, step by step, without rewriting the training loop.
+
+Example::
+
+    >>> recorder = TrajectoryRecorder(model, optimizer, "runs/mlp", scheduler=scheduler)
+    >>> with recorder:
+    ...     for epoch in range(3):
+    ...         for x, y in recorder.track(train_loader):      # dataset indices captured here
+    ...             optimizer.zero_grad()
+    ...             loss_fn(model(x), y).backward()
+    ...             optimizer.step()                          # recorded by an optimizer hook
+    ...             scheduler.step()
+    >>> trajectory = recorder.trajectory
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import shutil
+import warnings
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Union
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..errors import TrajectoryError
+from . import format as fmt
+from .indexing import TrackedDataLoader
+from .optim_spec import group_hyperparameters, optimizer_family, unwrap_optimizer
+from .trajectory import Trajectory
+
+__all__ = ["TrajectoryRecorder"]
+
+# Optimizer state the EPK core needs later, per family. Adam's first moment is *not* needed:
+# the kernel part is re-derived from the recorded updates (model/training views) or from
+# replayed per-sample gradients (data view).
+_STATE_KEYS = {"adam": ("exp_avg_sq", "max_exp_avg_sq"), "adamw": ("exp_avg_sq", "max_exp_avg_sq")}
+
+
+def _library_version() -> str:
+    try:
+        from .. import __version__
+
+        return __version__
+    except Exception:  # pragma: no cover
+        return "unknown"
+
+
+class TrajectoryRecorder:
+    r"""Records θ_0 on creation and every ``optimizer.step()`` after it, to ``path``.
+
+    The recorder registers optimizer step hooks, so the training loop only has to tell it which
+    training samples formed each step: either pass the loader through :meth:`track` (dataset
+    indices are captured automatically), or call :meth:`log_batch` for every (micro-)batch whose
+    gradient feeds the next ``optimizer.step()``.
+
+    Per step it stores: the trainable parameters after the step (parameters the optimizer does
+    not own are stored once, in θ_0), the learning rate and hyperparameters each parameter group
+    actually used (read in the step pre-hook, i.e. before ``scheduler.step()``), the optimizer
+    state later views need (Adam(W): ``exp_avg_sq``, ``max_exp_avg_sq`` and per-parameter step
+    counts), the squared norm of each parameter's gradient as the optimizer saw it (after
+    clipping, loss scaling and accumulation, so the applied global scale can be *measured* at
+    replay), which parameters had no gradient, buffers that changed (BatchNorm statistics), and
+    the indices and weights of every micro-batch.
+
+    Args:
+        model (nn.Module): the model being trained.
+        optimizer (torch.optim.Optimizer): its optimizer; wrappers exposing ``.optimizer`` (such as
+            accelerate's ``AcceleratedOptimizer``) are unwrapped.
+        path (str or os.PathLike): directory to create. It must not exist (or be empty) unless
+            ``overwrite=True``, which replaces an existing *trajectory* (never another directory).
+        scheduler (optional): the learning-rate scheduler, recorded for reference. Learning rates
+            are always read from the optimizer right before each step, so any scheduler, stepped
+            at any point of the loop, is recorded correctly.
+        overwrite (bool, optional): replace an existing trajectory at ``path``. Default: False
+        store_dtype (torch.dtype, optional): dtype parameters and optimizer state are stored in;
+            ``None`` keeps each tensor's own dtype. ``torch.float64`` is useful when training in
+            float64 for exactness studies. Default: None
+        record_optimizer_state (bool, optional): store Adam's ``exp_avg_sq`` (needed by the data
+            view and by the regularization part of Adam with L2 decay). Default: True
+        reduction (str, optional): how :meth:`log_batch` weights samples when no weights are
+            given: ``"mean"`` (each of n samples weighs 1/n, as ``loss.mean()``) or ``"sum"``
+            (weight 1). A global factor (``loss / accumulation_steps``, loss scaling, clipping) is
+            measured at replay and needs no weights. Default: "mean"
+        check_finite (bool, optional): warn as soon as a step produces NaN/inf parameters.
+            Default: True
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: Any,
+        path: Union[str, os.PathLike],
+        *,
+        scheduler: Any = None,
+        overwrite: bool = False,
+        store_dtype: Optional[torch.dtype] = None,
+        record_optimizer_state: bool = True,
+        reduction: str = "mean",
+        check_finite: bool = True,
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if reduction not in ("mean", "sum"):
+            raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+        if store_dtype is not None and not (isinstance(store_dtype, torch.dtype) and store_dtype.is_floating_point):
+            raise ValueError(f"store_dtype must be a floating torch.dtype or None, got {store_dtype!r}")
+        self.model = model
+        self.optimizer = unwrap_optimizer(optimizer)
+        self.path = os.fspath(path)
+        self.scheduler = scheduler
+        self.store_dtype = store_dtype
+        self.reduction = reduction
+        self.check_finite = check_finite
+        self.family = optimizer_family(self.optimizer)
+        self.state_keys = _STATE_KEYS.get(self.family, ()) if record_optimizer_state else ()
+
+        self._names = self._name_parameters()
+        self._buffers = dict(model.named_buffers())
+        self._prepare_directory(overwrite)
+
+        self._step = 0
+        self._pending: List[fmt.MicroBatch] = []
+        self._pre: Optional[Dict[str, Any]] = None
+        self._closed = False
+        self._nonfinite_warned = False
+        self._last_buffers = {k: v.detach().to("cpu", copy=True) for k, v in self._buffers.items()}
+        self._write_initial()
+        self._write_manifest(status="recording")
+        self._handles = [
+            self.optimizer.register_step_pre_hook(self._pre_step),
+            self.optimizer.register_step_post_hook(self._post_step),
+        ]
+
+    # ------------------------------------------------------------------ set-up
+    def _name_parameters(self) -> Dict[int, str]:
+        """Map the optimizer's parameters to model names; trainable = owned by the optimizer."""
+        by_id = {id(p): n for n, p in self.model.named_parameters()}
+        self._group_of: Dict[str, int] = {}
+        names: Dict[int, str] = {}
+        for g, group in enumerate(self.optimizer.param_groups):
+            for p in group["params"]:
+                if id(p) not in by_id:
+                    raise TrajectoryError(
+                        f"optimizer parameter group {g} holds a tensor of shape {tuple(p.shape)} that "
+                        "is not a parameter of the model; record the model the optimizer trains"
+                    )
+                name = by_id[id(p)]
+                if name in self._group_of:
+                    raise TrajectoryError(f"parameter {name!r} appears in more than one optimizer group")
+                self._group_of[name] = g
+                names[id(p)] = name
+        if not names:
+            raise TrajectoryError("the optimizer owns no parameters of the model")
+        # Fixed order: the model's own parameter order.
+        self.trainable = [n for n, _ in self.model.named_parameters() if n in self._group_of]
+        self.frozen = [n for n, _ in self.model.named_parameters() if n not in self._group_of]
+        self._params = dict(self.model.named_parameters())
+        return names
+
+    def _prepare_directory(self, overwrite: bool) -> None:
+        if os.path.exists(self.path):
+            if not os.path.isdir(self.path):
+                raise FileExistsError(f"trajectory path {self.path!r} exists and is not a directory")
+            if os.listdir(self.path):
+                if not overwrite:
+                    raise FileExistsError(
+                        f"trajectory path {self.path!r} already exists and is not empty; pass "
+                        "overwrite=True to replace a previous recording, or choose another path"
+                    )
+                if not os.path.exists(os.path.join(self.path, fmt.MANIFEST)):
+                    raise FileExistsError(
+                        f"refusing to overwrite {self.path!r}: it is not empty and holds no "
+                        f"{fmt.MANIFEST}, so it is not a trajectory recorded by this library"
+                    )
+                shutil.rmtree(self.path)
+        os.makedirs(os.path.join(self.path, fmt.STEPS_DIR), exist_ok=True)
+
+    def _stored(self, tensor: torch.Tensor) -> torch.Tensor:
+        out = tensor.detach()
+        if self.store_dtype is not None and out.is_floating_point():
+            out = out.to(self.store_dtype)
+        return out.to("cpu", copy=True)
+
+    def _write_initial(self) -> None:
+        tensors = {fmt.PARAM_PREFIX + n: self._stored(p) for n, p in self.model.named_parameters()}
+        tensors.update({fmt.BUFFER_PREFIX + n: self._stored(b) for n, b in self._buffers.items()})
+        fmt.write_safetensors(os.path.join(self.path, fmt.INITIAL), tensors)
+
+    def _manifest(self, status: str, extra: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+        def dt(t: torch.Tensor) -> str:
+            if self.store_dtype is not None and t.is_floating_point():
+                return fmt.dtype_to_str(self.store_dtype)
+            return fmt.dtype_to_str(t.dtype)
+
+        params = []
+        for n, p in self.model.named_parameters():
+            params.append(
+                {
+                    "name": n,
+                    "shape": list(p.shape),
+                    "dtype": dt(p),
+                    "model_dtype": fmt.dtype_to_str(p.dtype),
+                    "trainable": n in self._group_of,
+                    "group": self._group_of.get(n),
+                }
+            )
+        opt = self.optimizer
+        manifest = {
+            "format": fmt.FORMAT_NAME,
+            "version": fmt.FORMAT_VERSION,
+            "status": status,
+            "num_steps": self._step if status != "recording" else None,
+            "created_utc": getattr(self, "_created", None)
+            or datetime.datetime.now(datetime.timezone.utc).isoformat(),
+            "library_version": _library_version(),
+            "torch_version": torch.__version__,
+            "model": {
+                "class": f"{type(self.model).__module__}.{type(self.model).__qualname__}",
+                "params": params,
+                "buffers": [
+                    {"name": n, "shape": list(b.shape), "dtype": dt(b)} for n, b in self._buffers.items()
+                ],
+            },
+            "optimizer": {
+                "class": type(opt).__qualname__,
+                "module": type(opt).__module__,
+                "family": self.family,
+                "n_groups": len(opt.param_groups),
+                "groups": group_hyperparameters(opt),
+                "state_keys": list(self.state_keys),
+            },
+            "scheduler": None if self.scheduler is None else type(self.scheduler).__qualname__,
+            "recording": {
+                "store_dtype": None if self.store_dtype is None else fmt.dtype_to_str(self.store_dtype),
+                "reduction": self.reduction,
+                "optimizer_state": bool(self.state_keys),
+            },
+        }
+        self._created = manifest["created_utc"]
+        if extra:
+            manifest.update(extra)
+        return manifest
+
+    def _write_manifest(self, status: str, extra: Optional[Dict[str, Any]] = None) -> None:
+        fmt.atomic_write_json(os.path.join(self.path, fmt.MANIFEST), self._manifest(status, extra))
+
+    # ------------------------------------------------------------------ batches
+    def log_batch(self, indices: Any, weights: Any = None) -> None:
+        """Log one (micro-)batch whose gradient feeds the next ``optimizer.step()``.
+
+        Call it once per backward pass; with gradient accumulation, once per micro-batch.
+
+        Args:
+            indices (Tensor, ndarray or sequence of int): dataset indices of the samples (repeats
+                allowed: a duplicated sample counts twice).
+            weights (Tensor, ndarray or sequence of float, optional): weight of each sample in
+                the loss that was differentiated, so that the gradient is Σ w_k ∇L_k up to one
+                global factor per step (which is measured at replay). ``None`` uses the
+                recorder's ``reduction`` (mean: 1/len(indices)). Default: None
+        """
+        if self._closed:
+            raise RuntimeError("this recorder is closed")
+        idx = torch.as_tensor(np.asarray(indices.cpu() if isinstance(indices, torch.Tensor) else indices))
+        if idx.dim() != 1:
+            idx = idx.reshape(-1)
+        if idx.numel() and (idx.is_floating_point() or idx.dtype == torch.bool):
+            raise TypeError(f"batch indices must be integers, got dtype {idx.dtype}")
+        idx = idx.to(torch.int64)
+        if idx.numel() and int(idx.min()) < 0:
+            raise ValueError("batch indices must be non-negative dataset indices")
+        if weights is None:
+            w = torch.full((idx.numel(),), 1.0 / max(idx.numel(), 1) if self.reduction == "mean" else 1.0,
+                           dtype=torch.float64)
+        else:
+            w = torch.as_tensor(
+                np.asarray(weights.detach().cpu() if isinstance(weights, torch.Tensor) else weights,
+                           dtype=np.float64)
+            ).reshape(-1)
+            if w.numel() != idx.numel():
+                raise ValueError(f"got {w.numel()} weights for {idx.numel()} indices")
+            if not torch.isfinite(w).all():
+                raise ValueError("batch weights must be finite")
+        self._pending.append(fmt.MicroBatch(indices=idx.clone(), weights=w.clone()))
+
+    def discard_batches(self) -> None:
+        """Forget the micro-batches logged since the last step.
+
+        Use it when a step is skipped without calling ``optimizer.step()`` (for example by
+        ``torch.amp.GradScaler`` after an overflow), so that its batches are not attributed to
+        the next step.
+        """
+        self._pending = []
+
+    def track(self, loader: torch.utils.data.DataLoader) -> TrackedDataLoader:
+        """Wrap ``loader`` so that the dataset indices of each yielded batch are logged.
+
+        The returned object iterates exactly like ``loader`` (same sampler order, collate
+        function and workers). Each batch's indices are logged with the default weights of
+        ``reduction`` when the batch is handed to the loop.
+
+        Args:
+            loader (DataLoader): a loader over a map-style dataset.
+
+        Returns:
+            *TrackedDataLoader*: iterate it instead of ``loader``.
+        """
+        return TrackedDataLoader(loader, self.log_batch)
+
+    # ------------------------------------------------------------------ hooks
+    def _pre_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        if self._closed:
+            return
+        grads, names, inactive = [], [], []
+        for name in self.trainable:
+            p = self._params[name]
+            if p.grad is None:
+                inactive.append(name)
+            else:
+                if p.grad.is_sparse:
+                    raise TrajectoryError(f"parameter {name!r} has a sparse gradient; sparse updates are not supported")
+                grads.append(p.grad)
+                names.append(name)
+        if grads:
+            norms = torch.stack([torch.linalg.vector_norm(g.detach(), dtype=torch.float64) for g in grads])
+            grad_sq = {n: float(v) ** 2 for n, v in zip(names, norms.cpu().tolist())}
+        else:
+            grad_sq = {}
+        hyper = group_hyperparameters(optimizer)
+        lrs = [float(h.pop("lr")) for h in hyper]
+        self._pre = {"lr": lrs, "groups": hyper, "inactive": inactive, "grad_sq": grad_sq}
+
+    def _post_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        if self._closed or self._pre is None:
+            return
+        self._step += 1
+        tensors: Dict[str, torch.Tensor] = {}
+        nonfinite = None
+        state_step: Dict[str, int] = {}
+        for name in self.trainable:
+            p = self._params[name]
+            stored = self._stored(p)
+            if self.check_finite and nonfinite is None and stored.is_floating_point() and not torch.isfinite(stored).all():
+                nonfinite = name
+            tensors[fmt.PARAM_PREFIX + name] = stored
+            state = optimizer.state.get(p, {})
+            for key in self.state_keys:
+                if key in state and isinstance(state[key], torch.Tensor):
+                    tensors[f"{fmt.STATE_PREFIX}{name}/{key}"] = self._stored(state[key])
+            if "step" in state:
+                state_step[name] = int(float(state["step"]))
+        for name, buf in self._buffers.items():
+            if not torch.equal(buf.detach().to("cpu"), self._last_buffers[name]):
+                self._last_buffers[name] = buf.detach().to("cpu", copy=True)
+                tensors[fmt.BUFFER_PREFIX + name] = self._stored(buf)
+        record = fmt.StepRecord(step=self._step, state_step=state_step, batches=self._pending, **self._pre)
+        tensors.update(fmt.pack_batches(self._pending))
+        metadata = {"record": json.dumps(record.to_json())}
+        fmt.write_safetensors(os.path.join(self.path, fmt.STEPS_DIR, fmt.step_filename(self._step)), tensors, metadata)
+        self._pending = []
+        self._pre = None
+        if nonfinite is not None and not self._nonfinite_warned:
+            self._nonfinite_warned = True
+            warnings.warn(
+                f"step {self._step}: parameter {nonfinite!r} is not finite (NaN/inf); the step is "
+                "recorded, but the trajectory cannot be explained past it",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+
+    # ------------------------------------------------------------------ lifecycle
+    @property
+    def num_steps(self) -> int:
+        """Number of optimizer steps recorded so far."""
+        return self._step
+
+    def bytes_per_step(self) -> int:
+        """Approximate size on disk of one recorded step (parameters + optimizer state)."""
+        total = 0
+        for name in self.trainable:
+            p = self._params[name]
+            itemsize = (torch.empty(0, dtype=self.store_dtype).element_size()
+                        if self.store_dtype is not None and p.is_floating_point() else p.element_size())
+            total += p.numel() * itemsize * (1 + len([k for k in self.state_keys if k != "max_exp_avg_sq"]))
+        return total
+
+    def close(self) -> Trajectory:
+        """Stop recording, finalize the manifest and return the :class:`Trajectory`.
+
+        Returns:
+            *Trajectory*: the recorded run, opened and validated.
+        """
+        if not self._closed:
+            self._close(status="closed")
+        return Trajectory.open(self.path)
+
+    def _close(self, status: str, extra: Optional[Dict[str, Any]] = None) -> None:
+        for h in self._handles:
+            h.remove()
+        self._closed = True
+        if self._pending:
+            warnings.warn(
+                f"{len(self._pending)} logged micro-batch(es) were not followed by an optimizer "
+                "step and are not part of the trajectory",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+            self._pending = []
+        changed = self._changed_frozen()
+        info = dict(extra or {})
+        info["closed_utc"] = datetime.datetime.now(datetime.timezone.utc).isoformat()
+        if changed:
+            info["frozen_changed"] = changed
+            warnings.warn(
+                f"parameters not owned by the optimizer changed during training: {changed}; "
+                "the trajectory stores them only at θ_0, so explanations will not be complete",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+        self._write_manifest(status=status, extra=info)
+
+    def _changed_frozen(self) -> List[str]:
+        if not self.frozen:
+            return []
+        from safetensors import safe_open
+
+        changed = []
+        with safe_open(os.path.join(self.path, fmt.INITIAL), framework="pt", device="cpu") as fh:
+            for name in self.frozen:
+                now = self._stored(self._params[name])
+                if not torch.equal(fh.get_tensor(fmt.PARAM_PREFIX + name), now):
+                    changed.append(name)
+        return changed
+
+    @property
+    def trajectory(self) -> Trajectory:
+        """The recorded trajectory (closes the recorder if it is still open)."""
+        return self.close()
+
+    def __enter__(self) -> "TrajectoryRecorder":
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        if self._closed:
+            return
+        if exc_type is None:
+            self._close(status="closed")
+        else:
+            # Training failed: keep every completed step and say so in the manifest.
+            self._close(status="closed", extra={"aborted": f"{exc_type.__name__}: {exc}"})
+
+    def __del__(self) -> None:  # pragma: no cover - best effort, never raise in GC
+        try:
+            if not self._closed:
+                for h in self._handles:
+                    h.remove()
+        except Exception:
+            pass
