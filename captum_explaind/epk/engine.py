@@ -414,9 +414,9 @@ class ExactPathKernel:
         """
         x, a, n = self.prepare_inputs(inputs, additional_forward_args)
         initial = self._forward_all(0, x, a, n)
-        final = self._forward_all(self.num_steps, x, a, n)
         view = _ReconstructView(self, n, initial.shape[1:])
         stats = self.sweep(x, a, n, view, desc="reconstruct")
+        final = self._forward_all(self.num_steps, x, a, n)
         shape = initial.shape
         kernel = view.parts[:, 0].reshape(shape)
         reg = view.parts[:, 1].reshape(shape)
