@@ -22,12 +22,15 @@ from .errors import (  # noqa: E402
 )
 from .recording import Trajectory, TrajectoryRecorder  # noqa: E402
 from .epk import ExactPathKernel, Reconstruction  # noqa: E402
+from .attr import ParameterInfluence, StepInfluence  # noqa: E402
 
 __all__ = [
     "TrajectoryRecorder",
     "Trajectory",
     "ExactPathKernel",
     "Reconstruction",
+    "ParameterInfluence",
+    "StepInfluence",
     "ExplaindError",
     "TrajectoryError",
     "TrajectoryCorruptError",

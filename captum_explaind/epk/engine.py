@@ -30,6 +30,8 @@ from ..errors import TrajectoryError
 from ..recording.format import StepRecord
 from ..recording.trajectory import Trajectory
 from .functional import FunctionalModel, as_tuple
+from .integrands import JvpIntegrand
+from .segment import Chunk, Segment, take_rows
 from .integrator import StepIntegrand, StepStats, integrate_step
 from .layout import ParamLayout
 from .quadrature import RULES, quadrature_rule
@@ -38,50 +40,6 @@ from .selection import Selector, resolve_parameters
 from .updates import StepCoefficients, UpdateModel
 
 __all__ = ["ExactPathKernel", "Segment", "Chunk", "SweepStats"]
-
-
-@dataclass
-class Segment:
-    """One training step as a straight segment θ_{s−1} → θ_s, with its update model."""
-
-    step: int
-    theta0: torch.Tensor
-    theta1: torch.Tensor
-    delta: torch.Tensor
-    coeffs: StepCoefficients
-    record: StepRecord
-
-    def point(self, t: float) -> torch.Tensor:
-        return self.theta0 + t * self.delta if t != 0.0 else self.theta0
-
-    def points(self, t: torch.Tensor) -> torch.Tensor:
-        """One parameter point per entry of ``t``: [len(t), P]."""
-        return self.theta0.unsqueeze(0) + t.to(self.delta.dtype).unsqueeze(1) * self.delta.unsqueeze(0)
-
-
-@dataclass
-class Chunk:
-    """A slice of the inputs (Captum's ``inputs`` and ``additional_forward_args``)."""
-
-    offset: int
-    n: int
-    inputs: Tuple[Any, ...]
-    args: Tuple[Any, ...]
-
-    def take(self, rows: torch.Tensor) -> Tuple[Tuple[Any, ...], Tuple[Any, ...]]:
-        if rows.numel() == self.n and bool((rows == torch.arange(self.n, device=rows.device)).all()):
-            return self.inputs, self.args
-        return _take(self.inputs, rows, self.n), _take(self.args, rows, self.n)
-
-
-def _take(values: Tuple[Any, ...], rows: torch.Tensor, n: int) -> Tuple[Any, ...]:
-    out = []
-    for v in values:
-        if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == n:
-            out.append(v.index_select(0, rows.to(v.device)))
-        else:
-            out.append(v)
-    return tuple(out)
 
 
 @dataclass
@@ -256,7 +214,7 @@ class ExactPathKernel:
         out = []
         for start in range(0, n, size):
             rows = torch.arange(start, min(n, start + size))
-            out.append(Chunk(start, len(rows), _take(inputs, rows, n), _take(args, rows, n)))
+            out.append(Chunk(start, len(rows), take_rows(inputs, rows, n), take_rows(args, rows, n)))
         return out
 
     def tolerance(self, c0: torch.Tensor, c1: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -297,6 +255,7 @@ class ExactPathKernel:
 
         ``view`` provides ``check(out, chunk, rows) -> [m, C]`` (the outputs whose exact change
         drives error control), ``integrand(segment, chunk) -> StepIntegrand`` and optionally
+        ``step_change(step, chunk, c0, c1)`` (checked outputs at both ends of the step),
         ``end_step(segment)`` and ``buffer_jump(step, chunk, jump)``.
 
         Args:
@@ -352,6 +311,8 @@ class ExactPathKernel:
                         f1 = fm.forward(theta, ch.inputs, ch.args)
                         rows = torch.arange(ch.n, device=self.device)
                         c0, c1 = view.check(f_prev[ci], ch, rows), view.check(f1, ch, rows)
+                        if hasattr(view, "step_change"):
+                            view.step_change(s, ch, c0, c1)
                         tol, noise = self.tolerance(c0, c1)
                         stats: StepStats = integrate_step(
                             view.integrand(seg, ch),
@@ -464,35 +425,6 @@ class ExactPathKernel:
         return torch.stack(rows), names
 
 
-class _JvpIntegrand:
-    """Integrand ``J_f(θ(t)) V`` for a stack of tangents V; payload rows × tangents × outputs."""
-
-    def __init__(self, fm: FunctionalModel, seg: Segment, tangents: torch.Tensor, chunk: Chunk,
-                 sink: Callable[[torch.Tensor, torch.Tensor], None]) -> None:
-        self.fm, self.seg, self.tangents, self.chunk, self.sink = fm, seg, tangents, chunk, sink
-
-    def evaluate(self, t: Union[float, torch.Tensor], rows: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        x, a = self.chunk.take(rows)
-        if isinstance(t, torch.Tensor):
-            jv = self.fm.jvp_rows(self.seg.points(t), self.tangents, x, a)  # [m, T, ...]
-            payload = jv.reshape(jv.shape[0], jv.shape[1], -1)
-        else:
-            _, jv = self.fm.jvp(self.seg.point(t), self.tangents, x, a)  # [T, m, ...]
-            payload = jv.reshape(jv.shape[0], jv.shape[1], -1).transpose(0, 1)
-        return payload, payload.sum(dim=1)
-
-    def checked(self, t: Union[float, torch.Tensor], rows: torch.Tensor) -> torch.Tensor:
-        x, a = self.chunk.take(rows)
-        if isinstance(t, torch.Tensor):
-            out = self.fm.forward_rows(self.seg.points(t), x, a)
-        else:
-            out = self.fm.forward(self.seg.point(t), x, a)
-        return out.reshape(out.shape[0], -1)
-
-    def accumulate(self, rows: torch.Tensor, payload: torch.Tensor) -> None:
-        self.sink(self.chunk.offset + rows, payload)
-
-
 class _ReconstructView:
     def __init__(self, epk: ExactPathKernel, n: int, out_shape: torch.Size) -> None:
         self.epk = epk
@@ -514,7 +446,7 @@ class _ReconstructView:
             block.index_copy_(1, slots, payload)
             self.parts.index_add_(0, rows, block)
 
-        return _JvpIntegrand(self.epk.functional, seg, tangents, chunk, sink)
+        return JvpIntegrand(self.epk.functional, seg, tangents, chunk, sink)
 
     def buffer_jump(self, step: int, chunk: Chunk, jump: torch.Tensor) -> None:
         self.buffers[chunk.offset : chunk.offset + chunk.n] += jump.reshape(jump.shape[0], -1)

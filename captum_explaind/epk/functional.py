@@ -176,36 +176,38 @@ class FunctionalModel:
 
     def selected_grads(
         self,
-        flat: torch.Tensor,
+        theta: torch.Tensor,
         inputs: Tuple[Any, ...],
         args: Tuple[Any, ...],
-        select: Callable[[torch.Tensor, Any], torch.Tensor],
-        select_args: Any,
+        select_one: Callable[[torch.Tensor, Any], torch.Tensor],
+        select_args: torch.Tensor,
     ) -> Tuple[torch.Tensor, torch.Tensor]:
         """Per-example gradients of a selected scalar output with respect to θ.
 
         Args:
-            select (Callable): ``select(out_of_one_example [1, ...], select_arg) -> scalar``.
+            theta (Tensor): θ shared by all examples [P], or one point per example [n, P].
+            select_one (Callable): ``select_one(output_of_one_example [1, ...], arg) -> scalar``.
             select_args (Tensor): one selection argument per example (dim 0 = examples).
 
         Returns:
             *tuple[Tensor, Tensor]*: gradients [n, P] and the selected values [n].
         """
         n = _batch_size(inputs)
-        in_dims_x = tuple(0 if _is_batched(v, n) else None for v in inputs)
-        in_dims_a = tuple(0 if _is_batched(v, n) else None for v in args)
+        per_row = theta.dim() == 2
+        dx = tuple(0 if _is_batched(v, n) else None for v in inputs)
+        da = tuple(0 if _is_batched(v, n) else None for v in args)
 
         def scalar(th: torch.Tensor, x: Tuple[Any, ...], a: Tuple[Any, ...], sa: Any) -> Tuple[torch.Tensor, torch.Tensor]:
-            xb = tuple(v.unsqueeze(0) if d == 0 else v for v, d in zip(x, in_dims_x))
-            ab = tuple(v.unsqueeze(0) if d == 0 else v for v, d in zip(a, in_dims_a))
-            val = select(self._call(th, xb, ab), sa)
+            xb = tuple(v.unsqueeze(0) if d == 0 else v for v, d in zip(x, dx))
+            ab = tuple(v.unsqueeze(0) if d == 0 else v for v, d in zip(a, da))
+            val = select_one(self._call(th, xb, ab), sa)
             return val, val.detach()
 
         with functorch_friendly():
             if self._vmap_examples_ok:
                 try:
-                    g, val = vmap(grad(scalar, has_aux=True), in_dims=(None, in_dims_x, in_dims_a, 0))(
-                        flat, inputs, args, select_args
+                    g, val = vmap(grad(scalar, has_aux=True), in_dims=(0 if per_row else None, dx, da, 0))(
+                        theta, inputs, args, select_args
                     )
                     return g, val
                 except Exception as err:
@@ -218,13 +220,13 @@ class FunctionalModel:
                     )
             grads, vals = [], []
             for i in range(n):
-                xi = tuple(v[i : i + 1] if d == 0 else v for v, d in zip(inputs, in_dims_x))
-                ai = tuple(v[i : i + 1] if d == 0 else v for v, d in zip(args, in_dims_a))
-                th = flat.detach().requires_grad_(True)
+                xi = tuple(v[i : i + 1] if d == 0 else v for v, d in zip(inputs, dx))
+                ai = tuple(v[i : i + 1] if d == 0 else v for v, d in zip(args, da))
+                th = (theta[i] if per_row else theta).detach().requires_grad_(True)
                 with torch.enable_grad():
-                    val = select(self._call(th, xi, ai), select_args[i])
+                    val = select_one(self._call(th, xi, ai), select_args[i])
                     (gi,) = torch.autograd.grad(val, th, allow_unused=True)
-                grads.append(torch.zeros_like(flat) if gi is None else gi)
+                grads.append(torch.zeros_like(th) if gi is None else gi)
                 vals.append(val.detach())
             return torch.stack(grads), torch.stack(vals)
 

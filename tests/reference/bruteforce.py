@@ -19,6 +19,7 @@ Conventions (MATH.md §1–§4):
 from __future__ import annotations
 
 import copy
+import weakref
 from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
@@ -38,6 +39,7 @@ VARIANTS = (
     "indicator_at_application",  # a_{s,k} of the application step on every momentum term (P4)
     "batch_size_of_application",  # 1/|B_s| of the application step for all momentum terms (R1)
     "uniform_batch",  # a = n_k/|B_i| over the whole step, ignoring unequal micro-batches
+    "loss_grad_outside",  # dL/df taken at the application step s, outside the momentum sum (P5)
 )
 
 IndexSel = Union[None, int, slice, Sequence[int], torch.Tensor]
@@ -98,9 +100,19 @@ def as_float64(model: nn.Module) -> nn.Module:
     return copy.deepcopy(model).to(DTYPE)
 
 
+_FROZEN: "weakref.WeakKeyDictionary[Trajectory, Dict[str, torch.Tensor]]" = weakref.WeakKeyDictionary()
+
+
+def frozen_params(traj: Trajectory) -> Dict[str, torch.Tensor]:
+    """``traj.frozen_params()`` in float64, read once per trajectory object."""
+    if traj not in _FROZEN:
+        _FROZEN[traj] = traj.frozen_params(dtype=DTYPE)
+    return _FROZEN[traj]
+
+
 def call_model(model: nn.Module, traj: Trajectory, theta: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """Model output ``[n, O]`` at flat trainable parameters ``theta``; frozen ones from θ_0."""
-    params = dict(traj.frozen_params(dtype=DTYPE))
+    params = dict(frozen_params(traj))
     params.update(unflatten(traj, theta))
     if x.is_floating_point():
         x = x.to(DTYPE)
@@ -350,6 +362,7 @@ def replay(model: nn.Module, traj: Trajectory, X: torch.Tensor, Y: torch.Tensor,
         "records": records,
         "family": traj.family,
         "traj": traj,
+        "model": model, "X": X, "Y": Y, "loss": loss,
     }
     per_sample, reg = split_update(rep)
     rep["per_sample"] = per_sample
@@ -392,6 +405,9 @@ def split_update(rep: Dict, variant: str = "exact") -> Tuple[torch.Tensor, torch
             for mb in rec.batches:
                 counts[s].index_add_(0, mb.indices.long(), torch.ones(len(mb.indices), dtype=DTYPE))
         a = counts / rep["batch_size"][:, None] * n_micro[:, None]
+    if variant == "loss_grad_outside":
+        Jk, dLdf = _sample_jacobians_and_loss_grads(rep)
+
     per_sample = torch.zeros(N, M, P, dtype=DTYPE)
     reg = torch.zeros(N, P, dtype=DTYPE)
     for s in range(1, N + 1):
@@ -404,10 +420,28 @@ def split_update(rep: Dict, variant: str = "exact") -> Tuple[torch.Tensor, torch
                 weight_ik = counts[i - 1] / rep["batch_size"][s - 1]
             else:
                 weight_ik = a[i - 1]
-            per_sample[s - 1] += pre * w * sign[i - 1] * act[i - 1] * c[i - 1] * weight_ik[:, None] * G[i - 1]
+            if variant == "loss_grad_outside":
+                # J_f(θ_{i−1}; x_k)ᵀ · ∂L/∂f at θ_{s−1}: the loss derivative of the application step
+                G_ik = torch.einsum("kop,ko->kp", Jk[i - 1], dLdf[s - 1]) * act[i - 1]
+            else:
+                G_ik = G[i - 1]
+            per_sample[s - 1] += pre * w * sign[i - 1] * act[i - 1] * c[i - 1] * weight_ik[:, None] * G_ik
             reg[s - 1] += pre * w * act[i - 1] * rep["lam_coupled"][i - 1] * theta[i - 1]
         reg[s - 1] += -eta[s - 1] * act[s - 1] * rep["lam_decoupled"][s - 1] * theta[s - 1]
     return per_sample, reg
+
+
+def _sample_jacobians_and_loss_grads(rep: Dict) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(J [N, M, O, P], dL/df [N, M, O])`` of every training sample at every θ_{s−1}."""
+    model, traj, X, Y, loss = rep["model"], rep["traj"], rep["X"], rep["Y"], rep["loss"]
+    Js, dLs = [], []
+    for s in range(1, traj.num_steps + 1):
+        theta = rep["theta"][s - 1]
+        Js.append(jacobian(model, traj, theta, X))
+        out = call_model(model, traj, theta, X).detach().requires_grad_(True)
+        (dL,) = torch.autograd.grad(per_sample_loss(out, Y, loss).sum(), out)
+        dLs.append(dL)
+    return torch.stack(Js), torch.stack(dLs)
 
 
 # ----------------------------------------------------------------------------- quadrature

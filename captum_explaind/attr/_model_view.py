@@ -1,0 +1,174 @@
+r"""Shared engine of the model view (per parameter / layer) and the training view (per step).
+
+Per step s and input x, the target output's change splits exactly over parameters p and update
+parts c ∈ {kernel, regularization}:
+
+.. math:: f_j(θ_s) - f_j(θ_{s-1}) = \sum_p Φ_s(x)_{j,p} \, (Δ_s − R_s)_p + \sum_p Φ_s(x)_{j,p} (R_s)_p .
+
+:class:`ScoreView` integrates these contributions and reduces them *as soon as a step is done* to
+the granularity the caller asked for — windows of steps × (parameter elements | groups) ×
+parts — so steps × parameters × inputs is never materialised unless that is the request.
+
+Two ways to get there (``method``):
+
+* ``"vjp"`` — per-example gradients of the target, integrated along the segment ([n, P] per
+  step), then multiplied element-wise with Δ_s − R_s and R_s. Cost per step: ``nodes``
+  batched backward passes, independent of the number of groups. Needed for per-element scores.
+* ``"jvp"`` — forward mode with one masked tangent per (group, part), plus Δ_s itself for the
+  error check. Cost per step: ``nodes`` forward passes carrying ``G·C + 1`` tangents. Cheaper for
+  a handful of groups; never builds a per-example gradient.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Dict, List, Optional, Sequence
+
+import torch
+
+from ..epk.engine import ExactPathKernel
+from ..epk.integrands import SelectedJvpIntegrand, VjpIntegrand
+from ..epk.segment import Chunk, Segment
+from ._target import Target
+
+__all__ = ["ScoreView", "COMPONENTS", "choose_method"]
+
+COMPONENTS = ("kernel", "regularization", "total")
+
+
+def choose_method(method: str, n_groups: Optional[int], n_components: int) -> str:
+    """``"auto"`` picks forward mode when it needs only a few tangents."""
+    if method not in ("auto", "jvp", "vjp"):
+        raise ValueError(f"method must be 'auto', 'jvp' or 'vjp', got {method!r}")
+    if n_groups is None:
+        if method == "jvp":
+            raise ValueError("per-parameter scores need method='vjp' (or 'auto')")
+        return "vjp"
+    if method != "auto":
+        return method
+    return "jvp" if n_groups * n_components + 1 <= 4 else "vjp"
+
+
+class ScoreView:
+    """Accumulates target-selected contributions per (input, window, element-or-group, part).
+
+    Args:
+        epk (ExactPathKernel): the core (options, model, trajectory).
+        n (int): number of inputs.
+        target (Target): resolved target selection.
+        windows (list[range]): windows of application steps; each gets one result slot.
+        components (sequence of str): parts to report, from :data:`COMPONENTS`.
+        groups (OrderedDict[str, list[str]] or None): parameter groups; ``None`` = per element.
+        method (str): ``"vjp"`` or ``"jvp"`` (already chosen).
+    """
+
+    def __init__(
+        self,
+        epk: ExactPathKernel,
+        n: int,
+        target: Target,
+        windows: List[range],
+        components: Sequence[str],
+        groups: Optional["OrderedDict[str, List[str]]"],
+        method: str,
+    ) -> None:
+        self.epk = epk
+        self.n = n
+        self.target = target
+        self.windows = windows
+        self.components = list(components)
+        self.groups = groups
+        self.method = method
+        dev, dt = epk.device, epk.dtype
+        self.step_window: Dict[int, int] = {}
+        for w, r in enumerate(windows):
+            for s in r:
+                if s in self.step_window:
+                    raise ValueError(f"step windows overlap at step {s}")
+                self.step_window[s] = w
+        W, C = len(windows), len(self.components)
+        P = epk.layout.total
+        if groups is None:
+            self.acc = torch.zeros(n, W, C, P, dtype=dt, device=dev)
+            self.masks = None
+        else:
+            self.masks = torch.stack(
+                [epk.layout.mask([p for p in names if p in epk.layout], dtype=dt, device=dev) for names in groups.values()]
+            )  # [G, P]
+            self.acc = torch.zeros(n, W, C, len(groups), dtype=dt, device=dev)
+        self.exact = torch.zeros(n, W, dtype=dt, device=dev)
+        self._u: Optional[torch.Tensor] = None  # integrated target gradient of the current step
+        self._step_scores: Optional[torch.Tensor] = None  # jvp path: [n, C*G] of the current step
+
+    @property
+    def steps(self) -> List[int]:
+        return sorted(self.step_window)
+
+    # ------------------------------------------------------------------ sweep protocol
+    def check(self, out: torch.Tensor, chunk: Chunk, rows: torch.Tensor) -> torch.Tensor:
+        return self.target.select(out, chunk.offset + rows).unsqueeze(1)
+
+    def step_change(self, step: int, chunk: Chunk, c0: torch.Tensor, c1: torch.Tensor) -> None:
+        w = self.step_window[step]
+        self.exact[chunk.offset : chunk.offset + chunk.n, w] += (c1 - c0)[:, 0]
+
+    def _parts(self, seg: Segment) -> Dict[str, Optional[torch.Tensor]]:
+        reg = seg.coeffs.reg
+        return {
+            "kernel": seg.delta if reg is None else seg.delta - reg,
+            "regularization": reg,
+            "total": seg.delta,
+        }
+
+    def integrand(self, seg: Segment, chunk: Chunk):
+        fm = self.epk.functional
+        if self.method == "vjp":
+            if self._u is None or self._u_step != seg.step:
+                self._u = torch.zeros(self.n, self.epk.layout.total, dtype=self.epk.dtype, device=self.epk.device)
+                self._u_step = seg.step
+
+            def sink(rows: torch.Tensor, payload: torch.Tensor) -> None:
+                self._u.index_add_(0, rows, payload)
+
+            return VjpIntegrand(fm, seg, chunk, self.target, sink)
+
+        parts = self._parts(seg)
+        rows_t = []
+        for comp in self.components:
+            part = parts[comp]
+            for g in range(self.masks.shape[0]):
+                rows_t.append(torch.zeros_like(seg.delta) if part is None else part * self.masks[g])
+        rows_t.append(seg.delta)  # drives the error check
+        tangents = torch.stack(rows_t)
+        if self._step_scores is None or self._scores_step != seg.step:
+            self._step_scores = torch.zeros(self.n, len(rows_t) - 1, dtype=self.epk.dtype, device=self.epk.device)
+            self._scores_step = seg.step
+
+        def sink(rows: torch.Tensor, payload: torch.Tensor) -> None:
+            self._step_scores.index_add_(0, rows, payload[:, :-1])
+
+        return SelectedJvpIntegrand(fm, seg, tangents, chunk, self.target, sink)
+
+    def end_step(self, seg: Segment) -> None:
+        w = self.step_window[seg.step]
+        C = len(self.components)
+        if self.method == "vjp":
+            u = self._u
+            parts = self._parts(seg)
+            for c, comp in enumerate(self.components):
+                part = parts[comp]
+                if part is None:
+                    continue
+                if self.masks is None:
+                    self.acc[:, w, c] += u * part
+                else:
+                    self.acc[:, w, c] += u @ (self.masks * part).T
+            self._u = None
+        else:
+            G = self.masks.shape[0]
+            self.acc[:, w] += self._step_scores.reshape(self.n, C, G)
+            self._step_scores = None
+
+    # ------------------------------------------------------------------ run
+    def run(self, inputs, args) -> None:
+        self.epk.sweep(inputs, args, self.n, self, steps=self.steps, desc="steps")

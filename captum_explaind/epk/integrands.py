@@ -1,0 +1,111 @@
+"""Integrands of one training step, for :func:`.integrator.integrate_step`.
+
+* :class:`JvpIntegrand` — forward mode, ``J_f(θ(t)) v`` for a stack of tangents ``v`` (kernel
+  part, regularization part, masked per layer, ...): all outputs, no Jacobian.
+* :class:`SelectedJvpIntegrand` — the same, reduced to the selected target output.
+* :class:`VjpIntegrand` — reverse mode, the per-example gradient of the selected target output,
+  ``∇_θ f_target(θ(t); x)`` [m, P]: what per-parameter scores and the data view need.
+
+Each is evaluated either at one parameter point shared by all rows (a float ``t``) or at one point
+per row (a tensor ``t``, used when refinement sends different inputs to different sub-intervals).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Tuple, Union
+
+import torch
+
+from .segment import Chunk, Segment
+from .functional import FunctionalModel
+
+__all__ = ["JvpIntegrand", "SelectedJvpIntegrand", "VjpIntegrand"]
+
+Sink = Callable[[torch.Tensor, torch.Tensor], None]
+
+
+def _theta(seg: Segment, t: Union[float, torch.Tensor]) -> torch.Tensor:
+    return seg.points(t) if isinstance(t, torch.Tensor) else seg.point(t)
+
+
+def _forward(fm: FunctionalModel, seg: Segment, t: Union[float, torch.Tensor], x, a) -> torch.Tensor:
+    if isinstance(t, torch.Tensor):
+        return fm.forward_rows(seg.points(t), x, a)
+    return fm.forward(seg.point(t), x, a)
+
+
+def _jvp(fm: FunctionalModel, seg: Segment, t: Union[float, torch.Tensor], tangents: torch.Tensor, x, a) -> torch.Tensor:
+    """``J v`` as [m, T, C] (outputs flattened)."""
+    if isinstance(t, torch.Tensor):
+        jv = fm.jvp_rows(seg.points(t), tangents, x, a)  # [m, T, ...]
+        return jv.reshape(jv.shape[0], jv.shape[1], -1)
+    _, jv = fm.jvp(seg.point(t), tangents, x, a)  # [T, m, ...]
+    return jv.reshape(jv.shape[0], jv.shape[1], -1).transpose(0, 1)
+
+
+class JvpIntegrand:
+    """``J_f(θ(t)) V`` for a stack of tangents V; payload [m, T, C], checked: all outputs."""
+
+    def __init__(self, fm: FunctionalModel, seg: Segment, tangents: torch.Tensor, chunk: Chunk, sink: Sink) -> None:
+        self.fm, self.seg, self.tangents, self.chunk, self.sink = fm, seg, tangents, chunk, sink
+
+    def evaluate(self, t: Union[float, torch.Tensor], rows: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        x, a = self.chunk.take(rows)
+        payload = _jvp(self.fm, self.seg, t, self.tangents, x, a)
+        return payload, payload.sum(dim=1)
+
+    def checked(self, t: Union[float, torch.Tensor], rows: torch.Tensor) -> torch.Tensor:
+        x, a = self.chunk.take(rows)
+        out = _forward(self.fm, self.seg, t, x, a)
+        return out.reshape(out.shape[0], -1)
+
+    def accumulate(self, rows: torch.Tensor, payload: torch.Tensor) -> None:
+        self.sink(self.chunk.offset + rows, payload)
+
+
+class SelectedJvpIntegrand:
+    """Target-selected ``J_f(θ(t)) V``; the last tangent must be Δ_s itself (it drives the check).
+
+    Payload [m, T] (one value per tangent), checked: the target output [m, 1].
+    """
+
+    def __init__(self, fm: FunctionalModel, seg: Segment, tangents: torch.Tensor, chunk: Chunk, target, sink: Sink) -> None:
+        self.fm, self.seg, self.tangents, self.chunk, self.target, self.sink = fm, seg, tangents, chunk, target, sink
+
+    def evaluate(self, t: Union[float, torch.Tensor], rows: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        x, a = self.chunk.take(rows)
+        jv = _jvp(self.fm, self.seg, t, self.tangents, x, a)  # [m, T, C]
+        g = self.chunk.offset + rows
+        m, T, C = jv.shape
+        sel = self.target.select(jv.transpose(0, 1).reshape(T * m, C), g.repeat(T)).reshape(T, m).transpose(0, 1)
+        return sel, sel[:, -1:]
+
+    def checked(self, t: Union[float, torch.Tensor], rows: torch.Tensor) -> torch.Tensor:
+        x, a = self.chunk.take(rows)
+        out = _forward(self.fm, self.seg, t, x, a)
+        return self.target.select(out, self.chunk.offset + rows).unsqueeze(1)
+
+    def accumulate(self, rows: torch.Tensor, payload: torch.Tensor) -> None:
+        self.sink(self.chunk.offset + rows, payload)
+
+
+class VjpIntegrand:
+    """Per-example gradient of the target output; payload [m, P], checked: the target [m, 1]."""
+
+    def __init__(self, fm: FunctionalModel, seg: Segment, chunk: Chunk, target, sink: Sink) -> None:
+        self.fm, self.seg, self.chunk, self.target, self.sink = fm, seg, chunk, target, sink
+
+    def evaluate(self, t: Union[float, torch.Tensor], rows: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        x, a = self.chunk.take(rows)
+        g = self.chunk.offset + rows
+        args = self.target.per_example_args(len(rows), rows.device) if self.target.index is None else self.target.index[g.to(self.target.index.device)].to(rows.device)
+        grads, _ = self.fm.selected_grads(_theta(self.seg, t), x, a, self.target.select_one, args)
+        return grads, (grads @ self.seg.delta).unsqueeze(1)
+
+    def checked(self, t: Union[float, torch.Tensor], rows: torch.Tensor) -> torch.Tensor:
+        x, a = self.chunk.take(rows)
+        out = _forward(self.fm, self.seg, t, x, a)
+        return self.target.select(out, self.chunk.offset + rows).unsqueeze(1)
+
+    def accumulate(self, rows: torch.Tensor, payload: torch.Tensor) -> None:
+        self.sink(self.chunk.offset + rows, payload)
