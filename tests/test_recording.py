@@ -304,12 +304,12 @@ def test_close_detaches_hooks_and_log_batch_after_close_raises(tmp_path):
     opt.step()  # not recorded any more
     assert sorted(os.listdir(rec_dir)) == before == [fmt.step_filename(1), fmt.step_filename(2)]
     assert Trajectory.open(tmp_path / "run").num_steps == 2
-    # the recorder object is reachable through a fresh one too; a closed one refuses batches
+    # a closed recorder refuses batches; closing twice is harmless
     rec = TrajectoryRecorder(model, opt, tmp_path / "run2")
     rec.close()
     with pytest.raises(RuntimeError, match="closed"):
         rec.log_batch([0])
-    assert rec.close().num_steps == 0  # closing twice is harmless
+    assert rec.close().num_steps == 0
 
 
 def test_buffers_recorded_initially_and_when_they_change(tmp_path):
@@ -1411,7 +1411,7 @@ class DelegatingWrapper:
 class OptimizerSubclassWrapper(torch.optim.Optimizer):
     """Like AcceleratedOptimizer: an Optimizer subclass that delegates to ``.optimizer``."""
 
-    def __init__(self, optimizer: torch.optim.Optimizer) -> None:  # noqa: D401 - no super().__init__
+    def __init__(self, optimizer: torch.optim.Optimizer) -> None:  # deliberately no super().__init__()
         self.optimizer = optimizer
 
     @property

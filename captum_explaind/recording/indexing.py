@@ -77,7 +77,12 @@ class TrackedDataLoader:
             worker_init_fn=loader.worker_init_fn,
             multiprocessing_context=loader.multiprocessing_context,
             persistent_workers=loader.persistent_workers,
+            # The loader's iterator draws its base seed from this generator: without it the
+            # shuffled order (and worker seeds) would differ from the untracked loader's.
+            generator=loader.generator,
         )
+        if hasattr(loader, "in_order"):
+            kwargs["in_order"] = loader.in_order
         if loader.num_workers > 0:
             kwargs["prefetch_factor"] = loader.prefetch_factor
         self._inner = DataLoader(_IndexedDataset(loader.dataset), **kwargs)

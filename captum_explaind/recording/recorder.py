@@ -40,6 +40,14 @@ __all__ = ["TrajectoryRecorder"]
 _STATE_KEYS = {"adam": ("exp_avg_sq", "max_exp_avg_sq"), "adamw": ("exp_avg_sq", "max_exp_avg_sq")}
 
 
+def _is_trajectory_dir(path: str) -> bool:
+    try:
+        with open(os.path.join(path, fmt.MANIFEST), "r", encoding="utf-8") as fh:
+            return json.load(fh).get("format") == fmt.FORMAT_NAME
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 def _library_version() -> str:
     try:
         from .. import __version__
@@ -155,6 +163,15 @@ class TrajectoryRecorder:
                 names[id(p)] = name
         if not names:
             raise TrajectoryError("the optimizer owns no parameters of the model")
+        # Parameters frozen with requires_grad_(False) never get a gradient, so torch never moves
+        # them even when the optimizer holds them: store them once, like the others it lacks.
+        self._frozen_in_optimizer = [
+            n for n, p in self.model.named_parameters() if n in self._group_of and not p.requires_grad
+        ]
+        for n in self._frozen_in_optimizer:
+            del self._group_of[n]
+        if not self._group_of:
+            raise TrajectoryError("the optimizer owns no parameter of the model that requires grad")
         # Fixed order: the model's own parameter order.
         self.trainable = [n for n, _ in self.model.named_parameters() if n in self._group_of]
         self.frozen = [n for n, _ in self.model.named_parameters() if n not in self._group_of]
@@ -171,10 +188,10 @@ class TrajectoryRecorder:
                         f"trajectory path {self.path!r} already exists and is not empty; pass "
                         "overwrite=True to replace a previous recording, or choose another path"
                     )
-                if not os.path.exists(os.path.join(self.path, fmt.MANIFEST)):
+                if not _is_trajectory_dir(self.path):
                     raise FileExistsError(
-                        f"refusing to overwrite {self.path!r}: it is not empty and holds no "
-                        f"{fmt.MANIFEST}, so it is not a trajectory recorded by this library"
+                        f"refusing to overwrite {self.path!r}: it is not empty and is not a trajectory "
+                        "recorded by this library (no captum_explaind manifest.json)"
                     )
                 shutil.rmtree(self.path)
         os.makedirs(os.path.join(self.path, fmt.STEPS_DIR), exist_ok=True)
@@ -314,6 +331,13 @@ class TrajectoryRecorder:
     def _pre_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         if self._closed:
             return
+        for name in self._frozen_in_optimizer:
+            if self._params[name].grad is not None:
+                # The optimizer would move it, but the trajectory stores it only at θ_0.
+                raise TrajectoryError(
+                    f"parameter {name!r} had requires_grad=False when recording started but has a "
+                    "gradient now; unfreezing mid-run is not supported: start a new recording after unfreezing"
+                )
         grads, names, inactive = [], [], []
         for name in self.trainable:
             p = self._params[name]
@@ -336,7 +360,7 @@ class TrajectoryRecorder:
     def _post_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         if self._closed or self._pre is None:
             return
-        self._step += 1
+        step = self._step + 1
         tensors: Dict[str, torch.Tensor] = {}
         nonfinite = None
         state_step: Dict[str, int] = {}
@@ -352,20 +376,24 @@ class TrajectoryRecorder:
                     tensors[f"{fmt.STATE_PREFIX}{name}/{key}"] = self._stored(state[key])
             if "step" in state:
                 state_step[name] = int(float(state["step"]))
+        changed_buffers = {}
         for name, buf in self._buffers.items():
             if not torch.equal(buf.detach().to("cpu"), self._last_buffers[name]):
-                self._last_buffers[name] = buf.detach().to("cpu", copy=True)
+                changed_buffers[name] = buf.detach().to("cpu", copy=True)
                 tensors[fmt.BUFFER_PREFIX + name] = self._stored(buf)
-        record = fmt.StepRecord(step=self._step, state_step=state_step, batches=self._pending, **self._pre)
+        record = fmt.StepRecord(step=step, state_step=state_step, batches=self._pending, **self._pre)
         tensors.update(fmt.pack_batches(self._pending))
         metadata = {"record": json.dumps(record.to_json())}
-        fmt.write_safetensors(os.path.join(self.path, fmt.STEPS_DIR, fmt.step_filename(self._step)), tensors, metadata)
+        fmt.write_safetensors(os.path.join(self.path, fmt.STEPS_DIR, fmt.step_filename(step)), tensors, metadata)
+        # Only a step that reached the disk counts: a failed write leaves the completed prefix intact.
+        self._step = step
+        self._last_buffers.update(changed_buffers)
         self._pending = []
         self._pre = None
         if nonfinite is not None and not self._nonfinite_warned:
             self._nonfinite_warned = True
             warnings.warn(
-                f"step {self._step}: parameter {nonfinite!r} is not finite (NaN/inf); the step is "
+                f"step {step}: parameter {nonfinite!r} is not finite (NaN/inf); the step is "
                 "recorded, but the trajectory cannot be explained past it",
                 RuntimeWarning,
                 stacklevel=2,

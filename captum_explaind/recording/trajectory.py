@@ -132,7 +132,7 @@ class Trajectory:
         if manifest.get("format") != fmt.FORMAT_NAME:
             raise TrajectoryCorruptError(f"{mpath} is not a captum_explaind trajectory manifest")
         version = manifest.get("version")
-        if not isinstance(version, int) or version > fmt.FORMAT_VERSION:
+        if not isinstance(version, int) or isinstance(version, bool) or not 1 <= version <= fmt.FORMAT_VERSION:
             raise TrajectoryCorruptError(
                 f"{mpath} has format version {version!r}; this library reads versions <= {fmt.FORMAT_VERSION}"
             )
@@ -190,6 +190,13 @@ class Trajectory:
             warnings.warn(
                 f"{path!r} was not closed (the recording was interrupted or is still running); "
                 f"using its {n} complete step(s)",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+        if manifest.get("aborted"):
+            warnings.warn(
+                f"{path!r}: the recording was interrupted ({manifest['aborted']}); using its {n} "
+                "complete step(s)",
                 RuntimeWarning,
                 stacklevel=2,
             )
