@@ -22,7 +22,12 @@ from .errors import (  # noqa: E402
 )
 from .recording import Trajectory, TrajectoryRecorder  # noqa: E402
 from .epk import ExactPathKernel, Reconstruction  # noqa: E402
-from .attr import ParameterInfluence, StepInfluence  # noqa: E402
+from .attr import (  # noqa: E402
+    ParameterInfluence,
+    PredictionSimilarity,
+    StepInfluence,
+    TrainingDataInfluence,
+)
 
 __all__ = [
     "TrajectoryRecorder",
@@ -31,6 +36,8 @@ __all__ = [
     "Reconstruction",
     "ParameterInfluence",
     "StepInfluence",
+    "TrainingDataInfluence",
+    "PredictionSimilarity",
     "ExplaindError",
     "TrajectoryError",
     "TrajectoryCorruptError",

@@ -149,7 +149,7 @@ class ScoreView:
 
         return SelectedJvpIntegrand(fm, seg, tangents, chunk, self.target, sink)
 
-    def end_step(self, seg: Segment) -> None:
+    def end_step(self, seg: Segment, integrated: bool = True) -> None:
         w = self.step_window[seg.step]
         C = len(self.components)
         if self.method == "vjp":

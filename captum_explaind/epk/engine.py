@@ -53,6 +53,34 @@ class SweepStats:
     max_depth: int
 
 
+class _SweepLog:
+    """Collects per-step errors and work counters of a sweep."""
+
+    def __init__(self, steps: List[int], n: int, dtype: torch.dtype) -> None:
+        self.steps = steps
+        self.errors = {s: torch.zeros(n, dtype=dtype) for s in steps}
+        self.evaluations = self.unconverged = self.depth = 0
+
+    def add(self, step: int, chunk: Chunk, stats: StepStats) -> None:
+        self.errors[step][chunk.offset : chunk.offset + chunk.n] = stats.error.detach().cpu()
+        self.evaluations += stats.evaluations
+        self.unconverged += stats.unconverged
+        self.depth = max(self.depth, stats.depth)
+
+    def finish(self, max_depth: int) -> SweepStats:
+        n = next(iter(self.errors.values())).shape[0] if self.errors else 0
+        err = torch.stack([self.errors[s] for s in self.steps]) if self.steps else torch.zeros(0, n)
+        if self.unconverged:
+            warnings.warn(
+                f"{self.unconverged} (step, input) pair(s) did not reach the tolerance within max_depth="
+                f"{max_depth} refinements (largest step error {float(err.max()):.3g}); the remaining "
+                "error is in the convergence delta",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+        return SweepStats(self.steps, err, self.evaluations, self.unconverged, self.depth)
+
+
 class ExactPathKernel:
     r"""Exact path kernel of a recorded training run (the core every view builds on).
 
@@ -239,7 +267,29 @@ class ExactPathKernel:
         finally:
             self.functional.set_fixed(saved)
 
-    # ------------------------------------------------------------------ the sweep
+    # ------------------------------------------------------------------ the sweeps
+    def _integrate(self, seg: Segment, chunks: List[Chunk], f0s: List[torch.Tensor], f1s: List[torch.Tensor],
+                   view: Any, log: "_SweepLog") -> None:
+        """Integrate one segment for every chunk of inputs (error control per input)."""
+        for ci, ch in enumerate(chunks):
+            rows = torch.arange(ch.n, device=self.device)
+            c0, c1 = view.check(f0s[ci], ch, rows), view.check(f1s[ci], ch, rows)
+            if hasattr(view, "step_change"):
+                view.step_change(seg.step, ch, c0, c1)
+            tol, noise = self.tolerance(c0, c1)
+            stats: StepStats = integrate_step(
+                view.integrand(seg, ch),
+                c0,
+                c1,
+                rule=self.quadrature,
+                nodes=self.nodes,
+                tol=tol,
+                noise=noise,
+                control=self.error_control,
+                max_depth=self.max_depth,
+            )
+            log.add(seg.step, ch, stats)
+
     def sweep(
         self,
         inputs: Tuple[Any, ...],
@@ -248,20 +298,23 @@ class ExactPathKernel:
         view: Any,
         *,
         steps: Optional[Iterable[int]] = None,
+        integrate: Optional[Iterable[int]] = None,
         need_precond: bool = False,
         desc: str = "steps",
     ) -> SweepStats:
-        """Integrate every selected step for every input, handing each step to ``view``.
+        """Integrate every selected step for every input, in time order, handing each to ``view``.
 
         ``view`` provides ``check(out, chunk, rows) -> [m, C]`` (the outputs whose exact change
         drives error control), ``integrand(segment, chunk) -> StepIntegrand`` and optionally
         ``step_change(step, chunk, c0, c1)`` (checked outputs at both ends of the step),
-        ``end_step(segment)`` and ``buffer_jump(step, chunk, jump)``.
+        ``end_step(segment, integrated)`` and ``buffer_jump(step, chunk, jump)``.
 
         Args:
             inputs, args, n: as returned by :meth:`prepare_inputs`.
-            steps (iterable of int, optional): steps to integrate (1-based). Default: all
-            need_precond (bool): compute Adam's preconditioner for every step (data view).
+            steps (iterable of int, optional): steps to visit (1-based). Default: all
+            integrate (iterable of int, optional): the visited steps whose path integral is
+                computed; the others are only handed to ``end_step``. Default: all visited
+            need_precond (bool): compute Adam's preconditioner for every step.
 
         Returns:
             *SweepStats*
@@ -273,16 +326,14 @@ class ExactPathKernel:
             if not 1 <= s <= N:
                 raise TrajectoryError(f"step {s} is outside the trajectory (valid: 1..{N})")
         chosen = set(selected)
+        todo = chosen if integrate is None else chosen & set(int(s) for s in integrate)
         last = selected[-1] if selected else 0
         um = UpdateModel(traj, self.layout, device=self.device, dtype=self.dtype, need_precond=need_precond)
         buffer_steps = set(traj.buffer_steps())
         chunks = self.chunks(inputs, args, n)
         fm = self.functional
         fm.set_fixed(self._initial_buffers)
-        rule, nodes, control = self.quadrature, self.nodes, self.error_control
-
-        errors = {s: torch.zeros(n, dtype=self.dtype) for s in selected}
-        evaluations = unconverged = depth = 0
+        log = _SweepLog(sorted(todo), n, self.dtype)
         theta_prev: Optional[torch.Tensor] = None
         f_prev: List[Optional[torch.Tensor]] = [None] * len(chunks)
         bar = tqdm(total=len(selected), desc=f"{type(view).__name__.strip('_')}: {desc}", disable=not self.show_progress)
@@ -302,44 +353,28 @@ class ExactPathKernel:
                     theta_prev = self.theta(s - 1)
                 theta = self.theta(s)
                 coeffs = um.advance(rec, theta_prev)
-                if sel:
+                if sel and s not in todo:
                     seg = Segment(s, theta_prev, theta, theta - theta_prev, coeffs, rec)
-                    f_next: List[torch.Tensor] = []
-                    for ci, ch in enumerate(chunks):
-                        if f_prev[ci] is None:
-                            f_prev[ci] = fm.forward(theta_prev, ch.inputs, ch.args)
-                        f1 = fm.forward(theta, ch.inputs, ch.args)
-                        rows = torch.arange(ch.n, device=self.device)
-                        c0, c1 = view.check(f_prev[ci], ch, rows), view.check(f1, ch, rows)
-                        if hasattr(view, "step_change"):
-                            view.step_change(s, ch, c0, c1)
-                        tol, noise = self.tolerance(c0, c1)
-                        stats: StepStats = integrate_step(
-                            view.integrand(seg, ch),
-                            c0,
-                            c1,
-                            rule=rule,
-                            nodes=nodes,
-                            tol=tol,
-                            noise=noise,
-                            control=control,
-                            max_depth=self.max_depth,
-                        )
-                        errors[s][ch.offset : ch.offset + ch.n] = stats.error.detach().cpu()
-                        evaluations += stats.evaluations
-                        unconverged += stats.unconverged
-                        depth = max(depth, stats.depth)
-                        f_next.append(f1)
+                    f_prev = [None] * len(chunks)
+                    if s in buffer_steps:
+                        fm.set_fixed(traj.buffers(s, device=self.device, dtype=self.dtype))
+                    view.end_step(seg, False)
+                    bar.update(1)
+                elif sel:
+                    seg = Segment(s, theta_prev, theta, theta - theta_prev, coeffs, rec)
+                    f0s = [f if f is not None else fm.forward(theta_prev, ch.inputs, ch.args) for f, ch in zip(f_prev, chunks)]
+                    f1s = [fm.forward(theta, ch.inputs, ch.args) for ch in chunks]
+                    self._integrate(seg, chunks, f0s, f1s, view, log)
                     if s in buffer_steps:
                         fm.set_fixed(traj.buffers(s, device=self.device, dtype=self.dtype))
                         for ci, ch in enumerate(chunks):
                             after = fm.forward(theta, ch.inputs, ch.args)
                             if hasattr(view, "buffer_jump"):
-                                view.buffer_jump(s, ch, after - f_next[ci])
-                            f_next[ci] = after
-                    f_prev = list(f_next)
+                                view.buffer_jump(s, ch, after - f1s[ci])
+                            f1s[ci] = after
+                    f_prev = list(f1s)
                     if hasattr(view, "end_step"):
-                        view.end_step(seg)
+                        view.end_step(seg, True)
                     bar.update(1)
                 else:
                     f_prev = [None] * len(chunks)
@@ -349,16 +384,82 @@ class ExactPathKernel:
         finally:
             bar.close()
             fm.set_fixed(self._initial_buffers)
-        step_error = torch.stack([errors[s] for s in selected]) if selected else torch.zeros(0, n, dtype=self.dtype)
-        if unconverged:
-            warnings.warn(
-                f"{unconverged} (step, input) pair(s) did not reach the tolerance within max_depth="
-                f"{self.max_depth} bisections (largest step error {float(step_error.max()):.3g}); the "
-                "remaining error is in the convergence delta",
-                RuntimeWarning,
-                stacklevel=3,
-            )
-        return SweepStats(selected, step_error, evaluations, unconverged, depth)
+        return log.finish(self.max_depth)
+
+    def sweep_reverse(
+        self,
+        inputs: Tuple[Any, ...],
+        args: Tuple[Any, ...],
+        n: int,
+        view: Any,
+        *,
+        last: Optional[int] = None,
+        integrate: Optional[Iterable[int]] = None,
+        need_precond: bool = True,
+        desc: str = "steps",
+    ) -> SweepStats:
+        """Visit steps ``last, last−1, …, 1`` (reverse time), integrating the requested ones.
+
+        The reverse-time data view accumulates test-side quantities backwards, so that memory is
+        ``n_inputs × P`` instead of one buffer per training sample. ``view`` has the protocol of
+        :meth:`sweep`; ``end_step(segment, integrated)`` is called for every visited step (with
+        ``integrated`` False when the step was only visited), and an optional ``done(step)``
+        returning True stops the sweep early (nothing earlier can contribute any more).
+
+        Args:
+            last (int, optional): first step visited (going down). Default: the last step
+            integrate (iterable of int, optional): steps whose path integral is computed.
+                Default: every visited step
+            need_precond (bool): compute Adam's preconditioner ``D_s`` for every step.
+
+        Returns:
+            *SweepStats*
+        """
+        traj = self.trajectory
+        N = traj.num_steps
+        last = N if last is None else int(last)
+        if not 1 <= last <= N:
+            raise TrajectoryError(f"step {last} is outside the trajectory (valid: 1..{N})")
+        todo = set(range(1, last + 1)) if integrate is None else set(int(s) for s in integrate)
+        um = UpdateModel(traj, self.layout, device=self.device, dtype=self.dtype, need_precond=need_precond)
+        # The coefficients carry forward-time state (first momentum step, Adam counts): compute
+        # them in time order first; they are a few scalars per parameter tensor and step.
+        scalars = [um.scalars(traj.record(s)) for s in range(1, last + 1)]
+        buffer_steps = set(traj.buffer_steps())
+        chunks = self.chunks(inputs, args, n)
+        fm = self.functional
+        log = _SweepLog(sorted(todo), n, self.dtype)
+        theta_next = self.theta(last)
+        f_next: List[Optional[torch.Tensor]] = [None] * len(chunks)
+        bar = tqdm(total=last, desc=f"{type(view).__name__.strip('_')}: {desc}", disable=not self.show_progress)
+        try:
+            for s in range(last, 0, -1):
+                rec = traj.record(s)
+                theta_prev = self.theta(s - 1)
+                coeffs = um.vectors(scalars[s - 1], rec)
+                seg = Segment(s, theta_prev, theta_next, theta_next - theta_prev, coeffs, rec)
+                if buffer_steps:
+                    # The segment runs with the buffers in effect before the step.
+                    fm.set_fixed(traj.buffers(s - 1, device=self.device, dtype=self.dtype))
+                    if s in buffer_steps:
+                        f_next = [None] * len(chunks)
+                integrated = s in todo
+                if integrated:
+                    f0s = [fm.forward(theta_prev, ch.inputs, ch.args) for ch in chunks]
+                    f1s = [f if f is not None else fm.forward(theta_next, ch.inputs, ch.args) for f, ch in zip(f_next, chunks)]
+                    self._integrate(seg, chunks, f0s, f1s, view, log)
+                    f_next = list(f0s)
+                else:
+                    f_next = [None] * len(chunks)
+                view.end_step(seg, integrated)
+                bar.update(1)
+                theta_next = theta_prev
+                if hasattr(view, "done") and view.done(s):
+                    break
+        finally:
+            bar.close()
+            fm.set_fixed(self._initial_buffers)
+        return log.finish(self.max_depth)
 
     # ------------------------------------------------------------------ reconstruction
     def reconstruct(self, inputs: Any, additional_forward_args: Any = None) -> Reconstruction:

@@ -58,6 +58,8 @@ class FunctionalModel:
         self.dtype = dtype
         self._vmap_tangents_ok = True
         self._vmap_examples_ok = True
+        # vmap support can differ between uses (a loss may not vmap where the model does)
+        self._vmap_grads_ok: Dict[str, bool] = {}
 
     def set_fixed(self, fixed: Dict[str, torch.Tensor]) -> None:
         """Replace some frozen tensors (buffers that changed during training)."""
@@ -181,6 +183,7 @@ class FunctionalModel:
         args: Tuple[Any, ...],
         select_one: Callable[[torch.Tensor, Any], torch.Tensor],
         select_args: torch.Tensor,
+        purpose: str = "target",
     ) -> Tuple[torch.Tensor, torch.Tensor]:
         """Per-example gradients of a selected scalar output with respect to θ.
 
@@ -188,6 +191,7 @@ class FunctionalModel:
             theta (Tensor): θ shared by all examples [P], or one point per example [n, P].
             select_one (Callable): ``select_one(output_of_one_example [1, ...], arg) -> scalar``.
             select_args (Tensor): one selection argument per example (dim 0 = examples).
+            purpose (str): remembers separately for each purpose whether ``vmap`` works.
 
         Returns:
             *tuple[Tensor, Tensor]*: gradients [n, P] and the selected values [n].
@@ -204,14 +208,14 @@ class FunctionalModel:
             return val, val.detach()
 
         with functorch_friendly():
-            if self._vmap_examples_ok:
+            if self._vmap_grads_ok.get(purpose, True):
                 try:
                     g, val = vmap(grad(scalar, has_aux=True), in_dims=(0 if per_row else None, dx, da, 0))(
                         theta, inputs, args, select_args
                     )
                     return g, val
                 except Exception as err:
-                    self._vmap_examples_ok = False
+                    self._vmap_grads_ok[purpose] = False
                     warnings.warn(
                         f"vmap over examples failed ({type(err).__name__}: {err}); falling back to a "
                         "per-example loop (slower, same result)",

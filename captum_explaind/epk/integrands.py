@@ -5,6 +5,8 @@
 * :class:`SelectedJvpIntegrand` — the same, reduced to the selected target output.
 * :class:`VjpIntegrand` — reverse mode, the per-example gradient of the selected target output,
   ``∇_θ f_target(θ(t); x)`` [m, P]: what per-parameter scores and the data view need.
+* :class:`JacobianIntegrand` — the rows of the Jacobian for a few outputs per example
+  [m, J, P] (one backward pass per output): the similarity view.
 
 Each is evaluated either at one parameter point shared by all rows (a float ``t``) or at one point
 per row (a tensor ``t``, used when refinement sends different inputs to different sub-intervals).
@@ -19,7 +21,7 @@ import torch
 from .segment import Chunk, Segment
 from .functional import FunctionalModel
 
-__all__ = ["JvpIntegrand", "SelectedJvpIntegrand", "VjpIntegrand"]
+__all__ = ["JvpIntegrand", "SelectedJvpIntegrand", "VjpIntegrand", "JacobianIntegrand"]
 
 Sink = Callable[[torch.Tensor, torch.Tensor], None]
 
@@ -106,6 +108,34 @@ class VjpIntegrand:
         x, a = self.chunk.take(rows)
         out = _forward(self.fm, self.seg, t, x, a)
         return self.target.select(out, self.chunk.offset + rows).unsqueeze(1)
+
+    def accumulate(self, rows: torch.Tensor, payload: torch.Tensor) -> None:
+        self.sink(self.chunk.offset + rows, payload)
+
+
+def _pick(out_one: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    return out_one.reshape(-1).gather(0, idx.reshape(1)).squeeze(0)
+
+
+class JacobianIntegrand:
+    """Jacobian rows of outputs ``outputs[row, j]``; payload [m, J, P], checked: those outputs [m, J]."""
+
+    def __init__(self, fm: FunctionalModel, seg: Segment, chunk: Chunk, outputs: torch.Tensor, sink: Sink) -> None:
+        self.fm, self.seg, self.chunk, self.outputs, self.sink = fm, seg, chunk, outputs, sink
+
+    def evaluate(self, t: Union[float, torch.Tensor], rows: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        x, a = self.chunk.take(rows)
+        outs = self.outputs[(self.chunk.offset + rows).to(self.outputs.device)]  # [m, J]
+        theta = _theta(self.seg, t)
+        rows_j = [self.fm.selected_grads(theta, x, a, _pick, outs[:, j])[0] for j in range(outs.shape[1])]
+        payload = torch.stack(rows_j, dim=1)
+        return payload, payload @ self.seg.delta
+
+    def checked(self, t: Union[float, torch.Tensor], rows: torch.Tensor) -> torch.Tensor:
+        x, a = self.chunk.take(rows)
+        out = _forward(self.fm, self.seg, t, x, a)
+        outs = self.outputs[(self.chunk.offset + rows).to(self.outputs.device)]
+        return out.reshape(out.shape[0], -1).gather(1, outs.to(out.device))
 
     def accumulate(self, rows: torch.Tensor, payload: torch.Tensor) -> None:
         self.sink(self.chunk.offset + rows, payload)

@@ -44,7 +44,7 @@ from ..recording.format import StepRecord
 from ..recording.trajectory import Trajectory
 from .layout import ParamLayout
 
-__all__ = ["StepCoefficients", "UpdateModel"]
+__all__ = ["StepCoefficients", "StepScalars", "UpdateModel"]
 
 
 @dataclass
@@ -67,6 +67,23 @@ class StepCoefficients:
     decay_decoupled: torch.Tensor
     precond: Optional[torch.Tensor]
     reg: Optional[torch.Tensor]
+
+
+@dataclass
+class StepScalars:
+    """One step's coefficients as one scalar per parameter tensor (layout order)."""
+
+    step: int
+    lr: List[float]
+    active: List[float]
+    beta: List[float]
+    h: List[float]
+    e: List[float]
+    z: List[float]
+    sign: List[float]
+    decay_coupled: List[float]
+    decay_decoupled: List[float]
+    counts: List[int]
 
 
 class UpdateModel:
@@ -148,9 +165,22 @@ class UpdateModel:
         ``theta_prev=None`` skips ``R_s`` (allowed only when :attr:`needs_history` is False);
         used to step over steps whose contribution is not requested.
         """
+        coeffs = self.vectors(self.scalars(record), record)
+        if theta_prev is None:
+            if self.needs_history:
+                raise RuntimeError("this optimizer's regularization needs every θ_{s-1}")
+            return coeffs
+        coeffs.reg = self._regularization(coeffs, theta_prev)
+        return coeffs
+
+    def scalars(self, record: StepRecord) -> StepScalars:
+        """Per-parameter scalar coefficients of the next step (advances the step counters).
+
+        Cheap (no tensors): a reverse-time sweep runs this forward over all records first.
+        """
         s = record.step
         if s != self.next_step:
-            raise RuntimeError(f"UpdateModel.advance expects step {self.next_step}, got {s}")
+            raise RuntimeError(f"UpdateModel expects step {self.next_step}, got {s}")
         self.next_step += 1
         inactive = set(record.inactive)
         names = self.layout.names
@@ -165,6 +195,7 @@ class UpdateModel:
             sign.append(-1.0 if hyper.get("maximize", False) else 1.0)
             if active[i]:
                 self._count[i] += 1
+            counts.append(record.state_step.get(name, self._count[i]))
             if self.family == "sgd":
                 mu = float(hyper.get("momentum", 0.0) or 0.0)
                 tau = float(hyper.get("dampening", 0.0) or 0.0)
@@ -182,8 +213,7 @@ class UpdateModel:
             elif self.family in ("adam", "adamw"):
                 b1, _b2 = hyper.get("betas", (0.9, 0.999))
                 b1 = float(b1)
-                k = record.state_step.get(name, self._count[i])
-                counts.append(k)
+                k = counts[-1]
                 decoupled = self.family == "adamw"
                 if not active[i]:
                     b_, h_, e_ = 1.0, 0.0, 0.0
@@ -196,28 +226,25 @@ class UpdateModel:
                 lc.append(0.0), ld.append(0.0)
             if active[i]:
                 self._seen[i] = True
+        return StepScalars(s, lr, active, beta, h, e, z, sign, lc, ld, counts)
 
-        precond = self._precond(record, counts) if self.need_precond else None
-        coeffs = StepCoefficients(
-            step=s,
-            lr=self._vec(lr),
-            active=self._vec(active),
-            beta=self._vec(beta),
-            h=self._vec(h),
-            e=self._vec(e),
-            z=self._vec(z),
-            sign=self._vec(sign),
-            decay_coupled=self._vec(lc),
-            decay_decoupled=self._vec(ld),
+    def vectors(self, sc: StepScalars, record: StepRecord) -> StepCoefficients:
+        """Expand per-parameter scalars to flat vectors (loads Adam's ``D_s`` when needed)."""
+        precond = self._precond(record, sc.counts) if self.need_precond else None
+        return StepCoefficients(
+            step=sc.step,
+            lr=self._vec(sc.lr),
+            active=self._vec(sc.active),
+            beta=self._vec(sc.beta),
+            h=self._vec(sc.h),
+            e=self._vec(sc.e),
+            z=self._vec(sc.z),
+            sign=self._vec(sc.sign),
+            decay_coupled=self._vec(sc.decay_coupled),
+            decay_decoupled=self._vec(sc.decay_decoupled),
             precond=precond,
             reg=None,
         )
-        if theta_prev is None:
-            if self.needs_history:
-                raise RuntimeError("this optimizer's regularization needs every θ_{s-1}")
-            return coeffs
-        coeffs.reg = self._regularization(coeffs, theta_prev)
-        return coeffs
 
     def _precond(self, record: StepRecord, counts: List[int]) -> torch.Tensor:
         """Adam's D_s = 1 / (sqrt(v̄_s) / sqrt(1 − β2^k) + ε), from the recorded second moment."""

@@ -1,0 +1,221 @@
+r"""Reverse-time data attribution without per-sample buffers (MATH.md §8–9).
+
+The kernel part of every update is linear in per-sample loss gradients through the optimizer's
+momentum (see :mod:`captum_explaind.epk.updates`). Summing the influence of training sample k
+over application steps and reversing the order of summation gives
+
+.. math::
+
+    \sum_s Γ_s(x, k) = -\sum_i σ_i c_i a_{i,k} \, ⟨ G_{i,k}, T_i(x) ⟩, \qquad
+    A_i = e_i η_i D_i φ_i(x) + β_{i+1} A_{i+1}, \quad T_i = h_i A_i + z_i η_i D_i φ_i(x),
+
+where ``φ_i(x)`` is the integrated gradient of the target output along step i and
+``G_{i,k} = ∇_θ L(f(θ_{i−1}; x_k), y_k)`` the per-sample loss gradient at the parameters before
+step i. One backward sweep over the steps keeps one accumulator ``A`` per test input
+(memory ``n_inputs × P``) and touches, at step i, only the samples of that step's batch.
+
+Windows of *application* steps (the paper's indexing) use one accumulator per window,
+``A^W_i = [i ∈ W] e_i η_i D_i φ_i + β_{i+1} A^W_{i+1}`` (MATH.md §9): gradients computed before
+a window still receive credit inside it through momentum, so the sweep runs past the window until
+the accumulator has decayed below round-off. Windows of *gradient* steps route each step's
+scores, computed with the full accumulator, to the window holding that step.
+
+The global gradient scale ``c_i`` (clipping, loss scaling, accumulation) is measured at replay:
+the replayed batch gradient ``Σ_k a_{i,k} G_{i,k}`` against the recorded norm of the gradient
+the optimizer saw. Weight decay enters through the same accumulators (coupled) or directly
+(decoupled). Whatever the recorded update holds beyond the replayed kernel and regularization
+parts — the residual ``E_i`` — is reported separately:
+``Σ_i φ_i·Δ_i − Σ_k scores − regularization``, which equals ``Σ_i φ_i·E_i`` exactly.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Callable, Dict, List, Optional
+
+import torch
+
+from ..epk.engine import ExactPathKernel
+from ..epk.integrands import VjpIntegrand
+from ..epk.segment import Chunk, Segment
+from ..errors import TrajectoryError
+from ._target import Target
+from ._train_data import TrainingSet
+
+__all__ = ["DataView"]
+
+
+class DataView:
+    """Reverse-sweep accumulator of per-training-sample scores.
+
+    Args:
+        epk (ExactPathKernel): the core.
+        n (int): number of test inputs.
+        target (Target): resolved target.
+        train (TrainingSet): the training samples.
+        loss_fn (Callable): per-sample loss ``loss_fn(outputs, labels) -> [m]``.
+        windows (list[range]): windows of steps (one score slot each).
+        indexing (str): ``"application"`` or ``"gradient"``.
+        groups (OrderedDict[str, list[str]] or None): parameter groups for a group axis.
+        train_batch_size (int or None): training samples per per-sample-gradient call.
+    """
+
+    def __init__(
+        self,
+        epk: ExactPathKernel,
+        n: int,
+        target: Target,
+        train: TrainingSet,
+        loss_fn: Callable,
+        windows: List[range],
+        indexing: str,
+        groups: Optional["OrderedDict[str, List[str]]"],
+        train_batch_size: Optional[int],
+    ) -> None:
+        self.epk, self.n, self.target, self.train, self.loss_fn = epk, n, target, train, loss_fn
+        self.windows, self.indexing = windows, indexing
+        self.train_batch_size = train_batch_size
+        dev, dt = epk.device, epk.dtype
+        self.window_of: Dict[int, int] = {}
+        for w, r in enumerate(windows):
+            for s in r:
+                if s in self.window_of:
+                    raise ValueError(f"step windows overlap at step {s}")
+                self.window_of[s] = w
+        layout = epk.layout
+        if groups is None:
+            self.group_slices = [[slice(0, layout.total)]]
+        else:
+            self.group_slices = [[layout.slice(p) for p in names if p in layout] for names in groups.values()]
+        W, G = len(windows), len(self.group_slices)
+        self.scores = torch.zeros(n, train.n, W, G, dtype=dt, device=dev)
+        self.regularization = torch.zeros(n, W, dtype=dt, device=dev)
+        self.path = torch.zeros(n, dtype=dt, device=dev)  # Σ_s φ_s·Δ_s over integrated steps
+        self.exact = torch.zeros(n, dtype=dt, device=dev)  # Σ_s f(θ_s) − f(θ_{s−1}) over them
+        self.grad_scale: Dict[int, float] = {}
+        self.first_window_step = min(r.start for r in windows)
+        self.last = max(r.stop - 1 for r in windows) if indexing == "application" else epk.num_steps
+        self._acc: Dict[int, torch.Tensor] = {}  # window -> accumulator A^W (application indexing)
+        self._peak: Dict[int, float] = {}
+        self._full: Optional[torch.Tensor] = None  # full accumulator (gradient indexing)
+        self._beta_next: Optional[torch.Tensor] = None
+        self._phi: Optional[torch.Tensor] = None
+        self._tiny = torch.finfo(dt).eps * 1e-3
+
+    @property
+    def integrate_steps(self) -> List[int]:
+        if self.indexing == "application":
+            return sorted(self.window_of)
+        return list(range(self.first_window_step, self.epk.num_steps + 1))
+
+    # ------------------------------------------------------------------ sweep protocol
+    def check(self, out: torch.Tensor, chunk: Chunk, rows: torch.Tensor) -> torch.Tensor:
+        return self.target.select(out, chunk.offset + rows).unsqueeze(1)
+
+    def step_change(self, step: int, chunk: Chunk, c0: torch.Tensor, c1: torch.Tensor) -> None:
+        self.exact[chunk.offset : chunk.offset + chunk.n] += (c1 - c0)[:, 0]
+
+    def integrand(self, seg: Segment, chunk: Chunk) -> VjpIntegrand:
+        if self._phi is None:
+            self._phi = torch.zeros(self.n, self.epk.layout.total, dtype=self.epk.dtype, device=self.epk.device)
+
+        def sink(rows: torch.Tensor, payload: torch.Tensor) -> None:
+            self._phi.index_add_(0, rows, payload)
+
+        return VjpIntegrand(self.epk.functional, seg, chunk, self.target, sink)
+
+    def end_step(self, seg: Segment, integrated: bool) -> None:
+        s, co = seg.step, seg.coeffs
+        beta_next = self._beta_next
+        self._beta_next = co.beta
+        ephi = phi = None
+        if integrated:
+            phi = self._phi
+            self._phi = None
+            pre = co.precond if co.precond is not None else 1.0
+            ephi = co.lr * pre * phi  # η_s D_s φ_s
+            self.path += phi @ seg.delta
+        # --- test side: accumulators and T_s for every window that can still receive credit
+        T: Dict[int, torch.Tensor] = {}
+        if self.indexing == "application":
+            for w in list(self._acc):
+                self._acc[w] = self._acc[w] * beta_next
+            w0 = self.window_of.get(s)
+            if w0 is not None:
+                fresh = co.e * ephi
+                self._acc[w0] = fresh if w0 not in self._acc else self._acc[w0] + fresh
+            for w, acc in list(self._acc.items()):
+                peak = max(self._peak.get(w, 0.0), float(acc.abs().max()))
+                self._peak[w] = peak
+                if w != w0 and s < self.windows[w].start and float(acc.abs().max()) <= self._tiny * peak:
+                    del self._acc[w]  # decayed below round-off: nothing earlier can reach it
+                    continue
+                T[w] = co.h * acc + (co.z * ephi if w == w0 else 0.0)
+        else:
+            fresh = co.e * ephi
+            self._full = fresh if self._full is None else fresh + beta_next * self._full
+            w0 = self.window_of.get(s)
+            if w0 is not None:
+                T[w0] = co.h * self._full + co.z * ephi
+        # --- regularization: coupled decay rides the accumulators, decoupled decay is direct
+        theta_prev = seg.theta0
+        if bool((co.decay_coupled != 0).any()):
+            lt = co.decay_coupled * theta_prev
+            for w, t in T.items():
+                self.regularization[:, w] -= t @ lt
+        if integrated and bool((co.decay_decoupled != 0).any()):
+            w_app = self.window_of.get(s)
+            if w_app is not None:
+                self.regularization[:, w_app] -= (co.lr * phi) @ (co.decay_decoupled * theta_prev)
+        if T:
+            self._score_batch(seg, T)
+
+    def done(self, step: int) -> bool:
+        return self.indexing == "application" and step <= self.first_window_step and not self._acc
+
+    # ------------------------------------------------------------------ training side
+    def _score_batch(self, seg: Segment, T: Dict[int, torch.Tensor]) -> None:
+        rec = seg.record
+        s = seg.step
+        if not rec.batches:
+            raise TrajectoryError(
+                f"step {s} has no recorded training samples (log_batch()/track() was not used for it); "
+                "the data view needs the samples of every step"
+            )
+        idx = torch.cat([b.indices for b in rec.batches])
+        wts = torch.cat([b.weights for b in rec.batches])
+        uniq, inv = torch.unique(idx, return_inverse=True)
+        weights = torch.zeros(len(uniq), dtype=torch.float64).index_add_(0, inv, wts)
+        weights = weights.to(device=self.epk.device, dtype=self.epk.dtype)
+        fm = self.epk.functional
+        sign = seg.coeffs.sign
+        windows = list(T)
+        # σ enters every per-sample term: fold it into T once.
+        Ts = torch.stack([T[w] * sign for w in windows])  # [Wa, n, P]
+        active = seg.coeffs.active
+        size = len(uniq) if self.train_batch_size is None else self.train_batch_size
+        g_rep = torch.zeros(self.epk.layout.total, dtype=self.epk.dtype, device=self.epk.device)
+        raw = []
+        loss_fn = self.loss_fn
+
+        def select(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            return loss_fn(out, y.unsqueeze(0)).sum()
+
+        for start in range(0, len(uniq), size):
+            sl = slice(start, start + size)
+            x, y = self.train.batch(uniq[sl])
+            if not isinstance(y, torch.Tensor):
+                raise TypeError(f"training labels must be tensors, got {type(y).__name__}")
+            G, _ = fm.selected_grads(seg.theta0, x, (), select, y, purpose="loss")  # [m, P] at θ_{s−1}
+            g_rep += weights[sl] @ G
+            dots = torch.stack(
+                [sum(Ts[:, :, gs] @ G[:, gs].T for gs in group) for group in self.group_slices], dim=-1
+            )  # [Wa, n, m, G]
+            raw.append(dots * weights[sl].view(1, 1, -1, 1))
+        rep_norm = float(torch.linalg.vector_norm(g_rep * active))
+        c = rec.grad_norm / rep_norm if rep_norm > 0 else 0.0
+        self.grad_scale[s] = c
+        contrib = -c * torch.cat(raw, dim=2)  # [Wa, n, M_step, G]
+        target_idx = uniq.to(self.scores.device)
+        for k, w in enumerate(windows):
+            self.scores[:, :, w, :].index_add_(1, target_idx, contrib[k])
