@@ -10,11 +10,11 @@ or ``max_depth`` splits were made.
 Kinks of ReLU networks make ``g`` jump inside a step, and every fixed rule then stalls at an
 error proportional to the jump times the interval length. Splitting isolates the jump. Any split
 point is valid (the identity holds on every sub-interval), so instead of always bisecting, the
-split is placed where a single jump would explain the measured total: with ``g_L`` and ``g_R``
-the integrand at the outermost nodes and ``I`` the exact total on [a, b],
-``I ≈ g_L (τ − a) + g_R (b − τ)`` gives τ by least squares over the outputs. For a smooth
-(linear) integrand this is the midpoint; for one kink it lands next to it, so both halves are
-nearly smooth and converge at once. Implausible estimates fall back to bisection.
+split is placed where a single jump would explain the measured total: for each gap between
+nodes, the integrand on each side is extrapolated linearly from its nearest nodes and the jump
+position τ solving ``∫_a^τ g_L + ∫_τ^b g_R = f(θ(b)) − f(θ(a))`` is found by least squares over
+the outputs (:func:`_split_points`). On one kink the estimate converges super-linearly, so both
+halves become smooth within a few levels; implausible estimates fall back to bisection.
 
 After the first pass every refinement level is evaluated in batched calls whose rows carry their
 own parameter point θ(t_row) (see ``StepIntegrand.evaluate`` with a tensor ``t``), so many inputs
@@ -76,23 +76,62 @@ def _bcast(w: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return w.reshape(w.shape[0], *([1] * (like.dim() - 1)))
 
 
-def _split_points(a: torch.Tensor, b: torch.Tensor, exact: torch.Tensor, g_left: torch.Tensor,
-                  g_right: torch.Tensor, bisect: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Where to split each rejected pair: at the single-jump estimate, else the midpoint.
+def _split_points(a: torch.Tensor, b: torch.Tensor, exact: torch.Tensor, quad: torch.Tensor, g: torch.Tensor,
+                  xi: torch.Tensor, bisect: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Where to split each rejected pair: at the estimated jump of the integrand, else the midpoint.
 
-    Returns the split points and whether each used the estimate. ``bisect`` forces the midpoint:
-    a pair whose estimated split did not settle it is bisected next, which stops the slow creep
-    regula falsi shows when the jump sits near one end of the interval.
+    The integrand is known at the interval's ends and at the rule's nodes. For every gap between
+    two consecutive known points, the hypothesis "the integrand jumps in this gap" models each
+    side by the line through its two nearest known points (a constant if it has only one) and
+    solves ``∫_a^τ g_L + ∫_τ^b g_R = exact`` for τ in the gap (Gauss–Newton, least squares over
+    the outputs). The hypothesis that explains the exact total best is used when it explains it at
+    least twice as well as the rule did; otherwise the pair is bisected. ``bisect`` forces the
+    midpoint (a pair whose estimated split did not settle it), which bounds the work of a bad
+    estimate by one bisection.
+
+    Args:
+        a, b (Tensor): [p] intervals. exact (Tensor): [p, C] exact totals. quad (Tensor): [p, C] the
+            rule's totals. g (Tensor): [p, K, C] integrand at the known points. xi (Tensor): [K]
+            their positions in [0, 1], ascending, starting at 0 and ending at 1.
+
+    Returns:
+        *tuple[Tensor, Tensor]*: split points [p], and whether each came from an estimate.
     """
+    p, K, C = g.shape
     h = b - a
-    jump = g_left - g_right
-    denom = (jump * jump).sum(dim=1)
-    num = ((exact - g_right * h.unsqueeze(1)) * jump).sum(dim=1)
-    frac = torch.where(denom > 0, num / torch.where(denom > 0, denom, torch.ones_like(denom)), torch.full_like(denom, -1.0))
-    # Trust the estimate only well inside the interval; otherwise bisect.
-    ok = (frac > 0.02) & (frac < 0.98) & torch.isfinite(frac) & ~bisect
-    frac = torch.where(ok, frac, torch.full_like(frac, 0.5))
-    return a + frac * h, ok
+    mid = a + 0.5 * h
+    tiny = torch.finfo(h.dtype).tiny
+    u = h.unsqueeze(1) * xi.unsqueeze(0)  # positions relative to a: [p, K]
+    hh = h.unsqueeze(1)
+    best_res = torch.full((p,), float("inf"), dtype=h.dtype, device=h.device)
+    best_tau = torch.zeros_like(h)
+    zero = torch.zeros_like(g[:, 0])
+    for q in range(K - 1):  # jump between known points q and q+1
+        gl, ul = g[:, q], u[:, q : q + 1]
+        gr, ur = g[:, q + 1], u[:, q + 1 : q + 2]
+        sl = (g[:, q] - g[:, q - 1]) / (u[:, q : q + 1] - u[:, q - 1 : q]).clamp_min(tiny) if q >= 1 else zero
+        sr = (g[:, q + 2] - g[:, q + 1]) / (u[:, q + 2 : q + 3] - u[:, q + 1 : q + 2]).clamp_min(tiny) if q + 2 < K else zero
+        # residual r(τ) = ∫_0^τ g_L + ∫_τ^h g_R − exact = A + B τ + C2 τ²  (τ measured from a)
+        A = gr * hh + sr * (hh * hh / 2 - ur * hh) - exact
+        B = gl - sl * ul - gr + sr * ur
+        C2 = (sl - sr) / 2
+        lo, hi = u[:, q], u[:, q + 1]
+        tau = -(A * B).sum(1) / (B * B).sum(1).clamp_min(tiny)
+        tau = torch.minimum(torch.maximum(tau, lo), hi)
+        for _ in range(4):
+            r = A + B * tau.unsqueeze(1) + C2 * (tau * tau).unsqueeze(1)
+            J = B + 2 * C2 * tau.unsqueeze(1)
+            tau = tau - (r * J).sum(1) / (J * J).sum(1).clamp_min(tiny)
+            tau = torch.minimum(torch.maximum(tau, lo), hi)
+        r = A + B * tau.unsqueeze(1) + C2 * (tau * tau).unsqueeze(1)
+        res = r.norm(dim=1)
+        inside = (tau > lo) & (tau < hi) & torch.isfinite(res)
+        better = inside & (res < best_res)
+        best_res = torch.where(better, res, best_res)
+        best_tau = torch.where(better, tau, best_tau)
+    err = (quad - exact).norm(dim=1)
+    ok = (best_res < 0.5 * err) & (best_tau > 0) & (best_tau < h) & ~bisect
+    return torch.where(ok, a + best_tau, mid), ok
 
 
 def integrate_step(
@@ -131,23 +170,32 @@ def integrate_step(
     evaluations = 0
 
     # Level 0: one shared parameter point per node, all rows in one call.
+    order = sorted(range(len(t_nodes)), key=lambda q: t_nodes[q])
+    xi = torch.tensor([t_nodes[q] for q in order], dtype=dtype, device=device)
     rows = torch.arange(m, device=device)
-    contrib = total = g_first = g_last = None
-    for q, (t, w) in enumerate(zip(t_nodes, w_nodes)):
+    contrib = total = None
+    gvals = []
+    for q in order:
+        t, w = t_nodes[q], w_nodes[q]
         payload, tot = integrand.evaluate(t, rows)
         evaluations += 1
         contrib = payload * w if contrib is None else contrib.add_(payload, alpha=w)
         total = tot * w if total is None else total.add_(tot, alpha=w)
-        if q == 0:
-            g_first = tot
-        if q == len(t_nodes) - 1:
-            g_last = tot
+        gvals.append(tot)
+    g = torch.stack(gvals, dim=1)  # [rows, n, C]
     a = torch.zeros(m, dtype=dtype, device=device)
     b = torch.ones(m, dtype=dtype, device=device)
     fa, fb = f0, f1
+    ga = gb = None  # integrand at the interval ends, computed when a pair is first refined
     estimated = torch.zeros(m, dtype=torch.bool, device=device)
+    ends = torch.cat([xi.new_zeros(1), xi, xi.new_ones(1)])
     depth = 0
     unconverged = 0
+
+    def batched(fn, t: torch.Tensor, r: torch.Tensor):
+        pieces = [fn(t[i : i + max_rows], r[i : i + max_rows]) for i in range(0, len(r), max_rows)]
+        return pieces, len(pieces)
+
     while True:
         err = (total - (fb - fa)).abs().amax(dim=1)
         final = (not control) or depth >= max_depth
@@ -170,33 +218,42 @@ def integrate_step(
         rej = ~keep
         r_rows, r_a, r_b = rows[rej], a[rej], b[rej]
         r_fa, r_fb = fa[rej], fb[rej]
-        split, used = _split_points(r_a, r_b, r_fb - r_fa, g_first[rej], g_last[rej], estimated[rej])
-        f_split = torch.cat([
-            integrand.checked(split[i : i + max_rows], r_rows[i : i + max_rows])
-            for i in range(0, len(r_rows), max_rows)
-        ])
-        evaluations += (len(r_rows) + max_rows - 1) // max_rows
+        if ga is None:
+            # first refinement: the integrand at t = 0 and t = 1 (shared points, one call each)
+            r_ga = integrand.evaluate(0.0, r_rows)[1]
+            r_gb = integrand.evaluate(1.0, r_rows)[1]
+            evaluations += 2
+        else:
+            r_ga, r_gb = ga[rej], gb[rej]
+        known = torch.cat([r_ga.unsqueeze(1), g[rej], r_gb.unsqueeze(1)], dim=1)
+        split, used = _split_points(r_a, r_b, r_fb - r_fa, total[rej], known, ends, estimated[rej])
+        pieces, calls = batched(integrand.checked, split, r_rows)
+        f_split = torch.cat(pieces)
+        pieces, calls2 = batched(integrand.evaluate, split, r_rows)
+        g_split = torch.cat([t_ for _, t_ in pieces])
+        evaluations += calls + calls2
         rows = torch.cat([r_rows, r_rows])
         a = torch.cat([r_a, split])
         b = torch.cat([split, r_b])
         fa = torch.cat([r_fa, f_split])
         fb = torch.cat([f_split, r_fb])
+        ga = torch.cat([r_ga, g_split])
+        gb = torch.cat([g_split, r_gb])
         estimated = torch.cat([used, used])
         h = b - a
-        contrib = total = g_first = g_last = None
-        for q, (t, w) in enumerate(zip(t_nodes, w_nodes)):
-            tq = a + h * t
-            pieces = [integrand.evaluate(tq[i : i + max_rows], rows[i : i + max_rows]) for i in range(0, len(rows), max_rows)]
-            evaluations += len(pieces)
+        contrib = total = None
+        gvals = []
+        for q in order:
+            t, w = t_nodes[q], w_nodes[q]
+            pieces, calls = batched(integrand.evaluate, a + h * t, rows)
+            evaluations += calls
             payload = torch.cat([p for p, _ in pieces])
             tot = torch.cat([t_ for _, t_ in pieces])
             wq = h * w
             contrib = payload * _bcast(wq, payload) if contrib is None else contrib.add_(payload * _bcast(wq, payload))
             total = tot * wq.unsqueeze(1) if total is None else total.add_(tot * wq.unsqueeze(1))
-            if q == 0:
-                g_first = tot
-            if q == len(t_nodes) - 1:
-                g_last = tot
+            gvals.append(tot)
+        g = torch.stack(gvals, dim=1)
         depth += 1
     error = (acc_total - (f1 - f0)).abs().amax(dim=1)
     return StepStats(error=error, evaluations=evaluations, depth=depth, unconverged=unconverged)
