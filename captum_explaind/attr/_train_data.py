@@ -8,7 +8,7 @@ fetched by the indices the recorder logged, never by iterating the loader).
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional, Sequence, Tuple
+from typing import Any, Callable, Tuple
 
 import torch
 from torch import nn

@@ -32,7 +32,7 @@ from ..errors import TrajectoryError, UnsupportedOptimizerError
 from ..recording.trajectory import Trajectory
 from ._base import EPKAttribution
 from ._steps import StepsType, parse_windows
-from ._target import Target, TargetType, resolve_target
+from ._target import Target, TargetType
 from ._train_data import TrainingSet, check_loss_fn
 
 __all__ = ["PredictionSimilarity"]

@@ -5,7 +5,6 @@ from __future__ import annotations
 from collections import OrderedDict
 from typing import Any, List, Mapping, Optional, Sequence, Union
 
-import torch
 from captum.log import log_usage
 
 from ..epk.selection import resolve_groups

@@ -20,14 +20,13 @@ from __future__ import annotations
 import os
 import warnings
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, List, Optional, Sequence, Tuple, Union
+from typing import Any, Iterable, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
 from ..errors import TrajectoryError
-from ..recording.format import StepRecord
 from ..recording.trajectory import Trajectory
 from .functional import FunctionalModel, as_tuple
 from .integrands import JvpIntegrand
@@ -37,7 +36,7 @@ from .layout import ParamLayout
 from .quadrature import RULES, quadrature_rule
 from .results import Reconstruction
 from .selection import Selector, resolve_parameters
-from .updates import StepCoefficients, UpdateModel
+from .updates import UpdateModel
 
 __all__ = ["ExactPathKernel", "Segment", "Chunk", "SweepStats"]
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import fnmatch
 from collections import OrderedDict
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, List, Mapping, Sequence, Tuple, Union
 
 from torch import nn
 

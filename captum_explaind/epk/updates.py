@@ -33,9 +33,8 @@ a regularization part ``R_s`` (driven by λθ), computed here by running the sam
 from __future__ import annotations
 
 import math
-import warnings
 from dataclasses import dataclass
-from typing import Dict, List, Optional
+from typing import List, Optional
 
 import torch
 
