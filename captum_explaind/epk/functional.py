@@ -18,6 +18,7 @@ from torch import nn
 from torch.func import functional_call, grad, jvp, vmap
 
 from .._compat import functorch_friendly
+from .affine import AffineParameters
 from .layout import ParamLayout
 
 __all__ = ["FunctionalModel", "as_tuple"]
@@ -60,6 +61,9 @@ class FunctionalModel:
         self._vmap_examples_ok = True
         # vmap support can differ between uses (a loss may not vmap where the model does)
         self._vmap_grads_ok: Dict[str, bool] = {}
+        # None: not probed yet; then whether per-row points can use shared weights (see affine.py)
+        self.affine_ok: Optional[bool] = None
+        self.affine_reason = ""
 
     def set_fixed(self, fixed: Dict[str, torch.Tensor]) -> None:
         """Replace some frozen tensors (buffers that changed during training)."""
@@ -176,6 +180,119 @@ class FunctionalModel:
 
         return self._rowwise(one, thetas, inputs, args)
 
+    # ------------------------------------------------------------------ rows on one segment
+    def _affine_call(self, base: Dict[str, torch.Tensor], delta: Dict[str, torch.Tensor], t: torch.Tensor,
+                     inputs: Tuple[Any, ...], args: Tuple[Any, ...],
+                     extra: Optional[Dict[str, torch.Tensor]] = None, scale: Optional[torch.Tensor] = None) -> torch.Tensor:
+        params = dict(base)
+        params.update(self.fixed)
+        with AffineParameters(base, delta, t, extra, scale) as mode:
+            out = functional_call(self.module, params, inputs + args)
+        if mode.unsupported is not None:
+            raise _AffineUnsupported(mode.unsupported)
+        return out
+
+    def _segment_dicts(self, theta0: torch.Tensor, delta: torch.Tensor):
+        return self.layout.split(theta0), self.layout.split(delta)
+
+    def _rows_affine(self, one: Callable[..., torch.Tensor], t: torch.Tensor, inputs: Tuple[Any, ...],
+                     args: Tuple[Any, ...], extra_in: Tuple[Any, ...] = (), extra_dims: Tuple[Any, ...] = ()) -> torch.Tensor:
+        n = t.shape[0]
+        dx = tuple(0 if _is_batched(v, n) else None for v in inputs)
+        da = tuple(0 if _is_batched(v, n) else None for v in args)
+
+        def lift(t_r: torch.Tensor, x: Tuple[Any, ...], a: Tuple[Any, ...], *rest: Any) -> torch.Tensor:
+            xb = tuple(v.unsqueeze(0) if d == 0 else v for v, d in zip(x, dx))
+            ab = tuple(v.unsqueeze(0) if d == 0 else v for v, d in zip(a, da))
+            return one(t_r, xb, ab, *rest)
+
+        return vmap(lift, in_dims=(0, dx, da) + extra_dims)(t, inputs, args, *extra_in)
+
+    def _use_affine(self, theta0: torch.Tensor, delta: torch.Tensor, inputs: Tuple[Any, ...], args: Tuple[Any, ...]) -> bool:
+        """Probe once whether the shared-weight evaluation is supported and agrees."""
+        if self.affine_ok is not None:
+            return self.affine_ok
+        n = _batch_size(inputs)
+        k = min(n, 3)
+        rows = torch.arange(k, device=theta0.device)
+        x = tuple(v.index_select(0, rows) if _is_batched(v, n) else v for v in inputs)
+        a = tuple(v.index_select(0, rows) if _is_batched(v, n) else v for v in args)
+        t = torch.tensor([0.25, 0.5, 1.0][:k], dtype=theta0.dtype, device=theta0.device)
+        try:
+            with functorch_friendly(), torch.no_grad():
+                base, dd = self._segment_dicts(theta0, delta)
+                fast = self._rows_affine(lambda t_r, xb, ab: self._affine_call(base, dd, t_r, xb, ab)[0], t, x, a)
+                ref = self._rowwise(lambda th, xb, ab: self._call(th, xb, ab)[0],
+                                    theta0.unsqueeze(0) + t.unsqueeze(1) * delta.unsqueeze(0), x, a)
+            scale = float(ref.abs().max()) + 1.0
+            diff = float((fast - ref).abs().max())
+            self.affine_ok = diff <= 1e3 * torch.finfo(self.dtype).eps * scale
+            self.affine_reason = "" if self.affine_ok else f"probe differs by {diff:.3g}"
+        except _AffineUnsupported as err:
+            self.affine_ok, self.affine_reason = False, str(err)
+        except Exception as err:  # any failure: keep the generic path
+            self.affine_ok, self.affine_reason = False, f"{type(err).__name__}: {err}"
+        return self.affine_ok
+
+    def forward_on_segment(self, theta0: torch.Tensor, delta: torch.Tensor, t: torch.Tensor,
+                           inputs: Tuple[Any, ...], args: Tuple[Any, ...] = ()) -> torch.Tensor:
+        """``f(θ_0 + t_i Δ; x_i)`` for one point per example: → [n, ...]."""
+        if self._use_affine(theta0, delta, inputs, args):
+            base, dd = self._segment_dicts(theta0, delta)
+            with functorch_friendly(), torch.no_grad():
+                return self._rows_affine(lambda t_r, xb, ab: self._affine_call(base, dd, t_r, xb, ab)[0], t, inputs, args)
+        return self.forward_rows(theta0.unsqueeze(0) + t.unsqueeze(1) * delta.unsqueeze(0), inputs, args)
+
+    def jvp_on_segment(self, theta0: torch.Tensor, delta: torch.Tensor, t: torch.Tensor, tangents: torch.Tensor,
+                       inputs: Tuple[Any, ...], args: Tuple[Any, ...] = ()) -> torch.Tensor:
+        """``J_f(θ_0 + t_i Δ; x_i) v`` for each example i and tangent row v: → [n, T, ...]."""
+        if self._use_affine(theta0, delta, inputs, args):
+            base, dd = self._segment_dicts(theta0, delta)
+            tan = self.layout.split(tangents)  # name -> [T, *shape]
+            eps0 = torch.zeros((), dtype=theta0.dtype, device=theta0.device)
+            one_ = torch.ones((), dtype=theta0.dtype, device=theta0.device)
+
+            def along(v: Dict[str, torch.Tensor]) -> torch.Tensor:
+                # d/dε f(θ_0 + tΔ + εv): the direction is shared by all rows, only ε is dual
+                def rows_fn(t_r: torch.Tensor, xb: Tuple[Any, ...], ab: Tuple[Any, ...]) -> torch.Tensor:
+                    def f(eps: torch.Tensor) -> torch.Tensor:
+                        return self._affine_call(base, dd, t_r, xb, ab, v, eps)[0]
+
+                    return jvp(f, (eps0,), (one_,))[1]
+
+                return self._rows_affine(rows_fn, t, inputs, args)
+
+            with functorch_friendly(), torch.no_grad():
+                if tangents.shape[0] == 1:
+                    return along({k: v[0] for k, v in tan.items()}).unsqueeze(1)
+                return vmap(along, out_dims=1)(tan)
+        return self.jvp_rows(theta0.unsqueeze(0) + t.unsqueeze(1) * delta.unsqueeze(0), tangents, inputs, args)
+
+    def grads_on_segment(self, theta0: torch.Tensor, delta: torch.Tensor, t: torch.Tensor, inputs: Tuple[Any, ...],
+                         args: Tuple[Any, ...], select_one: Callable[[torch.Tensor, Any], torch.Tensor],
+                         select_args: torch.Tensor, purpose: str = "target") -> torch.Tensor:
+        """Per-example gradients at one point per example: → [n, P]."""
+        if self._vmap_grads_ok.get(purpose, True) and self._use_affine(theta0, delta, inputs, args):
+            base, dd = self._segment_dicts(theta0, delta)
+            zeros = {k: torch.zeros_like(v) for k, v in base.items()}
+
+            def one(t_r: torch.Tensor, xb: Tuple[Any, ...], ab: Tuple[Any, ...], sa: Any) -> torch.Tensor:
+                def scalar(extra: Dict[str, torch.Tensor]) -> torch.Tensor:
+                    return select_one(self._affine_call(base, dd, t_r, xb, ab, extra), sa)
+
+                g = grad(scalar)(zeros)
+                return torch.cat([g[k].reshape(-1) for k in self.layout.names])
+
+            try:
+                with functorch_friendly():
+                    return self._rows_affine(one, t, inputs, args, (select_args,), (0,))
+            except _AffineUnsupported:
+                raise
+            except Exception:
+                pass  # fall through to the generic per-row path (it owns the loop fallback)
+        thetas = theta0.unsqueeze(0) + t.unsqueeze(1) * delta.unsqueeze(0)
+        return self.selected_grads(thetas, inputs, args, select_one, select_args, purpose)[0]
+
     def selected_grads(
         self,
         theta: torch.Tensor,
@@ -233,6 +350,10 @@ class FunctionalModel:
                 grads.append(torch.zeros_like(th) if gi is None else gi)
                 vals.append(val.detach())
             return torch.stack(grads), torch.stack(vals)
+
+
+class _AffineUnsupported(RuntimeError):
+    """A parameter reached an operation the shared-weight evaluation does not rewrite."""
 
 
 def _batch_size(inputs: Sequence[Any]) -> int:

@@ -14,38 +14,54 @@ per row (a tensor ``t``, used when refinement sends different inputs to differen
 
 from __future__ import annotations
 
-from typing import Callable, Tuple, Union
+from typing import Callable, Optional, Tuple, Union
 
 import torch
 
 from .segment import Chunk, Segment
 from .functional import FunctionalModel
+from .kinks import capture_preactivations
 
 __all__ = ["JvpIntegrand", "SelectedJvpIntegrand", "VjpIntegrand", "JacobianIntegrand"]
 
 Sink = Callable[[torch.Tensor, torch.Tensor], None]
 
 
-def _theta(seg: Segment, t: Union[float, torch.Tensor]) -> torch.Tensor:
-    return seg.points(t) if isinstance(t, torch.Tensor) else seg.point(t)
-
-
 def _forward(fm: FunctionalModel, seg: Segment, t: Union[float, torch.Tensor], x, a) -> torch.Tensor:
     if isinstance(t, torch.Tensor):
-        return fm.forward_rows(seg.points(t), x, a)
+        return fm.forward_on_segment(seg.theta0, seg.delta, t.to(seg.delta.dtype), x, a)
     return fm.forward(seg.point(t), x, a)
+
+
+def _grads(fm: FunctionalModel, seg: Segment, t: Union[float, torch.Tensor], x, a, select_one, args) -> torch.Tensor:
+    if isinstance(t, torch.Tensor):
+        return fm.grads_on_segment(seg.theta0, seg.delta, t.to(seg.delta.dtype), x, a, select_one, args)
+    return fm.selected_grads(seg.point(t), x, a, select_one, args)[0]
 
 
 def _jvp(fm: FunctionalModel, seg: Segment, t: Union[float, torch.Tensor], tangents: torch.Tensor, x, a) -> torch.Tensor:
     """``J v`` as [m, T, C] (outputs flattened)."""
     if isinstance(t, torch.Tensor):
-        jv = fm.jvp_rows(seg.points(t), tangents, x, a)  # [m, T, ...]
+        jv = fm.jvp_on_segment(seg.theta0, seg.delta, t.to(seg.delta.dtype), tangents, x, a)  # [m, T, ...]
         return jv.reshape(jv.shape[0], jv.shape[1], -1)
     _, jv = fm.jvp(seg.point(t), tangents, x, a)  # [T, m, ...]
     return jv.reshape(jv.shape[0], jv.shape[1], -1).transpose(0, 1)
 
 
-class JvpIntegrand:
+class _Capturing:
+    """Shared ``capture``: activation inputs at a shared point ``t`` (for kink splitting)."""
+
+    fm: FunctionalModel
+    seg: Segment
+    chunk: Chunk
+
+    def capture(self, t: float, rows: torch.Tensor) -> Optional[torch.Tensor]:
+        x, a = self.chunk.take(rows)
+        theta = self.seg.point(t)
+        return capture_preactivations(lambda: self.fm.forward(theta, x, a), len(rows))
+
+
+class JvpIntegrand(_Capturing):
     """``J_f(θ(t)) V`` for a stack of tangents V; payload [m, T, C], checked: all outputs."""
 
     def __init__(self, fm: FunctionalModel, seg: Segment, tangents: torch.Tensor, chunk: Chunk, sink: Sink) -> None:
@@ -65,7 +81,7 @@ class JvpIntegrand:
         self.sink(self.chunk.offset + rows, payload)
 
 
-class SelectedJvpIntegrand:
+class SelectedJvpIntegrand(_Capturing):
     """Target-selected ``J_f(θ(t)) V``; the last tangent must be Δ_s itself (it drives the check).
 
     Payload [m, T] (one value per tangent), checked: the target output [m, 1].
@@ -91,7 +107,7 @@ class SelectedJvpIntegrand:
         self.sink(self.chunk.offset + rows, payload)
 
 
-class VjpIntegrand:
+class VjpIntegrand(_Capturing):
     """Per-example gradient of the target output; payload [m, P], checked: the target [m, 1]."""
 
     def __init__(self, fm: FunctionalModel, seg: Segment, chunk: Chunk, target, sink: Sink) -> None:
@@ -101,7 +117,7 @@ class VjpIntegrand:
         x, a = self.chunk.take(rows)
         g = self.chunk.offset + rows
         args = self.target.per_example_args(len(rows), rows.device) if self.target.index is None else self.target.index[g.to(self.target.index.device)].to(rows.device)
-        grads, _ = self.fm.selected_grads(_theta(self.seg, t), x, a, self.target.select_one, args)
+        grads = _grads(self.fm, self.seg, t, x, a, self.target.select_one, args)
         return grads, (grads @ self.seg.delta).unsqueeze(1)
 
     def checked(self, t: Union[float, torch.Tensor], rows: torch.Tensor) -> torch.Tensor:
@@ -117,7 +133,7 @@ def _pick(out_one: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     return out_one.reshape(-1).gather(0, idx.reshape(1)).squeeze(0)
 
 
-class JacobianIntegrand:
+class JacobianIntegrand(_Capturing):
     """Jacobian rows of outputs ``outputs[row, j]``; payload [m, J, P], checked: those outputs [m, J]."""
 
     def __init__(self, fm: FunctionalModel, seg: Segment, chunk: Chunk, outputs: torch.Tensor, sink: Sink) -> None:
@@ -126,8 +142,7 @@ class JacobianIntegrand:
     def evaluate(self, t: Union[float, torch.Tensor], rows: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         x, a = self.chunk.take(rows)
         outs = self.outputs[(self.chunk.offset + rows).to(self.outputs.device)]  # [m, J]
-        theta = _theta(self.seg, t)
-        rows_j = [self.fm.selected_grads(theta, x, a, _pick, outs[:, j])[0] for j in range(outs.shape[1])]
+        rows_j = [_grads(self.fm, self.seg, t, x, a, _pick, outs[:, j]) for j in range(outs.shape[1])]
         payload = torch.stack(rows_j, dim=1)
         return payload, payload @ self.seg.delta
 

@@ -33,6 +33,7 @@ from typing import Protocol, Tuple, Union
 
 import torch
 
+from .kinks import kink_roots
 from .quadrature import quadrature_rule
 
 __all__ = ["StepIntegrand", "StepStats", "integrate_step"]
@@ -134,6 +135,22 @@ def _split_points(a: torch.Tensor, b: torch.Tensor, exact: torch.Tensor, quad: t
     return torch.where(ok, a + best_tau, mid), ok
 
 
+def _kink_cuts(integrand: StepIntegrand, xs: torch.Tensor, rows: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, int]:
+    """Kinks of the rows' activations on [0, 1], from forward passes at the points ``xs``.
+
+    Returns the owning pair (index into ``rows``) and position of every kink, and the calls made.
+    """
+    zs = []
+    for x in xs.tolist():
+        z = integrand.capture(x, rows)
+        if z is None:
+            return rows.new_zeros(0), xs.new_zeros(0), len(zs)
+        zs.append(z)
+    roots = kink_roots(xs, torch.stack(zs, dim=1))
+    owner = torch.cat([torch.full((len(r),), i, dtype=torch.long, device=rows.device) for i, r in enumerate(roots)])
+    return owner, torch.cat(roots).to(xs.dtype), len(zs)
+
+
 def integrate_step(
     integrand: StepIntegrand,
     f0: torch.Tensor,
@@ -165,6 +182,9 @@ def integrate_step(
     m, C = f0.shape
     device, dtype = f0.device, f0.dtype
     t_nodes, w_nodes = quadrature_rule(rule, nodes)
+    # Sub-intervals made by refinement are short and (after kink splitting) smooth: two
+    # Gauss–Legendre nodes integrate cubics exactly there, and the error check still applies.
+    sub_rule = quadrature_rule(rule, min(nodes, 2)) if rule == "gauss" else (t_nodes, w_nodes)
     acc_total = torch.zeros_like(f0)
     acc_err = torch.zeros(m, dtype=dtype, device=device)
     evaluations = 0
@@ -186,15 +206,22 @@ def integrate_step(
     a = torch.zeros(m, dtype=dtype, device=device)
     b = torch.ones(m, dtype=dtype, device=device)
     fa, fb = f0, f1
-    ga = gb = None  # integrand at the interval ends, computed when a pair is first refined
+    nan = torch.full_like(f0, float("nan"))
+    ga, gb = nan, nan.clone()  # integrand at the interval ends; NaN until a pair needs it
     estimated = torch.zeros(m, dtype=torch.bool, device=device)
     ends = torch.cat([xi.new_zeros(1), xi, xi.new_ones(1)])
+    sub_xi = torch.tensor(sorted(sub_rule[0]), dtype=dtype, device=device)
+    sub_ends = torch.cat([sub_xi.new_zeros(1), sub_xi, sub_xi.new_ones(1)])
     depth = 0
     unconverged = 0
 
     def batched(fn, t: torch.Tensor, r: torch.Tensor):
         pieces = [fn(t[i : i + max_rows], r[i : i + max_rows]) for i in range(0, len(r), max_rows)]
         return pieces, len(pieces)
+
+    def integrand_at(t: torch.Tensor, r: torch.Tensor) -> Tuple[torch.Tensor, int]:
+        pieces, calls = batched(integrand.evaluate, t, r)
+        return torch.cat([t_ for _, t_ in pieces]), calls
 
     while True:
         err = (total - (fb - fa)).abs().amax(dim=1)
@@ -217,34 +244,65 @@ def integrate_step(
             break
         rej = ~keep
         r_rows, r_a, r_b = rows[rej], a[rej], b[rej]
-        r_fa, r_fb = fa[rej], fb[rej]
-        if ga is None:
-            # first refinement: the integrand at t = 0 and t = 1 (shared points, one call each)
-            r_ga = integrand.evaluate(0.0, r_rows)[1]
-            r_gb = integrand.evaluate(1.0, r_rows)[1]
-            evaluations += 2
+        r_fa, r_fb, r_ga, r_gb = fa[rej], fb[rej], ga[rej], gb[rej]
+        r_total, r_g, r_est = total[rej], g[rej], estimated[rej]
+        cut_owner = cut_t = None
+        if depth == 0 and hasattr(integrand, "capture"):
+            # First refinement: split every rejected step at all kinks of its activations.
+            cut_owner, cut_t, calls = _kink_cuts(integrand, ends, r_rows)
+            evaluations += calls
+        # Every pair still needs the integrand at its ends for the jump estimate.
+        for side, pos in (("a", r_a), ("b", r_b)):
+            vals = r_ga if side == "a" else r_gb
+            missing = torch.isnan(vals).any(dim=1)
+            if bool(missing.any()):
+                got, calls = integrand_at(pos[missing], r_rows[missing])
+                evaluations += calls
+                vals[missing] = got
+        if cut_owner is None or cut_owner.numel() == 0:
+            known = torch.cat([r_ga.unsqueeze(1), r_g, r_gb.unsqueeze(1)], dim=1)
+            split, used = _split_points(r_a, r_b, r_fb - r_fa, r_total, known, ends if depth == 0 else sub_ends, r_est)
+            cut_owner = torch.arange(len(r_rows), device=device)
+            cut_t = split
+            cut_est = used
         else:
-            r_ga, r_gb = ga[rej], gb[rej]
-        known = torch.cat([r_ga.unsqueeze(1), g[rej], r_gb.unsqueeze(1)], dim=1)
-        split, used = _split_points(r_a, r_b, r_fb - r_fa, total[rej], known, ends, estimated[rej])
-        pieces, calls = batched(integrand.checked, split, r_rows)
-        f_split = torch.cat(pieces)
-        pieces, calls2 = batched(integrand.evaluate, split, r_rows)
-        g_split = torch.cat([t_ for _, t_ in pieces])
-        evaluations += calls + calls2
-        rows = torch.cat([r_rows, r_rows])
-        a = torch.cat([r_a, split])
-        b = torch.cat([split, r_b])
-        fa = torch.cat([r_fa, f_split])
-        fb = torch.cat([f_split, r_fb])
-        ga = torch.cat([r_ga, g_split])
-        gb = torch.cat([g_split, r_gb])
-        estimated = torch.cat([used, used])
+            # pairs without a detected kink fall back to the jump estimate
+            has = torch.zeros(len(r_rows), dtype=torch.bool, device=device)
+            has[cut_owner] = True
+            if bool((~has).any()):
+                lone = (~has).nonzero().squeeze(1)
+                known = torch.cat([r_ga[lone].unsqueeze(1), r_g[lone], r_gb[lone].unsqueeze(1)], dim=1)
+                split, _ = _split_points(r_a[lone], r_b[lone], r_fb[lone] - r_fa[lone], r_total[lone], known,
+                                         ends if depth == 0 else sub_ends, r_est[lone])
+                cut_owner = torch.cat([cut_owner, lone])
+                cut_t = torch.cat([cut_t, split])
+            cut_est = torch.zeros(len(cut_t), dtype=torch.bool, device=device)
+        order_c = torch.argsort(cut_owner.to(dtype) * 4.0 + (cut_t - r_a[cut_owner]) / (r_b - r_a)[cut_owner])
+        cut_owner, cut_t, cut_est = cut_owner[order_c], cut_t[order_c], cut_est[order_c]
+        pieces, calls = batched(integrand.checked, cut_t, r_rows[cut_owner])
+        f_cut = torch.cat(pieces)
+        evaluations += calls
+        # children: for pair j with cuts c1 < ... < ck, the intervals [a, c1], [c1, c2], ..., [ck, b]
+        first = torch.ones_like(cut_owner, dtype=torch.bool)
+        first[1:] = cut_owner[1:] != cut_owner[:-1]
+        last = torch.ones_like(cut_owner, dtype=torch.bool)
+        last[:-1] = cut_owner[1:] != cut_owner[:-1]
+        prev_t = torch.where(first, r_a[cut_owner], torch.roll(cut_t, 1))
+        prev_f = torch.where(first.unsqueeze(1), r_fa[cut_owner], torch.roll(f_cut, 1, dims=0))
+        prev_g = torch.where(first.unsqueeze(1), r_ga[cut_owner], torch.full_like(f_cut, float("nan")))
+        tail = cut_owner[last]
+        rows = torch.cat([r_rows[cut_owner], r_rows[tail]])
+        a = torch.cat([prev_t, cut_t[last]])
+        b = torch.cat([cut_t, r_b[tail]])
+        fa = torch.cat([prev_f, f_cut[last]])
+        fb = torch.cat([f_cut, r_fb[tail]])
+        ga = torch.cat([prev_g, torch.full_like(f_cut[last], float("nan"))])
+        gb = torch.cat([torch.full_like(f_cut, float("nan")), r_gb[tail]])
+        estimated = torch.cat([cut_est, cut_est[last]])
         h = b - a
         contrib = total = None
         gvals = []
-        for q in order:
-            t, w = t_nodes[q], w_nodes[q]
+        for t, w in zip(*sub_rule):
             pieces, calls = batched(integrand.evaluate, a + h * t, rows)
             evaluations += calls
             payload = torch.cat([p for p, _ in pieces])

@@ -1,0 +1,149 @@
+r"""Evaluating a model at many points of one segment without per-row parameters.
+
+Refinement evaluates rows (inputs) at their own points ``θ(t_r) = θ_0 + t_r Δ`` of the same
+segment. Materializing one parameter vector per row and running batched matrix products with
+per-row weights is memory bound and slow. But every row shares θ_0 and Δ, and the usual
+parameter-consuming operations are linear (or affine) in their weight, so
+
+.. math:: \operatorname{linear}(x, W_0 + t_r ΔW + E) = \operatorname{linear}(x, W_0)
+          + t_r \operatorname{linear}(x, ΔW) + \operatorname{linear}(x, E)
+
+with *shared* weights. :class:`AffineParameters` is a ``TorchFunctionMode`` that rewrites
+``linear``, ``conv1d/2d/3d``, ``embedding``, ``layer_norm`` and ``group_norm`` this way for the
+parameters it knows (by tensor identity); ``E`` is an extra per-parameter term through which
+forward-mode tangents and gradients flow. A parameter reaching any other operation marks the
+evaluation unsupported; callers then use the generic per-row path (and a probe comparison
+guards against silent differences).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
+
+__all__ = ["AffineParameters"]
+
+_LINEAR_WEIGHT = {F.linear: 1, F.conv1d: 1, F.conv2d: 1, F.conv3d: 1}
+_NORMS = {F.layer_norm: (2, 3), F.group_norm: (2, 3)}
+
+
+class AffineParameters(TorchFunctionMode):
+    """Effective parameters ``base + t · delta + extra`` applied through linear structure.
+
+    Args:
+        base (dict[str, Tensor]): the tensors ``functional_call`` passes as parameters (θ_0).
+        delta (dict[str, Tensor]): Δ per parameter.
+        t (Tensor): the row's position on the segment (a scalar; batched under ``vmap``).
+        extra (dict[str, Tensor], optional): an additional term per parameter (differentiated
+            by ``grad``, or a tangent direction); ``None`` for plain forwards.
+        scale (Tensor, optional): multiplies ``extra`` (a scalar ``ε`` whose ``jvp`` gives the
+            directional derivative along ``extra`` without batching any weight per row).
+    """
+
+    def __init__(self, base: Dict[str, torch.Tensor], delta: Dict[str, torch.Tensor], t: torch.Tensor,
+                 extra: Optional[Dict[str, torch.Tensor]] = None, scale: Optional[torch.Tensor] = None) -> None:
+        super().__init__()
+        self.names = {id(v): k for k, v in base.items()}
+        self.delta = delta
+        self.t = t
+        self.extra = extra
+        self.scale = scale
+        self.unsupported: Optional[str] = None
+
+    def _name(self, x: Any) -> Optional[str]:
+        return self.names.get(id(x)) if isinstance(x, torch.Tensor) else None
+
+    def _scaled(self, x: torch.Tensor) -> torch.Tensor:
+        return x if self.scale is None else self.scale * x
+
+    def _parts(self, name: str):
+        extra = None if self.extra is None else self.extra[name]
+        return self.delta[name], extra
+
+    def __torch_function__(self, func: Any, types: Any, args: Sequence[Any] = (), kwargs: Optional[Dict[str, Any]] = None) -> Any:
+        kwargs = dict(kwargs or {})
+        args = list(args)
+        if func in _LINEAR_WEIGHT:
+            return self._linear_like(func, args, kwargs)
+        if func is F.embedding:
+            w = args[1] if len(args) > 1 else kwargs.get("weight")
+            name = self._name(w)
+            if name is not None:
+                d, e = self._parts(name)
+                out = func(*args, **kwargs)
+                rest_args = list(args)
+                rest_args[1] = d
+                out = out + self.t * func(*rest_args, **kwargs)
+                if e is not None:
+                    rest_args[1] = e
+                    out = out + self._scaled(func(*rest_args, **kwargs))
+                return out
+        if func in _NORMS:
+            return self._norm(func, args, kwargs)
+        for a in list(args) + list(kwargs.values()):
+            if self._name(a) is not None and self.unsupported is None:
+                self.unsupported = f"{getattr(func, '__name__', func)} consumes parameter {self._name(a)!r}"
+        return func(*args, **kwargs)
+
+    def _linear_like(self, func: Any, args: list, kwargs: dict) -> torch.Tensor:
+        w = args[1] if len(args) > 1 else kwargs.get("weight")
+        b = args[2] if len(args) > 2 else kwargs.get("bias")
+        wn, bn = self._name(w), self._name(b)
+        if wn is None and bn is None:
+            return func(*args, **kwargs)
+        x = args[0]
+        rest = {k: v for k, v in kwargs.items() if k not in ("weight", "bias")}
+        tail = args[3:]
+        out = func(x, w, b, *tail, **rest)
+        if wn is not None:
+            d, e = self._parts(wn)
+            out = out + self.t * func(x, d, None, *tail, **rest)
+            if e is not None:
+                out = out + self._scaled(func(x, e, None, *tail, **rest))
+        if bn is not None:
+            d, e = self._parts(bn)
+            shape = [1] * out.dim()
+            ch = 1 if func is not F.linear else out.dim() - 1
+            shape[ch] = -1
+            out = out + self.t * d.reshape(shape)
+            if e is not None:
+                out = out + self._scaled(e.reshape(shape))
+        return out
+
+    def _norm(self, func: Any, args: list, kwargs: dict) -> torch.Tensor:
+        wpos, bpos = _NORMS[func]
+        key_w, key_b = "weight", "bias"
+        w = args[wpos] if len(args) > wpos else kwargs.get(key_w)
+        b = args[bpos] if len(args) > bpos else kwargs.get(key_b)
+        wn, bn = self._name(w), self._name(b)
+        if wn is None and bn is None:
+            return func(*args, **kwargs)
+        plain_args = list(args)
+        for pos in (wpos, bpos):
+            if len(plain_args) > pos:
+                plain_args[pos] = None
+        plain_kwargs = {k: (None if k in (key_w, key_b) else v) for k, v in kwargs.items()}
+        y = func(*plain_args, **plain_kwargs)  # normalized, without affine
+
+        def eff(p: Optional[torch.Tensor], name: Optional[str]) -> Optional[torch.Tensor]:
+            if p is None:
+                return None
+            if name is None:
+                return p
+            d, e = self._parts(name)
+            out = p + self.t * d
+            return out if e is None else out + self._scaled(e)
+
+        we, be = eff(w, wn), eff(b, bn)
+        if func is F.group_norm:
+            shape = [1, -1] + [1] * (y.dim() - 2)
+            we = None if we is None else we.reshape(shape)
+            be = None if be is None else be.reshape(shape)
+        if we is not None:
+            y = y * we
+        if be is not None:
+            y = y + be
+        return y
