@@ -36,7 +36,11 @@ import torch
 from .kinks import kink_roots
 from .quadrature import quadrature_rule
 
-__all__ = ["StepIntegrand", "StepStats", "integrate_step"]
+__all__ = ["StepIntegrand", "StepStats", "integrate_step", "KINK_SPLIT_RATIO"]
+
+#: A rejected step whose error exceeds its tolerance by more than this factor is split at all the
+#: kinks of its activations at once; closer ones are split at the estimated jump only.
+KINK_SPLIT_RATIO = 64.0
 
 
 class StepIntegrand(Protocol):
@@ -247,9 +251,14 @@ def integrate_step(
         r_fa, r_fb, r_ga, r_gb = fa[rej], fb[rej], ga[rej], gb[rej]
         r_total, r_g, r_est = total[rej], g[rej], estimated[rej]
         cut_owner = cut_t = None
-        if depth == 0 and hasattr(integrand, "capture"):
-            # First refinement: split every rejected step at all kinks of its activations.
-            cut_owner, cut_t, calls = _kink_cuts(integrand, ends, r_rows)
+        far = err[rej] > KINK_SPLIT_RATIO * (tol[r_rows] + noise[r_rows])
+        if depth == 0 and hasattr(integrand, "capture") and bool(far.any()):
+            # First refinement of steps far from their tolerance: split at every kink of the
+            # activations at once. Steps that are nearly there take the cheaper jump estimate
+            # (resolving every kink would cost more than the few splits they need).
+            sub = far.nonzero().squeeze(1)
+            cut_owner, cut_t, calls = _kink_cuts(integrand, ends, r_rows[sub])
+            cut_owner = sub[cut_owner]
             evaluations += calls
         # Every pair still needs the integrand at its ends for the jump estimate.
         for side, pos in (("a", r_a), ("b", r_b)):
