@@ -40,7 +40,7 @@ from ..epk.integrands import VjpIntegrand
 from ..epk.segment import Chunk, Segment
 from ..errors import TrajectoryError
 from ._target import Target
-from ._train_data import TrainingSet
+from ._train_data import TrainingSet, sample_chunk
 
 __all__ = ["DataView"]
 
@@ -57,7 +57,8 @@ class DataView:
         windows (list[range]): windows of steps (one score slot each).
         indexing (str): ``"application"`` or ``"gradient"``.
         groups (OrderedDict[str, list[str]] or None): parameter groups for a group axis.
-        train_batch_size (int or None): training samples per per-sample-gradient call.
+        train_batch_size (int or None): training samples per per-sample-gradient call;
+            ``None``: as many as fit in ~256 MiB of per-sample gradients.
     """
 
     def __init__(
@@ -193,7 +194,7 @@ class DataView:
         # σ enters every per-sample term: fold it into T once.
         Ts = torch.stack([T[w] * sign for w in windows])  # [Wa, n, P]
         active = seg.coeffs.active
-        size = len(uniq) if self.train_batch_size is None else self.train_batch_size
+        size = sample_chunk(self.train_batch_size, len(uniq), self.epk.layout.total, self.epk.dtype)
         g_rep = torch.zeros(self.epk.layout.total, dtype=self.epk.dtype, device=self.epk.device)
         raw = []
         loss_fn = self.loss_fn

@@ -8,7 +8,7 @@ fetched by the indices the recorder logged, never by iterating the loader).
 
 from __future__ import annotations
 
-from typing import Any, Callable, Tuple
+from typing import Any, Callable, Optional, Tuple
 
 import torch
 from torch import nn
@@ -17,7 +17,30 @@ from torch.utils.data._utils.collate import default_collate
 
 from ..epk.functional import FunctionalModel
 
-__all__ = ["TrainingSet", "check_loss_fn"]
+__all__ = ["TrainingSet", "check_loss_fn", "sample_chunk"]
+
+# Per-sample gradients are [m, P]; by default they are computed in chunks of about this size so
+# peak memory does not grow with the batch (a full-batch run on a large training set).
+GRAD_CHUNK_BYTES = 256 * 2**20
+
+
+def sample_chunk(train_batch_size: Optional[int], m: int, n_params: int, dtype: torch.dtype) -> int:
+    """Training samples per per-sample-gradient call.
+
+    Args:
+        train_batch_size (int or None): the caller's choice; ``None``: as many of the ``m``
+            samples as fit in ``GRAD_CHUNK_BYTES`` of gradients.
+        m (int): distinct samples of the step.
+        n_params (int): parameters per gradient.
+        dtype (torch.dtype): gradient dtype.
+
+    Returns:
+        *int*: the chunk size (≥ 1).
+    """
+    if train_batch_size is not None:
+        return train_batch_size
+    per_sample = max(1, n_params * torch.finfo(dtype).bits // 8)
+    return max(1, min(m, GRAD_CHUNK_BYTES // per_sample))
 
 
 class TrainingSet:

@@ -96,7 +96,8 @@ class TrainingDataInfluence(EPKAttribution, DataInfluence):
             [m]`` (``reduction="none"``). Default: cross-entropy, which is also NLL for
             log-probability outputs.
         train_batch_size (int, optional): training samples per per-sample-gradient call (memory
-            control). Default: a whole step's batch.
+            control). Default: a whole step's batch, in chunks of at most ~256 MiB of
+            per-sample gradients, so peak memory does not grow with the batch.
         **options: options of :class:`~captum_explaind.ExactPathKernel` (``quadrature`` incl.
             ``"left"``, ``nodes``, error control, ``dtype``, ``device``, ``batch_size``,
             ``show_progress``).

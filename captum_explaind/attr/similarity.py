@@ -33,7 +33,7 @@ from ..recording.trajectory import Trajectory
 from ._base import EPKAttribution
 from ._steps import StepsType, parse_windows
 from ._target import Target, TargetType
-from ._train_data import TrainingSet, check_loss_fn
+from ._train_data import TrainingSet, check_loss_fn, sample_chunk
 
 __all__ = ["PredictionSimilarity"]
 
@@ -97,7 +97,7 @@ class _SimilarityView:
         weights = torch.zeros(len(uniq), dtype=torch.float64).index_add_(0, inv, wts)
         weights = weights.to(device=self.epk.device, dtype=self.epk.dtype)
         fm = self.epk.functional
-        size = len(uniq) if self.train_batch_size is None else self.train_batch_size
+        size = sample_chunk(self.train_batch_size, len(uniq), self.epk.layout.total, self.epk.dtype)
         loss_fn = self.loss_fn
 
         def select(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -148,6 +148,7 @@ class PredictionSimilarity(EPKAttribution):
         loss_fn (Callable, optional): per-sample training loss (``reduction="none"``).
             Default: cross-entropy.
         train_batch_size (int, optional): training samples per per-sample-gradient call.
+            Default: a whole step's batch, in chunks of at most ~256 MiB of gradients.
         **options: options of :class:`~captum_explaind.ExactPathKernel`.
 
     Cost: one forward sweep; per step a per-sample gradient pass over the step's batch, and on the

@@ -267,6 +267,13 @@ class ExactPathKernel:
             self.functional.set_fixed(saved)
 
     # ------------------------------------------------------------------ the sweeps
+    @property
+    def _refine_rows(self) -> int:
+        """Points per batched call while refining: a vjp integrand holds a parameter-sized
+        gradient per point, so bound the batch by ~256 MiB of those (at least 8, at most 1024)."""
+        per_row = self.layout.total * torch.finfo(self.dtype).bits // 8
+        return max(8, min(1024, (256 * 2**20) // max(per_row, 1)))
+
     def _integrate(self, seg: Segment, chunks: List[Chunk], f0s: List[torch.Tensor], f1s: List[torch.Tensor],
                    view: Any, log: "_SweepLog") -> None:
         """Integrate one segment for every chunk of inputs (error control per input)."""
@@ -286,6 +293,7 @@ class ExactPathKernel:
                 noise=noise,
                 control=self.error_control,
                 max_depth=self.max_depth,
+                max_rows=self._refine_rows,
             )
             log.add(seg.step, ch, stats)
 

@@ -312,12 +312,20 @@ def integrate_step(
         contrib = total = None
         gvals = []
         for t, w in zip(*sub_rule):
-            pieces, calls = batched(integrand.evaluate, a + h * t, rows)
-            evaluations += calls
-            payload = torch.cat([p for p, _ in pieces])
-            tot = torch.cat([t_ for _, t_ in pieces])
-            wq = h * w
-            contrib = payload * _bcast(wq, payload) if contrib is None else contrib.add_(payload * _bcast(wq, payload))
+            tt, wq = a + h * t, h * w
+            tots = []
+            # accumulate payloads chunk by chunk: a vjp payload is parameter-sized per row, and
+            # concatenating every chunk first would hold all of them twice
+            for i in range(0, len(rows), max_rows):
+                sl = slice(i, i + max_rows)
+                payload, tot = integrand.evaluate(tt[sl], rows[sl])
+                evaluations += 1
+                if contrib is None:
+                    contrib = payload.new_zeros((len(rows),) + tuple(payload.shape[1:]))
+                contrib[sl].add_(payload * _bcast(wq[sl], payload))
+                tots.append(tot)
+                del payload
+            tot = torch.cat(tots)
             total = tot * wq.unsqueeze(1) if total is None else total.add_(tot * wq.unsqueeze(1))
             gvals.append(tot)
         g = torch.stack(gvals, dim=1)
