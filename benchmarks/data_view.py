@@ -43,9 +43,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import contextlib
 import gc
-import io
 import math
 import os
 import sys
@@ -54,7 +52,7 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
@@ -68,7 +66,8 @@ from torch.utils.data import TensorDataset  # noqa: E402
 from captum_explaind import TrainingDataInfluence, Trajectory, TrajectoryRecorder  # noqa: E402
 
 from benchmarks.modadd import ModAddConfig, ModAddData, TrainedRun, build_model, forward_at, make_data, train  # noqa: E402
-from benchmarks.peers.explaind_peer import ExplaindPeer, Usage, _integral_eps, measure  # noqa: E402
+from benchmarks.peers.explaind_peer import ExplaindPeer, Usage, measure  # noqa: E402
+from benchmarks.peers.tracin_peer import label_output, load_checkpoint, save_checkpoints  # noqa: E402
 from benchmarks.reconstruct import Policy, environment, fmt_mem  # noqa: E402
 
 warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.*is deprecated.*")
@@ -264,29 +263,6 @@ def run_ours(run: Run, x: torch.Tensor, y: torch.Tensor, cfg: OursConfig, policy
 
 
 # ----------------------------------------------------------------------------- TracInCP
-def save_checkpoints(trajectory: Trajectory, directory: str) -> List[str]:
-    """θ_{s−1} with the learning rate η_s of step s, for s = 1..N (TracInCP's checkpoint s)."""
-    os.makedirs(directory, exist_ok=True)
-    paths = []
-    for s in range(1, trajectory.num_steps + 1):
-        path = os.path.join(directory, f"checkpoint_{s:05d}.pt")
-        params = {k: v.detach().clone() for k, v in trajectory.params(s - 1).items()}
-        torch.save({"params": params, "lr": float(trajectory.record(s).lr[0])}, path)
-        paths.append(path)
-    return paths
-
-
-def load_checkpoint(model: nn.Module, path: str) -> float:
-    ck = torch.load(path, weights_only=True)
-    model.load_state_dict(ck["params"])
-    return float(ck["lr"])
-
-
-def label_output(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Per-example test "loss" = the label's output, so TracInCP scores the same quantity as ours."""
-    return outputs.gather(1, targets.view(-1, 1))[:, 0]
-
-
 def run_tracin(run: Run, x: torch.Tensor, y: torch.Tensor, ckpt_dir: str, policy: Policy,
                checkpoints: Optional[int] = None, batch_size: Optional[int] = None) -> Row:
     from captum.influence import TracInCP
@@ -328,70 +304,6 @@ def run_tracin(run: Run, x: torch.Tensor, y: torch.Tensor, ckpt_dir: str, policy
 
 # ----------------------------------------------------------------------------- explaind
 @dataclass
-class KernelResult:
-    """explaind's ``predict(..., keep_kernel_matrices=True)`` on one prefix of steps."""
-
-    scores: torch.Tensor  # [n, n_train] per-sample contribution to the label output (our sign)
-    change: torch.Tensor  # [n] its reconstructed change of the label output over the steps
-    seconds: float
-    peak_rss: Optional[int]
-    foreign: Optional[float]
-    steps: int
-    n_inputs: int
-    batch_sizes: List[int]
-
-
-class ExplaindDataPeer(ExplaindPeer):
-    """:class:`ExplaindPeer` plus the authors' per-training-sample kernel (their data view)."""
-
-    def predict_kernels(self, inputs: torch.Tensor, labels: torch.Tensor, points: int, *,
-                        steps: Optional[int] = None) -> KernelResult:
-        """``ExactPathKernelModel.predict(x, keep_kernel_matrices=True)`` with an n-point midpoint rule.
-
-        Its ``train_feature_map`` keeps a momentum buffer ``[1, n_train, P_name]`` per parameter
-        (one row per training sample) and every step's kernel covers all training samples.
-        ``overall_pred_kernel`` (name → ``[n, 1, n_outputs, n_train]``) holds Σ_s η_s · kernel_s;
-        the package's prediction is ``f(θ_0) + Σ_s η_s Σ_k kernel_s[k] / |B_s| + regularization``
-        (its train features are gradients of the label's log-probability, i.e. −∇L), so sample k's
-        contribution to the label output is ``Σ_name overall[name][:, 0, y, k] / |B|`` — exact only
-        when every step has the same batch size |B| (MATH.md §12 R1).
-        """
-        from explaind.epk_model import ExactPathKernelModel
-        from explaind.modulo_model.loss import RegularizedCrossEntropyLoss
-
-        steps = self.num_steps if steps is None else int(steps)
-        eps = _integral_eps(points)
-        batch_sizes = [int(self.data_checkpoints[s]["indices"].numel()) for s in range(steps)]
-        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-            model_path = self._model_path(self.model_checkpoints[: steps + 1])
-            optimizer_path = self._optimizer_path(model_path, self.optimizer_checkpoints[: steps + 1])
-            epk = ExactPathKernelModel(
-                model=model_path,
-                optimizer=optimizer_path,
-                loss_fn=RegularizedCrossEntropyLoss(alpha=0.0),
-                data_path=self._data_path(steps),
-                integral_eps=eps,
-                early_integral_eps=eps,
-                early_steps=0,
-                train_set_size=self.data.n_train,
-                features_to_cpu=False,
-                device=self.device,
-                evaluate_predictions=False,
-                kernel_store_interval=float("nan"),
-            )
-            gc.collect()
-            with measure() as usage:
-                prediction, initial, kernel, _reg, _ = epk.predict(inputs, is_train=False, keep_kernel_matrices=True)
-        n = int(inputs.shape[0])
-        total = sum(v.detach().double() for v in kernel.values())  # [n, 1, O, n_train]
-        idx = labels.view(-1, 1, 1).expand(n, 1, total.shape[-1])
-        scores = total[:, 0].gather(1, idx)[:, 0] / batch_sizes[0]
-        change = (prediction - initial).detach().double().gather(1, labels.view(-1, 1))[:, 0]
-        return KernelResult(scores, change, usage.seconds, usage.peak_rss_bytes, usage.foreign_cpu, steps, n,
-                            batch_sizes)
-
-
-@dataclass
 class PeerPlan:
     points: int
     probe_steps: int
@@ -400,7 +312,7 @@ class PeerPlan:
     subset_budget: float
 
 
-def run_peer(run: Run, peer: ExplaindDataPeer, x: torch.Tensor, y: torch.Tensor, plan: PeerPlan,
+def run_peer(run: Run, peer: ExplaindPeer, x: torch.Tensor, y: torch.Tensor, plan: PeerPlan,
              policy: Policy, log: List[str]) -> Row:
     n, N = int(x.shape[0]), run.steps
     probe_steps = min(plan.probe_steps, N)
@@ -413,7 +325,6 @@ def run_peer(run: Run, peer: ExplaindDataPeer, x: torch.Tensor, y: torch.Tensor,
                f"{projected:.0f} s for {N} steps")
     print("    " + log[-1], flush=True)
     setting = f"{plan.points}-point midpoint, per-sample buffers (keep_kernel_matrices=True), float32"
-    distinct = sorted(set(probe.batch_sizes))
     notes = []
     if len(set(peer.data_checkpoints[s]["indices"].numel() for s in range(N))) > 1:
         notes.append("batch sizes vary: its per-step normalization by the current batch size is not exact (R1)")
@@ -480,7 +391,7 @@ def memory_scaling(sizes: Sequence[int], steps: int, config: ModAddConfig, n_tes
             sr.tracin = run_tracin(run, x, y, os.path.join(workdir, f"ckpt_size_{m}"), policy, batch_size=tbs)
             print(f"    TracInCP: {sr.tracin.seconds:.1f} s, peak {fmt_mem(sr.tracin.peak_rss)}", flush=True)
         if not args.skip_peer:
-            peer = ExplaindDataPeer(traj, data, config)
+            peer = ExplaindPeer(traj, data, config)
             k = min(plan.probe_steps, steps)
             policy.settle()
             res = peer.predict_kernels(x, y, plan.points, steps=k)
@@ -728,7 +639,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 rows.append(row)
             if not args.skip_peer:
                 print(f"[{run.name}] explaind 0.1.0, {plan.points} points, keep_kernel_matrices=True ...", flush=True)
-                peer = ExplaindDataPeer(run.trajectory, run.data, config)
+                peer = ExplaindPeer(run.trajectory, run.data, config)
                 rows.append(run_peer(run, peer, x, y, plan, policy, peer_log))
                 del peer
             by_run[run.name] = rows

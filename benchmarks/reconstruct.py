@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import math
 import os
 import platform
 import subprocess
@@ -55,7 +54,7 @@ import torch  # noqa: E402
 
 from captum_explaind import ExactPathKernel, Trajectory  # noqa: E402
 
-from benchmarks.modadd import ModAddConfig, ModAddData, forward_at, make_data, train  # noqa: E402
+from benchmarks.modadd import ModAddConfig, forward_at, train  # noqa: E402
 from benchmarks.peers.explaind_peer import ExplaindPeer, PeerResult, measure, wait_for_quiet  # noqa: E402
 
 warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.*is deprecated.*")
@@ -356,7 +355,7 @@ def render(rows: List[Row], n_all: int, subset: int, ref_seconds: Optional[float
                      f"{err} | {agree} | {kl} | {speed} | {fmt_load(row, policy)} |")
     out = "\n".join(lines)
     if any(r.subset_acc is not None for r in rows) and subset < n_all:
-        sub = [f"| method | points/nodes | max\\|error\\| | argmax agreement | KL(true‖recon.) |", "|---|---|---|---|---|"]
+        sub = ["| method | points/nodes | max\\|error\\| | argmax agreement | KL(true‖recon.) |", "|---|---|---|---|---|"]
         for row in rows:
             if row.subset_acc is None:
                 continue

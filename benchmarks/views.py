@@ -77,30 +77,9 @@ def step_influence_rows(run, x, y, settings, quiet_wait: float) -> List[Dict]:
 
 def peer_param_kernel(peer: ExplaindPeer, x: torch.Tensor, points: int) -> Dict:
     """explaind's parameter-wise kernel, summed over steps: name → [n, n_outputs, 1, numel]."""
-    from explaind.epk_model import ExactPathKernelModel
-    from explaind.modulo_model.loss import RegularizedCrossEntropyLoss
-
-    from benchmarks.peers.explaind_peer import _integral_eps
-
-    eps = _integral_eps(points)
     log = io.StringIO()
     with contextlib.redirect_stdout(log):
-        model_path = peer._model_path()
-        epk = ExactPathKernelModel(
-            model=model_path,
-            optimizer=peer._optimizer_path(model_path, peer.optimizer_checkpoints),
-            loss_fn=RegularizedCrossEntropyLoss(alpha=0.0),
-            data_path=peer._data_path(peer.num_steps),
-            integral_eps=eps,
-            early_integral_eps=eps,
-            early_steps=0,
-            train_set_size=peer.data.n_train,
-            device=peer.device,
-            evaluate_predictions=False,
-            keep_param_wise_kernel=True,
-            param_wise_kernel_keep_out_dims=True,
-            kernel_store_interval=float("nan"),
-        )
+        epk = peer.epk_model(points, keep_param_wise_kernel=True, param_wise_kernel_keep_out_dims=True)
         with measure() as use:
             *_, prev_eval = epk.predict(x, y_test=None, is_train=False, keep_kernel_matrices=False)
     return {"kernel": prev_eval["param_kernel"], "seconds": use.seconds, "mem": use.peak_rss_bytes, "foreign": use.foreign_cpu}

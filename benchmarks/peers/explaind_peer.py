@@ -277,6 +277,20 @@ class PeerResult:
     log: str = field(default="", repr=False)
 
 
+@dataclass
+class KernelResult:
+    """explaind's ``predict(..., keep_kernel_matrices=True)`` on one prefix of steps."""
+
+    scores: torch.Tensor  # [n, n_train] per-sample contribution to the label output (our sign)
+    change: torch.Tensor  # [n] its reconstructed change of the label output over the steps
+    seconds: float
+    peak_rss: Optional[int]
+    foreign: Optional[float]
+    steps: int
+    n_inputs: int
+    batch_sizes: List[int]
+
+
 def _integral_eps(points: int) -> float:
     """The ``integral_eps`` for which the package uses exactly ``points`` midpoints."""
     if points < 1:
@@ -402,6 +416,71 @@ class ExplaindPeer:
         dp.checkpoints = list(self.data_checkpoints[:steps])
         return dp
 
+    # ------------------------------------------------------------------ the package's model
+    def epk_model(self, points: int, steps: Optional[int] = None, **extra: Any) -> Any:
+        """explaind's ``ExactPathKernelModel`` over the first ``steps`` steps, n-point midpoint rule.
+
+        Args:
+            points (int): midpoints per step (``integral_eps = early_integral_eps = 1/points``).
+            steps (int, optional): steps to integrate. Default: all
+            **extra: further constructor arguments (e.g. ``keep_param_wise_kernel=True``).
+
+        Returns:
+            *ExactPathKernelModel*
+        """
+        from explaind.epk_model import ExactPathKernelModel
+        from explaind.modulo_model.loss import RegularizedCrossEntropyLoss
+
+        steps = self.num_steps if steps is None else int(steps)
+        eps = _integral_eps(points)
+        model_path = self._model_path(self.model_checkpoints[: steps + 1])
+        optimizer_path = self._optimizer_path(model_path, self.optimizer_checkpoints[: steps + 1])
+        options = dict(
+            integral_eps=eps,
+            early_integral_eps=eps,
+            early_steps=0,
+            train_set_size=self.data.n_train,
+            features_to_cpu=False,
+            device=self.device,
+            evaluate_predictions=False,
+            kernel_store_interval=float("nan"),
+        )
+        options.update(extra)
+        return ExactPathKernelModel(
+            model=model_path,
+            optimizer=optimizer_path,
+            loss_fn=RegularizedCrossEntropyLoss(alpha=0.0),
+            data_path=self._data_path(steps),
+            **options,
+        )
+
+    def predict_kernels(self, inputs: torch.Tensor, labels: torch.Tensor, points: int, *,
+                        steps: Optional[int] = None) -> KernelResult:
+        """The authors' data view: ``predict(x, keep_kernel_matrices=True)``, n-point midpoint rule.
+
+        Its ``train_feature_map`` keeps a momentum buffer ``[1, n_train, P_name]`` per parameter
+        (one row per training sample) and every step's kernel covers all training samples. The
+        returned ``kernel`` (name → ``[n, 1, n_outputs, n_train]``) holds Σ_s η_s · kernel_s; the
+        package's prediction is ``f(θ_0) + Σ_s η_s Σ_k kernel_s[k] / |B_s| + regularization`` (its
+        train features are gradients of the label's log-probability, i.e. −∇L), so sample k's
+        contribution to the label output is ``Σ_name kernel[name][:, 0, y, k] / |B|`` — exact only
+        when every step has the same batch size |B| (MATH.md §12 R1).
+        """
+        steps = self.num_steps if steps is None else int(steps)
+        batch_sizes = [int(self.data_checkpoints[s]["indices"].numel()) for s in range(steps)]
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            epk = self.epk_model(points, steps)
+            gc.collect()
+            with measure() as usage:
+                prediction, initial, kernel, _reg, _ = epk.predict(inputs, is_train=False, keep_kernel_matrices=True)
+        n = int(inputs.shape[0])
+        total = sum(v.detach().double() for v in kernel.values())  # [n, 1, O, n_train]
+        idx = labels.view(-1, 1, 1).expand(n, 1, total.shape[-1])
+        scores = total[:, 0].gather(1, idx)[:, 0] / batch_sizes[0]
+        change = (prediction - initial).detach().double().gather(1, labels.view(-1, 1))[:, 0]
+        return KernelResult(scores, change, usage.seconds, usage.peak_rss_bytes, usage.foreign_cpu, steps, n,
+                            batch_sizes)
+
     # ------------------------------------------------------------------ prediction
     def predict(self, inputs: torch.Tensor, points: int, *, steps: Optional[int] = None, quiet: bool = True) -> PeerResult:
         """Run ``ExactPathKernelModel.predict`` with an n-point midpoint rule.
@@ -417,31 +496,12 @@ class ExplaindPeer:
         Returns:
             *PeerResult*
         """
-        from explaind.epk_model import ExactPathKernelModel
-        from explaind.modulo_model.loss import RegularizedCrossEntropyLoss
-
         steps = self.num_steps if steps is None else int(steps)
         if not 1 <= steps <= self.num_steps:
             raise ValueError(f"steps must be in 1..{self.num_steps}, got {steps}")
-        eps = _integral_eps(points)
         log = io.StringIO()
         with contextlib.redirect_stdout(log) if quiet else contextlib.nullcontext():
-            model_path = self._model_path(self.model_checkpoints[: steps + 1])
-            optimizer_path = self._optimizer_path(model_path, self.optimizer_checkpoints[: steps + 1])
-            epk = ExactPathKernelModel(
-                model=model_path,
-                optimizer=optimizer_path,
-                loss_fn=RegularizedCrossEntropyLoss(alpha=0.0),
-                data_path=self._data_path(steps),
-                integral_eps=eps,
-                early_integral_eps=eps,
-                early_steps=0,
-                train_set_size=self.data.n_train,
-                features_to_cpu=False,
-                device=self.device,
-                evaluate_predictions=False,
-                kernel_store_interval=float("nan"),
-            )
+            epk = self.epk_model(points, steps)
             x = inputs.to(self.device)
             with measure() as usage:
                 prediction, initial, *_ = epk.predict(x, is_train=False, keep_kernel_matrices=False)
