@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import math
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, List, Optional, Sequence
 
 import torch
 from torch import nn
 
-from captum_explaind import Trajectory, TrajectoryRecorder
+from captum_explaind import TrajectoryRecorder
 
 
 # ----------------------------------------------------------------------------- models
