@@ -272,6 +272,11 @@ def test_bad_input(case, tmp_path):
         TrainingDataInfluence(model, traj, TensorDataset(X, Y), loss_fn=lambda o, y: lf(o, y).mean())
     with pytest.raises(TypeError, match="map-style"):
         TrainingDataInfluence(model, traj, [(X[i], Y[i]) for i in range(3)].__iter__(), loss_fn=lf)
+    for bad in (0, -2, 2.5, True):
+        with pytest.raises(ValueError, match="train_batch_size must be a positive int"):
+            TrainingDataInfluence(model, traj, TensorDataset(X, Y), loss_fn=lf, train_batch_size=bad)
+        with pytest.raises(ValueError, match="train_batch_size must be a positive int"):
+            PredictionSimilarity(model, traj, TensorDataset(X, Y), loss_fn=lf, train_batch_size=bad)
     tdi = TrainingDataInfluence(model, traj, TensorDataset(X, Y), loss_fn=lf)
     with pytest.raises(ValueError, match="partition"):
         tdi.attribute(x, target=0, steps=[range(2, 4)], indexing="gradient")

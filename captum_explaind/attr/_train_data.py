@@ -17,11 +17,20 @@ from torch.utils.data._utils.collate import default_collate
 
 from ..epk.functional import FunctionalModel
 
-__all__ = ["TrainingSet", "check_loss_fn", "sample_chunk"]
+__all__ = ["TrainingSet", "check_loss_fn", "check_train_batch_size", "sample_chunk"]
 
 # Per-sample gradients are [m, P]; by default they are computed in chunks of about this size so
 # peak memory does not grow with the batch (a full-batch run on a large training set).
 GRAD_CHUNK_BYTES = 256 * 2**20
+
+
+def check_train_batch_size(train_batch_size: Any) -> Optional[int]:
+    """``train_batch_size`` as given, or a ``ValueError`` naming it unless it is ``None`` or an int ≥ 1."""
+    if train_batch_size is not None and (
+        isinstance(train_batch_size, bool) or not isinstance(train_batch_size, int) or train_batch_size < 1
+    ):
+        raise ValueError(f"train_batch_size must be a positive int, got {train_batch_size!r}")
+    return train_batch_size
 
 
 def sample_chunk(train_batch_size: Optional[int], m: int, n_params: int, dtype: torch.dtype) -> int:

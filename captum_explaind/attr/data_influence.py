@@ -18,7 +18,7 @@ from ._base import EPKAttribution
 from ._data_view import DataView
 from ._steps import StepsType, parse_windows
 from ._target import TargetType
-from ._train_data import TrainingSet, check_loss_fn
+from ._train_data import TrainingSet, check_loss_fn, check_train_batch_size
 from .parameter_influence import LayersType
 
 __all__ = ["TrainingDataInfluence", "DataDecomposition", "KMostInfluentialResults"]
@@ -133,11 +133,9 @@ class TrainingDataInfluence(EPKAttribution, DataInfluence):
             )
         # Fails now, with a clear message, if Adam's second moment was not recorded.
         UpdateModel(traj, self.epk.layout, device=self.epk.device, dtype=self.epk.dtype, need_precond=True)
-        if train_batch_size is not None and (not isinstance(train_batch_size, int) or train_batch_size < 1):
-            raise ValueError(f"train_batch_size must be a positive int, got {train_batch_size!r}")
+        self.train_batch_size = check_train_batch_size(train_batch_size)
         self.train_dataset = train_dataset
         self.train = TrainingSet(train_dataset, self.epk.functional)
-        self.train_batch_size = train_batch_size
         self._check_indices()
         self.loss_fn = check_loss_fn(loss_fn, self.epk.functional, self.epk.theta(0), self.train)
         self.last_decomposition_: Optional[DataDecomposition] = None

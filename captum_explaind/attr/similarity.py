@@ -33,7 +33,7 @@ from ..recording.trajectory import Trajectory
 from ._base import EPKAttribution
 from ._steps import StepsType, parse_windows
 from ._target import Target, TargetType
-from ._train_data import TrainingSet, check_loss_fn, sample_chunk
+from ._train_data import TrainingSet, check_loss_fn, check_train_batch_size, sample_chunk
 
 __all__ = ["PredictionSimilarity"]
 
@@ -172,8 +172,8 @@ class PredictionSimilarity(EPKAttribution):
                 f"{traj.optimizer_class} has no exact form for (supported: SGD, Adam, AdamW)"
             )
         UpdateModel(traj, self.epk.layout, device=self.epk.device, dtype=self.epk.dtype, need_precond=True)
+        self.train_batch_size = check_train_batch_size(train_batch_size)
         self.train = TrainingSet(train_dataset, self.epk.functional)
-        self.train_batch_size = train_batch_size
         self.loss_fn = check_loss_fn(loss_fn, self.epk.functional, self.epk.theta(0), self.train)
 
     @log_usage()
