@@ -23,21 +23,12 @@ from captum_explaind import (
     TrajectoryRecorder,
 )
 
-from training import OPTIMIZERS, SCHEDULERS, RunConfig, TanhMLP, TinyTransformer, loss_fn_for, make_data, record_run
+from training import (OPTIMIZERS, SCHEDULERS, RunConfig, TanhMLP, TinyTransformer, loss_fn_for, make_data, outputs_at,
+                      record_run)
 
 # EXPLAIND_TEST_DEVICE=cpu runs this module on the CPU (a dry run of the tests themselves)
 CUDA = torch.device(os.environ.get("EXPLAIND_TEST_DEVICE", "cuda"))
 pytestmark = pytest.mark.skipif(CUDA.type == "cuda" and not torch.cuda.is_available(), reason="needs a CUDA device")
-
-
-def _outputs(model, traj, x, step):
-    m = copy.deepcopy(model).to(x.device)
-    state = dict(m.state_dict())
-    dtype = next(m.parameters()).dtype
-    state.update(traj.params(step, device=x.device, dtype=dtype))
-    m.load_state_dict(state)
-    with torch.no_grad():
-        return m(x)
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +48,7 @@ def test_reconstruct_on_cuda_matches_cpu_and_model(cpu_run):
     cpu = ExactPathKernel(model, traj, device="cpu").reconstruct(x)
     gpu = ExactPathKernel(model, traj, device=CUDA).reconstruct(x.to(CUDA))
     assert gpu.kernel.device.type == CUDA.type
-    change = (_outputs(model, traj, x.to(CUDA), traj.num_steps) - _outputs(model, traj, x.to(CUDA), 0))
+    change = (outputs_at(model, traj, x.to(CUDA), traj.num_steps) - outputs_at(model, traj, x.to(CUDA), 0))
     scale = float(change.abs().max())
     parts = gpu.kernel + gpu.regularization + gpu.residual
     assert float((parts - change).abs().max()) <= 1e-9 * scale
@@ -124,7 +115,7 @@ def test_record_on_cuda_then_explain_anywhere(tmp_path):
     traj = rec.trajectory
     assert traj.num_steps == 5
     x = X[:4]
-    change = _outputs(model, traj, x, 5) - _outputs(model, traj, x, 0)
+    change = outputs_at(model, traj, x, 5) - outputs_at(model, traj, x, 0)
     opts = dict(error_control=True, rtol=1e-8)
     gpu = ExactPathKernel(model, traj, **opts).reconstruct(x)  # device=None: the model's device
     assert gpu.kernel.device.type == CUDA.type

@@ -25,6 +25,7 @@ from training import (
     TinyCNN,
     TinyTransformer,
     make_data,
+    outputs_at,
     record_run,
 )
 
@@ -51,17 +52,7 @@ def _run(tmp_path, model_name, opt_name, *, sched=None, clip=None, micro=1, step
 
 def _true_outputs(model, traj, x):
     """f(θ_0) and f(θ_N) by loading the recorded weights into a plain copy of the model."""
-    import copy
-
-    outs = []
-    for s in (0, traj.num_steps):
-        m = copy.deepcopy(model)
-        state = dict(m.state_dict())
-        state.update(traj.params(s))
-        m.load_state_dict(state)
-        with torch.no_grad():
-            outs.append(m.eval()(x))
-    return outs
+    return [outputs_at(model, traj, x, s) for s in (0, traj.num_steps)]
 
 
 def _check_complete(r, model, traj, x, rel):

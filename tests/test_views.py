@@ -17,7 +17,7 @@ from torch.nn.utils import prune
 from captum_explaind import ExactPathKernel, ParameterInfluence, StepInfluence
 from captum_explaind.errors import TrajectoryError, TrajectoryMismatchError
 
-from training import OPTIMIZERS, SCHEDULERS, ReLUMLP, RunConfig, TanhMLP, TinyTransformer, make_data, record_run
+from training import OPTIMIZERS, SCHEDULERS, ReLUMLP, RunConfig, TanhMLP, TinyTransformer, make_data, outputs_at, record_run
 
 
 @pytest.fixture(scope="module")
@@ -32,15 +32,7 @@ def run(tmp_path_factory):
 
 def _true_change(model, traj, x, a=0, b=None):
     b = traj.num_steps if b is None else b
-    outs = []
-    for s in (a, b):
-        m = copy.deepcopy(model)
-        st = dict(m.state_dict())
-        st.update(traj.params(s))
-        m.load_state_dict(st)
-        with torch.no_grad():
-            outs.append(m(x))
-    return outs[1] - outs[0]
+    return outputs_at(model, traj, x, b) - outputs_at(model, traj, x, a)
 
 
 TARGETS = [None, 2, (1,), torch.tensor(0), [0, 1, 2, 0, 1], torch.tensor([2, 2, 1, 0, 0])]

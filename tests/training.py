@@ -119,6 +119,21 @@ def make_batches(n_train: int, sizes: Sequence[int], steps: int, micro: int = 1,
     return out
 
 
+# ----------------------------------------------------------------------------- ground truth
+def outputs_at(model: nn.Module, traj, x: torch.Tensor, step: int) -> torch.Tensor:
+    """f(θ_step; x) from a plain copy of ``model`` with the recorded weights loaded (eval mode),
+    on ``x``'s device and in the model's dtype — the independent ground truth of the tests."""
+    import copy
+
+    m = copy.deepcopy(model).to(x.device)
+    dtype = next(m.parameters()).dtype
+    state = dict(m.state_dict())
+    state.update(traj.params(step, device=x.device, dtype=dtype))
+    m.load_state_dict(state)
+    with torch.no_grad():
+        return m.eval()(x)
+
+
 # ----------------------------------------------------------------------------- training
 @dataclass
 class RunConfig:
