@@ -97,7 +97,7 @@ def plot_step_influence(
     Args:
         scores (Tensor or dict[str, Tensor]): ``[n_inputs, n_windows]`` from
             :class:`StepInfluence` (a dict per component, e.g. kernel and regularization).
-        windows (list[range], optional): the windows (``StepInfluence.windows_``) for the x-axis.
+        windows (list[range], optional): the windows (``StepInfluence.explain(...).windows``) for the x-axis.
         index (int, optional): one input; ``None`` sums over inputs.
         cumulative (bool, optional): plot the running sum (the prediction's path). Default: False
         ax (matplotlib Axes, optional): axes to draw on.

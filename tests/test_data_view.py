@@ -219,16 +219,16 @@ def test_attention_and_cnn_models(tmp_path):
 
 def test_vmap_and_loop_paths_agree(case):
     model, traj, X, Y, x, dense, lf = case
-    tdi = TrainingDataInfluence(model, traj, TensorDataset(X, Y), loss_fn=lf, train_batch_size=3)
+    tdi = TrainingDataInfluence(model, traj, TensorDataset(X, Y), loss_fn=lf, train_batch_size=3, per_sample="vmap")
     a = tdi.attribute(x, target=1)
-    tdi.epk.functional._vmap_grads_ok.update({"loss": False, "target": False})
-    b = tdi.attribute(x, target=1)
+    loop = TrainingDataInfluence(model, traj, TensorDataset(X, Y), loss_fn=lf, train_batch_size=3, per_sample="loop")
+    b = loop.attribute(x, target=1)
     torch.testing.assert_close(a, b, rtol=0, atol=1e-13)
 
 
 def test_default_chunking_bounds_per_sample_gradients(case, monkeypatch):
     """By default a step's per-sample gradients come in memory-bounded chunks; same scores."""
-    from captum_explaind.attr import _train_data
+    from captum_explaind.epk import training_set as _train_data
 
     assert _train_data.sample_chunk(None, 10_000, 1_000_000, torch.float64) == _train_data.GRAD_CHUNK_BYTES // 8_000_000
     assert _train_data.sample_chunk(None, 5, 100, torch.float32) == 5
@@ -243,7 +243,7 @@ def test_default_chunking_bounds_per_sample_gradients(case, monkeypatch):
         calls.append(real(*a))
         return calls[-1]
 
-    import captum_explaind.attr._data_view as dv
+    import captum_explaind.epk.data_view as dv
     monkeypatch.setattr(dv, "sample_chunk", spy)
     chunked = TrainingDataInfluence(model, traj, TensorDataset(X, Y), loss_fn=lf).attribute(x, target=1)
     assert calls and set(calls) == {1}
@@ -266,8 +266,15 @@ def test_bad_input(case, tmp_path):
     model, traj, X, Y, x, dense, lf = case
     with pytest.raises(ValueError, match="train_dataset has 10 samples but step"):
         TrainingDataInfluence(model, traj, TensorDataset(X[:10], Y[:10]), loss_fn=lf)
+    # What TracInCP users pass (a reduced loss module) is used per sample, with a note; other
+    # reductions are refused by name.
+    per = TrainingDataInfluence(model, traj, TensorDataset(X, Y), loss_fn=nn.NLLLoss(reduction="none"))
+    with pytest.warns(UserWarning, match="used per sample"):
+        summed = TrainingDataInfluence(model, traj, TensorDataset(X, Y), loss_fn=nn.NLLLoss(reduction="sum"))
+    torch.testing.assert_close(summed.attribute(x, target=1), per.attribute(x, target=1), rtol=0, atol=0)
+    odd = nn.KLDivLoss(reduction="batchmean")
     with pytest.raises(ValueError, match="reduction='none'"):
-        TrainingDataInfluence(model, traj, TensorDataset(X, Y), loss_fn=nn.CrossEntropyLoss())
+        TrainingDataInfluence(model, traj, TensorDataset(X, Y), loss_fn=odd)
     with pytest.raises(ValueError, match="one loss per sample"):
         TrainingDataInfluence(model, traj, TensorDataset(X, Y), loss_fn=lambda o, y: lf(o, y).mean())
     with pytest.raises(TypeError, match="map-style"):

@@ -105,7 +105,8 @@ def test_windows_partition_the_run(run):
         windows = si.attribute(x, target=2, window=k)
         assert windows.shape == (5, -(-traj.num_steps // k))
         torch.testing.assert_close(windows.sum(1), per_step.sum(1), rtol=0, atol=1e-14)
-        assert [len(r) for r in si.windows_][:-1] == [k] * (len(si.windows_) - 1)
+        used = si.explain(x, target=2, window=k).windows
+        assert [len(r) for r in used][:-1] == [k] * (len(used) - 1)
     # explicit windows: each equals the sum of its steps, and matches the exact change over it
     w = si.attribute(x, target=2, window=[range(1, 4), range(4, 10)])
     torch.testing.assert_close(w[:, 0], per_step[:, :3].sum(1), rtol=0, atol=1e-14)

@@ -43,13 +43,14 @@ def test_step_and_layer_plots(run, tmp_path):
     model, traj, x, y = run
     si = StepInfluence(model, traj)
     both = si.attribute(x, target=y, window=2, component=["kernel", "regularization"])
-    fig, ax = viz.plot_step_influence(both, windows=si.windows_, cumulative=True)
+    windows = si.explain(x, target=y, window=2).windows
+    fig, ax = viz.plot_step_influence(both, windows=windows, cumulative=True)
     lines = ax.get_lines()
     k = [l for l in lines if l.get_label() == "kernel"][0]
     assert k.get_ydata()[-1] == pytest.approx(float(both["kernel"].sum()))
     fig.savefig(tmp_path / "steps.png")
     lay = si.attribute(x, target=y, window=2, layers={"fc1": "fc1", "fc2": "fc2"})
-    fig, ax = viz.plot_layer_influence(lay, windows=si.windows_)
+    fig, ax = viz.plot_layer_influence(lay, windows=windows)
     assert len(ax.collections) == 2  # one stacked band per layer
     fig.savefig(tmp_path / "layers.png")
     fig, ax = viz.plot_layer_influence(torch.randn(3, 4), names=list("abcd"))

@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import os
-from typing import Any, List, Sequence, Tuple, Union
+from typing import Any, List, Optional, Sequence, Tuple, Union
 
-import torch
 from captum.attr import Attribution
 from torch import nn
 
+from ..epk.batch import Batch
 from ..epk.engine import ExactPathKernel
+from ..epk.options import EPKOptions
+from ..epk.outputs import OutputFn
+from ..epk.target import Target, TargetType, resolve_target
 from ..recording.trajectory import Trajectory
-from ._target import Target, TargetType, resolve_target
 
 __all__ = ["EPKAttribution", "parse_components"]
 
@@ -38,21 +40,31 @@ class EPKAttribution(Attribution):
     Args:
         model (nn.Module): an instance of the trained architecture (``forward_func``).
         trajectory (Trajectory or path): the recorded training run.
-        **options: the options of :class:`ExactPathKernel` (``quadrature``, ``nodes``,
-            ``error_control``, ``rtol``, ``atol``, ``max_depth``, ``dtype``, ``device``,
-            ``batch_size``, ``show_progress``).
+        options (EPKOptions or str, optional): how to compute (a preset name: ``"exact"``,
+            ``"balanced"``, ``"fast"``). Default: "exact"
+        output_fn (Callable, optional): raw model output → explained tensor (see
+            :class:`ExactPathKernel`). Default: tensor, ``.logits`` or first tuple element.
+        **overrides: individual options (``nodes``, ``rtol``, ``dtype``, ``batch_size``,
+            ``per_sample``, ``show_progress``, ...; see :class:`EPKOptions`).
     """
 
-    def __init__(self, model: nn.Module, trajectory: Union[Trajectory, str, os.PathLike], **options: Any) -> None:
-        if "parameters" in options:
+    def __init__(self, model: nn.Module, trajectory: Union[Trajectory, str, os.PathLike],
+                 options: Union[EPKOptions, str, None] = None, *, output_fn: Optional[OutputFn] = None,
+                 **overrides: Any) -> None:
+        if "parameters" in overrides:
             raise TypeError("pass layers=... to attribute() to select parameters")
         super().__init__(model)
         self.model = model
-        self.epk = ExactPathKernel(model, trajectory, **options)
+        self.epk = ExactPathKernel(model, trajectory, options, output_fn=output_fn, **overrides)
 
     @property
     def trajectory(self) -> Trajectory:
         return self.epk.trajectory
+
+    @property
+    def options(self) -> EPKOptions:
+        """The validated options every call of this explainer uses."""
+        return self.epk.options
 
     def has_convergence_delta(self) -> bool:
         return True
@@ -61,14 +73,6 @@ class EPKAttribution(Attribution):
     def multiplies_by_inputs(self) -> bool:
         return False
 
-    def _prepare(self, inputs: Any, target: TargetType, additional_forward_args: Any) -> Tuple[Any, Any, int, Target]:
-        x, a, n = self.epk.prepare_inputs(inputs, additional_forward_args)
-        probe = self.epk.functional.forward(self.epk.theta(0), *_first(x, a, n))
-        return x, a, n, resolve_target(target, n, probe.shape[1:])
-
-
-def _first(x: Tuple[Any, ...], a: Tuple[Any, ...], n: int) -> Tuple[Tuple[Any, ...], Tuple[Any, ...]]:
-    def one(v: Any) -> Any:
-        return v[:1] if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == n else v
-
-    return tuple(one(v) for v in x), tuple(one(v) for v in a)
+    def _prepare(self, inputs: Any, target: TargetType, additional_forward_args: Any) -> Tuple[Batch, Target]:
+        batch = self.epk.prepare_inputs(inputs, additional_forward_args)
+        return batch, resolve_target(target, batch.n, self.epk.output_shape(batch))

@@ -3,22 +3,27 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, NamedTuple, Optional, Union
+from collections.abc import Mapping
+from typing import Any, Callable, List, Literal, NamedTuple, Optional, Sequence, Tuple, Union, overload
 
 import torch
 from captum.influence import DataInfluence
 from captum.log import log_usage
+from torch.utils.data import DataLoader, Dataset
 
+from ..epk.batch import Batch
+from ..epk.data_view import DataView
+from ..epk.options import EPKOptions
+from ..epk.outputs import OutputFn
+from ..epk.results import DataDecomposition
 from ..epk.selection import resolve_groups
+from ..epk.target import TargetType, resolve_target
+from ..epk.training_set import LABEL_KEYS, TrainingSet, check_loss_fn, check_train_batch_size
 from ..epk.updates import UpdateModel
+from ..epk.windows import StepsType, is_window_list, parse_windows
 from ..errors import UnsupportedOptimizerError
 from ..recording.trajectory import Trajectory
 from ._base import EPKAttribution
-from ._data_view import DataView
-from ._steps import StepsType, parse_windows
-from ._target import TargetType
-from ._train_data import TrainingSet, check_loss_fn, check_train_batch_size
 from .parameter_influence import LayersType
 
 __all__ = ["TrainingDataInfluence", "DataDecomposition", "KMostInfluentialResults"]
@@ -37,34 +42,14 @@ class KMostInfluentialResults(NamedTuple):
     influence_scores: torch.Tensor
 
 
-@dataclass
-class DataDecomposition:
-    r"""A prediction's change over the selected steps, split over training samples.
-
-    ``change = scores.sum(training axis and any window/group axes) + regularization + residual + delta``
-
-    Attributes:
-        scores (Tensor): ``[n_inputs, n_train]`` signed influence of each training sample
-            (positive: pushed the target output up), with a window axis (``[n, n_train, W]``)
-            for a list of windows and a group axis last for ``layers``.
-        regularization (Tensor): ``[n_inputs]`` part of the change due to weight decay.
-        residual (Tensor): ``[n_inputs]`` part of the recorded updates the replay does not
-            explain (``Σ_s φ_s·E_s``, E_s = Δ_s − K_s − R_s): round-off for deterministic
-            training with a supported optimizer; large under dropout or a mismatched loss.
-        change (Tensor): ``[n_inputs]`` exact change of the target output over the selected steps.
-        delta (Tensor): ``[n_inputs]`` convergence delta (quadrature error).
-        grad_scale (dict[int, float]): per step, the global gradient scale measured at replay.
-        windows (list[range]): the step windows; ``indexing`` says how steps were assigned.
-    """
-
-    scores: torch.Tensor
-    regularization: torch.Tensor
-    residual: torch.Tensor
-    change: torch.Tensor
-    delta: torch.Tensor
-    grad_scale: Dict[int, float] = field(default_factory=dict)
-    windows: List[range] = field(default_factory=list)
-    indexing: str = "application"
+def _check_order(trajectory: Any, train_dataset: Any) -> None:
+    """Captum's ``TracInCP(model, train_dataset, checkpoints, ...)`` puts the data second; here the
+    trajectory is second. Name the swap instead of failing somewhere inside."""
+    if isinstance(trajectory, (Dataset, DataLoader)) and isinstance(train_dataset, (Trajectory, str, os.PathLike)):
+        raise TypeError(
+            "TrainingDataInfluence(model, trajectory, train_dataset, loss_fn): the trajectory comes second and "
+            "the training data third (Captum's TracInCP takes train_dataset second); swap the two arguments"
+        )
 
 
 class TrainingDataInfluence(EPKAttribution, DataInfluence):
@@ -84,23 +69,28 @@ class TrainingDataInfluence(EPKAttribution, DataInfluence):
     The computation runs backwards over the steps with one accumulator per test input (memory
     ``n_inputs × P``, never one buffer per training sample) and touches at each step only the
     samples of that step's batch. It also answers Captum's ``DataInfluence.influence`` contract,
-    so it drops in where ``TracInCP`` is used.
+    so it drops in where ``TracInCP`` is used (differences: the constructor takes the trajectory
+    second and the data third; scores are contributions to the label's *output*, not products of
+    loss gradients; ``reduction="sum"`` losses are used per sample with the recorded weighting).
 
     Args:
         model (nn.Module): an instance of the trained architecture.
         trajectory (Trajectory or path): the recorded run (SGD, Adam or AdamW families; Adam
             needs its recorded ``exp_avg_sq``).
         train_dataset (Dataset or DataLoader): the training set the recorder's indices refer to;
-            ``train_dataset[i]`` is ``(*inputs, label)``.
-        loss_fn (Callable, optional): per-sample training loss ``loss_fn(outputs, labels) ->
-            [m]`` (``reduction="none"``). Default: cross-entropy, which is also NLL for
-            log-probability outputs.
+            items are ``(*inputs, label)`` tuples or Mappings (tokenized rows; passed by keyword).
+        loss_fn (Callable, optional): per-sample training loss ``loss_fn(outputs, target) ->
+            [m]``: ``outputs`` is the raw model output, ``target`` the labels (tuple items) or
+            the collated batch (Mapping items). A ``torch.nn`` loss with ``reduction="sum"`` or
+            ``"mean"`` is used per sample. Default: cross-entropy of the logits.
+        collate_fn (Callable, optional): rebuilds a recorded micro-batch from its items (e.g. the
+            padding collator training used). Default: the DataLoader's, else ``default_collate``.
+        label_keys (sequence of str, optional): Mapping entries that are labels, not model
+            inputs. Default: ``("labels", "label", "label_ids")``
         train_batch_size (int, optional): training samples per per-sample-gradient call (memory
-            control). Default: a whole step's batch, in chunks of at most ~256 MiB of
-            per-sample gradients, so peak memory does not grow with the batch.
-        **options: options of :class:`~captum_explaind.ExactPathKernel` (``quadrature`` incl.
-            ``"left"``, ``nodes``, error control, ``dtype``, ``device``, ``batch_size``,
-            ``show_progress``).
+            control; also an option). Default: chunks of at most ~256 MiB of gradients.
+        options (EPKOptions or str, optional), output_fn (Callable, optional), **overrides: how to
+            compute and what to explain, as for :class:`~captum_explaind.ExactPathKernel`.
 
     Cost: per step, ``nodes`` batched backward passes over the test inputs (their target
     gradients) plus one per-sample gradient pass over the step's batch and a matrix product
@@ -108,9 +98,10 @@ class TrainingDataInfluence(EPKAttribution, DataInfluence):
 
     Examples::
 
-        >>> tdi = TrainingDataInfluence(model, trajectory, train_set, dtype=torch.float64)
+        >>> tdi = TrainingDataInfluence(model, trajectory, train_set)
         >>> scores, delta = tdi.attribute(x_test, target=y_test, return_convergence_delta=True)
         >>> top = tdi.influence((x_test, y_test), k=5)          # Captum's DataInfluence API
+        >>> parts = tdi.explain(x_test, target=y_test)          # + regularization, residual, options
     """
 
     def __init__(
@@ -120,10 +111,17 @@ class TrainingDataInfluence(EPKAttribution, DataInfluence):
         train_dataset: Any,
         loss_fn: Optional[Callable] = None,
         *,
+        collate_fn: Optional[Callable] = None,
+        label_keys: Sequence[str] = LABEL_KEYS,
         train_batch_size: Optional[int] = None,
-        **options: Any,
+        options: Union[EPKOptions, str, None] = None,
+        output_fn: Optional[OutputFn] = None,
+        **overrides: Any,
     ) -> None:
-        EPKAttribution.__init__(self, model, trajectory, **options)
+        _check_order(trajectory, train_dataset)
+        if train_batch_size is not None:
+            overrides["train_batch_size"] = check_train_batch_size(train_batch_size)
+        EPKAttribution.__init__(self, model, trajectory, options, output_fn=output_fn, **overrides)
         traj = self.epk.trajectory
         if traj.family == "other":
             raise UnsupportedOptimizerError(
@@ -133,12 +131,14 @@ class TrainingDataInfluence(EPKAttribution, DataInfluence):
             )
         # Fails now, with a clear message, if Adam's second moment was not recorded.
         UpdateModel(traj, self.epk.layout, device=self.epk.device, dtype=self.epk.dtype, need_precond=True)
-        self.train_batch_size = check_train_batch_size(train_batch_size)
         self.train_dataset = train_dataset
-        self.train = TrainingSet(train_dataset, self.epk.functional)
+        self.train = TrainingSet(train_dataset, self.epk.functional, collate_fn, label_keys)
         self._check_indices()
         self.loss_fn = check_loss_fn(loss_fn, self.epk.functional, self.epk.theta(0), self.train)
-        self.last_decomposition_: Optional[DataDecomposition] = None
+
+    @property
+    def train_batch_size(self) -> Optional[int]:
+        return self.epk.options.train_batch_size
 
     def _check_indices(self) -> None:
         n = len(self.train)
@@ -151,7 +151,7 @@ class TrainingDataInfluence(EPKAttribution, DataInfluence):
                     )
 
     @log_usage()
-    def decompose(
+    def explain(
         self,
         inputs: Any,
         target: TargetType = None,
@@ -163,8 +163,9 @@ class TrainingDataInfluence(EPKAttribution, DataInfluence):
         r"""Per-training-sample scores with the regularization, residual and delta beside them.
 
         Args:
-            inputs (Tensor or tuple[Tensor, ...]): test inputs, dim 0 = examples.
-            target (optional): Captum's target; ``None`` sums over outputs. Default: None
+            inputs (Tensor, tuple, Mapping or pytree): test inputs, example axis first.
+            target (optional): Captum's target on the explained output; ``None`` sums over
+                outputs. Default: None
             additional_forward_args (optional): extra arguments for the test forward.
             layers (optional): split the scores over parameter groups (a last axis).
             steps (int, range, slice or list, optional): restrict to a window of steps, or give
@@ -176,7 +177,7 @@ class TrainingDataInfluence(EPKAttribution, DataInfluence):
                 agree; per-window slices differ under momentum.
 
         Returns:
-            *DataDecomposition*
+            *DataDecomposition* (with its axes, the options used and the sweep statistics)
         """
         if indexing not in ("application", "gradient"):
             raise ValueError(f"indexing must be 'application' or 'gradient', got {indexing!r}")
@@ -189,23 +190,24 @@ class TrainingDataInfluence(EPKAttribution, DataInfluence):
                     "with indexing='gradient' the windows must partition all steps 1..N: a gradient "
                     "computed at step i is credited for every later update it enters"
                 )
-        x, a, n, tgt = self._prepare(inputs, target, additional_forward_args)
+        batch, tgt = self._prepare(inputs, target, additional_forward_args)
         groups = None if layers is None else resolve_groups(self.model, layers)
-        view = DataView(self.epk, n, tgt, self.train, self.loss_fn, windows, indexing, groups, self.train_batch_size)
-        self.epk.sweep_reverse(x, a, n, view, last=view.last, integrate=view.integrate_steps, need_precond=True,
-                               desc="training data")
-        scores = view.scores
-        reg = view.regularization.sum(dim=1)
-        residual = view.path - scores.sum(dim=(1, 2, 3)) - reg
-        delta = view.exact - view.path
-        if not multi:
-            scores = scores[:, :, 0]
-        if groups is None:
-            scores = scores[..., 0]
-        result = DataDecomposition(scores, reg, residual, view.exact, delta, dict(sorted(view.grad_scale.items())),
-                                   windows, indexing)
-        self.last_decomposition_ = result
-        return result
+        view = DataView(self.epk, batch.n, tgt, self.train, self.loss_fn, windows, indexing, groups,
+                        self.train_batch_size)
+        return view.result(view.run(batch), multi)
+
+    #: the name this method had before results carried their options (same method)
+    decompose = explain
+
+    @overload
+    def attribute(self, inputs: Any, target: TargetType = ..., additional_forward_args: Any = ...,
+                  layers: LayersType = ..., steps: StepsType = ..., *, return_convergence_delta: Literal[True],
+                  indexing: str = ...) -> Tuple[torch.Tensor, torch.Tensor]: ...
+
+    @overload
+    def attribute(self, inputs: Any, target: TargetType = ..., additional_forward_args: Any = ...,
+                  layers: LayersType = ..., steps: StepsType = ..., return_convergence_delta: Literal[False] = ...,
+                  indexing: str = ...) -> torch.Tensor: ...
 
     @log_usage()
     def attribute(
@@ -217,23 +219,46 @@ class TrainingDataInfluence(EPKAttribution, DataInfluence):
         steps: StepsType = None,
         return_convergence_delta: bool = False,
         indexing: str = "application",
-    ) -> Any:
+    ) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
         r"""Signed influence of every training sample: ``[n_inputs, n_train]``.
 
-        Args: as :meth:`decompose`, plus
+        Args: as :meth:`explain`, plus
 
             return_convergence_delta (bool, optional): also return, per input, ``f(θ_N) − f(θ_0)
                 − Σ scores − regularization − residual`` for the target (over the selected steps).
 
         Returns:
             *Tensor* **attributions** ``[n_inputs, n_train]`` (plus window/group axes), or
-            ``(attributions, delta)``. The regularization and residual parts are in
-            ``self.last_decomposition_``.
+            ``(attributions, delta)``. :meth:`explain` returns the regularization and residual
+            parts beside the scores.
         """
-        res = self.decompose(inputs, target, additional_forward_args, layers, steps, indexing)
+        res = self.explain(inputs, target, additional_forward_args, layers, steps, indexing)
         if return_convergence_delta:
             return res.scores, res.delta
         return res.scores
+
+    # ------------------------------------------------------------------ Captum's DataInfluence
+    def _labelled(self, inputs: Any) -> Tuple[Any, List[Any]]:
+        """Model inputs and per-example targets from ``(*inputs, labels)`` or a DataLoader of those."""
+        if isinstance(inputs, DataLoader):
+            parts = [self._labelled(b) for b in inputs]
+            if not parts:
+                raise ValueError("the inputs DataLoader yields no batch")
+            batch = self.epk.prepare_inputs(parts[0][0], what="inputs")
+            for x, _ in parts[1:]:
+                batch = batch.concat(self.epk.prepare_inputs(x), what="a later batch of the DataLoader")
+            return batch, [t for _, ts in parts for t in ts]
+        if isinstance(inputs, Mapping):
+            key = next((k for k in self.train.label_keys if k in inputs), None)
+            if key is None:
+                raise TypeError(f"a Mapping batch needs a label entry (one of {self.train.label_keys}) for influence()")
+            x = {k: v for k, v in inputs.items() if k not in self.train.label_keys}
+            return x, _as_targets(inputs[key])
+        if not isinstance(inputs, (tuple, list)) or len(inputs) < 2:
+            raise TypeError("inputs must be a tuple (*model_inputs, labels) or a DataLoader of those, as for "
+                            "Captum's TracInCP")
+        *x, labels = inputs
+        return (tuple(x) if len(x) > 1 else x[0]), _as_targets(labels)
 
     @log_usage()
     def influence(  # type: ignore[override]
@@ -242,37 +267,77 @@ class TrainingDataInfluence(EPKAttribution, DataInfluence):
         k: Optional[int] = None,
         proponents: bool = True,
         show_progress: bool = False,
+        aggregate: bool = False,
     ) -> Any:
         r"""Captum's ``DataInfluence.influence``: the labels are the target.
 
         Args:
-            inputs (tuple): ``(*model_inputs, labels)``; the influence is on the output of each
-                test example's label.
+            inputs (tuple or DataLoader): ``(*model_inputs, labels)``, or a DataLoader yielding
+                such batches (or Mappings with a label entry); the influence is on the output of
+                each test example's label.
             k (int, optional): return only the ``k`` most influential training samples.
             proponents (bool, optional): with ``k``, the most positive (True) or most negative
                 (False) scores. Default: True
             show_progress (bool, optional): progress bar. Default: False
+            aggregate (bool, optional): sum the scores over the test examples (``[1, n_train]``),
+                as Captum's ``aggregate=True``. Default: False
 
         Returns:
             *Tensor* ``[n_inputs, n_train]`` scores, or *KMostInfluentialResults* with ``k``.
         """
-        if not isinstance(inputs, (tuple, list)) or len(inputs) < 2:
-            raise TypeError("inputs must be a tuple (*model_inputs, labels), as for Captum's TracInCP")
-        *x, labels = inputs
-        if isinstance(labels, torch.Tensor):
-            labels = labels.reshape(-1).tolist() if labels.dim() <= 1 else [tuple(r) for r in labels.tolist()]
-        saved = self.epk.show_progress
-        self.epk.show_progress = show_progress or saved
-        try:
-            scores = self.attribute(tuple(x) if len(x) > 1 else x[0], target=list(labels))
-        finally:
-            self.epk.show_progress = saved
+        x, labels = self._labelled(inputs)
+        batch = x if isinstance(x, Batch) else self.epk.prepare_inputs(x)
+        tgt = resolve_target(labels, batch.n, self.epk.output_shape(batch))
+        view = DataView(self.epk, batch.n, tgt, self.train, self.loss_fn, [range(1, self.epk.num_steps + 1)],
+                        "application", None, self.train_batch_size)
+        scores = view.result(view.run(batch, show_progress=show_progress or None), False).scores
+        if aggregate:
+            scores = scores.sum(dim=0, keepdim=True)
         if k is None:
             return scores
         if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= scores.shape[1]:
             raise ValueError(f"k must be an int in 1..{scores.shape[1]}, got {k!r}")
         vals, idx = torch.topk(scores, k, dim=1, largest=proponents)
         return KMostInfluentialResults(idx, vals)
+
+    @log_usage()
+    def self_influence(self, inputs: Any = None, show_progress: bool = False, chunk: int = 64) -> torch.Tensor:
+        r"""Each training sample's influence on its own prediction (Captum's ``self_influence``).
+
+        The score of sample k on the output of its own label, computed exactly for all samples
+        in chunks of ``chunk`` test inputs (one reverse sweep each).
+
+        Args:
+            inputs (optional): ``None`` for the training set itself (as in Captum); otherwise
+                ``(*inputs, labels)`` or a DataLoader, whose i-th example is taken to be training
+                sample i.
+            show_progress (bool, optional): progress bar. Default: False
+            chunk (int, optional): test inputs per sweep (memory ``chunk × (P + n_train)``).
+
+        Returns:
+            *Tensor* ``[n]``.
+        """
+        if inputs is None:
+            n = len(self.train)
+            out = []
+            for start in range(0, n, chunk):
+                idx = torch.arange(start, min(n, start + chunk))
+                batch, target = self.train.batch(idx)
+                labels = target if isinstance(target, torch.Tensor) else target[self.train.label_keys[0]]
+                out.append(self._self_scores(batch, _as_targets(labels), idx, show_progress))
+            return torch.cat(out)
+        x, labels = self._labelled(inputs)
+        batch = x if isinstance(x, Batch) else self.epk.prepare_inputs(x)
+        return self._self_scores(batch, labels, torch.arange(batch.n), show_progress)
+
+    def _self_scores(self, batch: Batch, labels: List[Any], idx: torch.Tensor, show_progress: bool) -> torch.Tensor:
+        if int(idx.max()) >= len(self.train):
+            raise ValueError(f"self_influence got {batch.n} examples but the training set has {len(self.train)}")
+        tgt = resolve_target(labels, batch.n, self.epk.output_shape(batch))
+        view = DataView(self.epk, batch.n, tgt, self.train, self.loss_fn, [range(1, self.epk.num_steps + 1)],
+                        "application", None, self.train_batch_size)
+        scores = view.result(view.run(batch, show_progress=show_progress or None), False).scores
+        return scores.gather(1, idx.to(scores.device).unsqueeze(1)).squeeze(1)
 
     def data_similarity(self, inputs: Any, others: Any = None, target: TargetType = None,
                         other_target: TargetType = None, **kwargs: Any) -> torch.Tensor:
@@ -287,7 +352,8 @@ class TrainingDataInfluence(EPKAttribution, DataInfluence):
         Returns:
             *Tensor* ``[n_inputs, n_others]``.
         """
-        a = self.attribute(inputs, target=target, **kwargs).reshape(_n(inputs), -1)
+        a = self.attribute(inputs, target=target, **kwargs)
+        a = a.reshape(a.shape[0], -1)
         if others is None:
             b = a
         else:
@@ -296,9 +362,10 @@ class TrainingDataInfluence(EPKAttribution, DataInfluence):
         return _cosine(a, b)
 
 
-def _n(inputs: Any) -> int:
-    first = inputs[0] if isinstance(inputs, tuple) else inputs
-    return int(first.shape[0])
+def _as_targets(labels: Any) -> List[Any]:
+    if isinstance(labels, torch.Tensor):
+        return labels.reshape(-1).tolist() if labels.dim() <= 1 else [tuple(r) for r in labels.tolist()]
+    return list(labels)
 
 
 def _cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -3,17 +3,18 @@
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Literal, Mapping, Optional, Sequence, Tuple, Union, overload
 
 import torch
 from captum.log import log_usage
 from torch import nn
 
+from ..epk.results import ScoreResult
+from ..epk.score_view import COMPONENTS, ScoreView, choose_method
 from ..epk.selection import Selector, resolve_groups, resolve_parameters
+from ..epk.target import TargetType
+from ..epk.windows import StepsType, is_window_list, parse_windows
 from ._base import EPKAttribution, parse_components
-from ._model_view import COMPONENTS, ScoreView, choose_method
-from ._steps import StepsType, parse_windows
-from ._target import TargetType
 
 __all__ = ["ParameterInfluence"]
 
@@ -36,9 +37,11 @@ class ParameterInfluence(EPKAttribution):
         model (nn.Module): an instance of the trained architecture (Captum's ``forward_func``);
             its weights are not used, the trajectory supplies them.
         trajectory (Trajectory or path): the recorded training run.
-        **options: options of :class:`~captum_explaind.ExactPathKernel` (``quadrature``,
-            ``nodes``, ``error_control``, ``rtol``, ``atol``, ``max_depth``, ``dtype``,
-            ``device``, ``batch_size``, ``show_progress``).
+        options (EPKOptions or str, optional): how to compute, or a preset name (``"exact"``,
+            ``"balanced"``, ``"fast"``). Default: "exact"
+        output_fn (Callable, optional): raw model output → explained tensor. Default: a tensor
+            as is, ``.logits`` of a ``ModelOutput``, a tuple's first element.
+        **overrides: individual options (``nodes``, ``rtol``, ``dtype``, ``batch_size``, ...).
 
     Cost: per-parameter scores take, per step, ``nodes`` batched backward passes over the inputs
     (per-example gradients via ``torch.func.vmap(grad)``, with a loop fallback) and one forward
@@ -52,6 +55,45 @@ class ParameterInfluence(EPKAttribution):
         >>> scores["fc1.weight"].shape          # [n_inputs, *fc1.weight.shape]
         >>> per_layer = pi.attribute(x, target=3, layers=[model.fc1, "fc2"])   # [n_inputs, 2]
     """
+
+    @log_usage()
+    def explain(
+        self,
+        inputs: Any,
+        target: TargetType = None,
+        additional_forward_args: Any = None,
+        steps: StepsType = None,
+        layers: LayersType = None,
+        component: Union[str, Sequence[str]] = "total",
+        method: str = "auto",
+    ) -> ScoreResult:
+        r"""Parameter (or layer) scores as a self-describing result.
+
+        Args: as :meth:`attribute` (without ``aggregate`` and ``return_convergence_delta``).
+
+        Returns:
+            *ScoreResult*: scores per component with their window and group axes, the exact
+            change and the delta per window, the options used and the sweep statistics.
+        """
+        comps, _ = parse_components(component, COMPONENTS)
+        batch, tgt = self._prepare(inputs, target, additional_forward_args)
+        windows, _ = parse_windows(steps, self.epk.num_steps)
+        groups = None if layers is None else resolve_groups(self.model, layers)
+        chosen = choose_method(method, None if groups is None else len(groups), len(comps))
+        view = ScoreView(self.epk, batch.n, tgt, windows, comps, groups, chosen)
+        return view.result(view.run(batch))
+
+    @overload
+    def attribute(self, inputs: Any, target: TargetType = ..., additional_forward_args: Any = ...,
+                  steps: StepsType = ..., layers: LayersType = ..., component: Union[str, Sequence[str]] = ...,
+                  aggregate: Optional[str] = ..., *, return_convergence_delta: Literal[True],
+                  method: str = ...) -> Tuple[Any, torch.Tensor]: ...
+
+    @overload
+    def attribute(self, inputs: Any, target: TargetType = ..., additional_forward_args: Any = ...,
+                  steps: StepsType = ..., layers: LayersType = ..., component: Union[str, Sequence[str]] = ...,
+                  aggregate: Optional[str] = ..., return_convergence_delta: Literal[False] = ...,
+                  method: str = ...) -> Any: ...
 
     @log_usage()
     def attribute(
@@ -69,9 +111,10 @@ class ParameterInfluence(EPKAttribution):
         r"""Parameter (or layer) influence scores.
 
         Args:
-            inputs (Tensor or tuple[Tensor, ...]): inputs, dim 0 = examples.
-            target (int, tuple, Tensor, list, optional): Captum's target; ``None`` sums over
-                outputs. Default: None
+            inputs (Tensor, tuple, Mapping or pytree): inputs, example axis first; a Mapping
+                (``BatchEncoding``) is passed to the model by keyword.
+            target (int, tuple, Tensor, list, optional): Captum's target on the explained output
+                (``output_fn``); ``None`` sums over outputs. Default: None
             additional_forward_args (optional): extra arguments passed to the model after the
                 inputs. Default: None
             steps (int, range, slice or list, optional): application steps to sum over (1-based);
@@ -94,27 +137,24 @@ class ParameterInfluence(EPKAttribution):
             *dict* or *Tensor* of **attributions**, or ``(attributions, delta)``:
             - **attributions**: see ``layers``/``component``/``aggregate``.
             - **delta** (*Tensor*): ``[n_inputs]`` (``[n_inputs, n_windows]`` with a window list).
+            :meth:`explain` returns the same scores with their axes, options and statistics.
         """
-        comps, single = parse_components(component, COMPONENTS)
         if aggregate not in (None, "sum", "abs_sum"):
             raise ValueError(f"aggregate must be None, 'sum' or 'abs_sum', got {aggregate!r}")
-        x, a, n, tgt = self._prepare(inputs, target, additional_forward_args)
-        windows, multi = parse_windows(steps, self.epk.num_steps)
-        groups = None if layers is None else resolve_groups(self.model, layers)
-        chosen = choose_method(method, None if groups is None else len(groups), len(comps))
-        view = ScoreView(self.epk, n, tgt, windows, comps, groups, chosen)
-        view.run(x, a)
-        delta = view.exact - view.acc.sum(dim=(2, 3))  # [n, W]
+        comps, single = parse_components(component, COMPONENTS)
+        multi = is_window_list(steps)
+        res = self.explain(inputs, target, additional_forward_args, steps, layers, component, method)
+        groups = None if res.groups is None else resolve_groups(self.model, layers)
         out = {}
-        for c, comp in enumerate(comps):
-            scores = view.acc[:, :, c]  # [n, W, P or G]
+        for comp in comps:
+            scores = res.scores[comp]  # [n, W, P or G]
             if not multi:
                 scores = scores[:, 0]
             scores = _aggregate(scores, aggregate)
             out[comp] = self._format(scores, groups, layers, multi, aggregate is not None)
         result = out[comps[0]] if single else out
         if return_convergence_delta:
-            return result, (delta if multi else delta[:, 0])
+            return result, (res.delta if multi else res.delta[:, 0])
         return result
 
     def _format(self, scores: torch.Tensor, groups: Optional["OrderedDict[str, List[str]]"], layers: Any,
@@ -158,10 +198,10 @@ class ParameterInfluence(EPKAttribution):
         """
         if aggregate not in (None, "sum"):
             raise ValueError(f"aggregate must be None or 'sum', got {aggregate!r}")
-        x, a, n, tgt = self._prepare(inputs, target, additional_forward_args)
+        batch, tgt = self._prepare(inputs, target, additional_forward_args)
         windows, multi = parse_windows(steps, self.epk.num_steps)
-        view = ScoreView(self.epk, n, tgt, windows, ["kernel", "regularization"], None, "vjp")
-        view.run(x, a)
+        view = ScoreView(self.epk, batch.n, tgt, windows, ["kernel", "regularization"], None, "vjp")
+        view.run(batch)
         d = view.acc[:, :, 0].abs() - view.acc[:, :, 1].abs()  # [n, W, P]
         if not multi:
             d = d[:, 0]

@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Any, List, Mapping, Optional, Sequence, Union
+from typing import Any, List, Literal, Mapping, Optional, Sequence, Tuple, Union, overload
 
+import torch
 from captum.log import log_usage
 
+from ..epk.results import ScoreResult
+from ..epk.score_view import COMPONENTS, ScoreView, choose_method
 from ..epk.selection import resolve_groups
+from ..epk.target import TargetType
+from ..epk.windows import StepsType, fixed_windows, parse_windows
 from ._base import EPKAttribution, parse_components
-from ._model_view import COMPONENTS, ScoreView, choose_method
-from ._steps import StepsType, fixed_windows, parse_windows
-from ._target import TargetType
 from .parameter_influence import LayersType
 
 __all__ = ["StepInfluence"]
@@ -31,7 +33,8 @@ class StepInfluence(EPKAttribution):
     Args:
         model (nn.Module): an instance of the trained architecture.
         trajectory (Trajectory or path): the recorded training run.
-        **options: options of :class:`~captum_explaind.ExactPathKernel`.
+        options (EPKOptions or str, optional), output_fn (Callable, optional), **overrides: as
+            for :class:`ParameterInfluence`.
 
     Cost: without ``layers``, per step ``nodes`` forward-mode passes carrying 2–3 tangents plus
     one forward pass (like :meth:`ExactPathKernel.reconstruct`). With ``layers``, either forward
@@ -46,9 +49,61 @@ class StepInfluence(EPKAttribution):
         >>> per_layer = si.attribute(x, target=y, window=10, layers=["emb", "mlp", "head"])  # [n, W, 3]
     """
 
-    def __init__(self, model, trajectory, **options: Any) -> None:
-        super().__init__(model, trajectory, **options)
-        self.windows_: List[range] = []
+    def _windows(self, window: Union[int, Sequence[Union[int, range, slice]]], steps: StepsType) -> List[range]:
+        N = self.epk.num_steps
+        if isinstance(window, (list, tuple)):
+            if steps is not None:
+                raise ValueError("give either explicit windows or steps=..., not both")
+            return parse_windows(list(window), N)[0]
+        span, multi = parse_windows(steps, N)
+        if multi:
+            raise ValueError("steps must be one range or slice here; pass several windows as window=[...]")
+        return fixed_windows(window, N, within=span[0])
+
+    @log_usage()
+    def explain(
+        self,
+        inputs: Any,
+        target: TargetType = None,
+        additional_forward_args: Any = None,
+        window: Union[int, Sequence[Union[int, range, slice]]] = 1,
+        steps: StepsType = None,
+        layers: LayersType = None,
+        component: Union[str, Sequence[str]] = "total",
+        method: str = "auto",
+    ) -> ScoreResult:
+        r"""Window scores as a self-describing result (windows, groups, components, delta, options).
+
+        Args: as :meth:`attribute` (without ``aggregate`` and ``return_convergence_delta``).
+
+        Returns:
+            *ScoreResult*: ``scores[component]`` is ``[n_inputs, n_windows, n_groups]`` (one group
+            ``"all"`` without ``layers``); ``result.windows`` the windows; ``result.plot()``.
+        """
+        comps, _ = parse_components(component, COMPONENTS)
+        windows = self._windows(window, steps)
+        batch, tgt = self._prepare(inputs, target, additional_forward_args)
+        if layers is None:
+            groups = OrderedDict([("all", list(self.epk.layout.names))])
+        else:
+            groups = resolve_groups(self.model, layers)
+        chosen = choose_method(method, len(groups), len(comps))
+        view = ScoreView(self.epk, batch.n, tgt, windows, comps, groups, chosen)
+        return view.result(view.run(batch))
+
+    @overload
+    def attribute(self, inputs: Any, target: TargetType = ..., additional_forward_args: Any = ...,
+                  window: Union[int, Sequence[Union[int, range, slice]]] = ..., steps: StepsType = ...,
+                  layers: LayersType = ..., component: Union[str, Sequence[str]] = ...,
+                  aggregate: Optional[str] = ..., *, return_convergence_delta: Literal[True],
+                  method: str = ...) -> Tuple[Any, torch.Tensor]: ...
+
+    @overload
+    def attribute(self, inputs: Any, target: TargetType = ..., additional_forward_args: Any = ...,
+                  window: Union[int, Sequence[Union[int, range, slice]]] = ..., steps: StepsType = ...,
+                  layers: LayersType = ..., component: Union[str, Sequence[str]] = ...,
+                  aggregate: Optional[str] = ..., return_convergence_delta: Literal[False] = ...,
+                  method: str = ...) -> Any: ...
 
     @log_usage()
     def attribute(
@@ -67,7 +122,7 @@ class StepInfluence(EPKAttribution):
         r"""Step (window) influence scores.
 
         Args:
-            inputs (Tensor or tuple[Tensor, ...]): inputs, dim 0 = examples.
+            inputs (Tensor, tuple, Mapping or pytree): inputs, example axis first.
             target (optional): Captum's target; ``None`` sums over outputs. Default: None
             additional_forward_args (optional): extra model arguments. Default: None
             window (int or list, optional): an int ``k`` cuts the selected steps into consecutive
@@ -88,34 +143,15 @@ class StepInfluence(EPKAttribution):
             *Tensor* (or dict per component) of **attributions** ``[n_inputs, n_windows]``, or
             ``[n_inputs, n_windows, n_groups]`` with ``layers`` (a dict of ``[n_inputs,
             n_windows]`` for a mapping); with ``return_convergence_delta``, also **delta**
-            ``[n_inputs]``. The windows used are in ``self.windows_``.
+            ``[n_inputs]``. :meth:`explain` gives the windows, options and statistics too.
         """
-        comps, single = parse_components(component, COMPONENTS)
         if aggregate not in (None, "sum", "abs_sum"):
             raise ValueError(f"aggregate must be None, 'sum' or 'abs_sum', got {aggregate!r}")
-        N = self.epk.num_steps
-        if isinstance(window, (list, tuple)):
-            if steps is not None:
-                raise ValueError("give either explicit windows or steps=..., not both")
-            windows, _ = parse_windows(list(window), N)
-        else:
-            span, multi = parse_windows(steps, N)
-            if multi:
-                raise ValueError("steps must be one range or slice here; pass several windows as window=[...]")
-            windows = fixed_windows(window, N, within=span[0])
-        x, a, n, tgt = self._prepare(inputs, target, additional_forward_args)
-        if layers is None:
-            groups = OrderedDict([("all", list(self.epk.layout.names))])
-        else:
-            groups = resolve_groups(self.model, layers)
-        chosen = choose_method(method, len(groups), len(comps))
-        view = ScoreView(self.epk, n, tgt, windows, comps, groups, chosen)
-        view.run(x, a)
-        self.windows_ = windows
-        delta = view.exact.sum(dim=1) - view.acc.sum(dim=(1, 2, 3))
+        comps, single = parse_components(component, COMPONENTS)
+        res = self.explain(inputs, target, additional_forward_args, window, steps, layers, component, method)
         out = {}
-        for c, comp in enumerate(comps):
-            scores = view.acc[:, :, c]  # [n, W, G]
+        for comp in comps:
+            scores = res.scores[comp]  # [n, W, G]
             if layers is None:
                 scores = scores[..., 0]
             if aggregate == "sum":
@@ -123,9 +159,9 @@ class StepInfluence(EPKAttribution):
             elif aggregate == "abs_sum":
                 scores = scores.abs().sum(dim=0)
             if layers is not None and isinstance(layers, Mapping):
-                scores = {name: scores[..., g] for g, name in enumerate(groups)}
+                scores = {name: scores[..., g] for g, name in enumerate(res.groups or [])}
             out[comp] = scores
         result = out[comps[0]] if single else out
         if return_convergence_delta:
-            return result, delta
+            return result, res.delta.sum(dim=1)
         return result

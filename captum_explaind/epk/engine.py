@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import os
 import warnings
-from dataclasses import dataclass
 from typing import Any, Iterable, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -27,29 +26,21 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..errors import TrajectoryError
+from ..recording.format import StepRecord
 from ..recording.trajectory import Trajectory
-from .functional import FunctionalModel, as_tuple
-from .integrands import JvpIntegrand
-from .segment import Chunk, Segment, take_rows
-from .integrator import StepIntegrand, StepStats, integrate_step
+from .batch import Batch
+from .functional import FunctionalModel
+from .integrator import StepStats, integrate_step
 from .layout import ParamLayout
-from .quadrature import RULES, quadrature_rule
-from .results import Reconstruction
+from .options import EPKOptions, resolve_options
+from .outputs import OutputFn, resolve_output_fn
+from .results import Reconstruction, SweepStats
+from .segment import Chunk, Segment
 from .selection import Selector, resolve_parameters
 from .updates import UpdateModel
+from .views import SweepView
 
 __all__ = ["ExactPathKernel", "Segment", "Chunk", "SweepStats"]
-
-
-@dataclass
-class SweepStats:
-    """What a sweep measured: per-step errors [n_steps, n_inputs] and work done."""
-
-    steps: List[int]
-    step_error: torch.Tensor
-    evaluations: int
-    unconverged: int
-    max_depth: int
 
 
 class _SweepLog:
@@ -66,18 +57,18 @@ class _SweepLog:
         self.unconverged += stats.unconverged
         self.depth = max(self.depth, stats.depth)
 
-    def finish(self, max_depth: int) -> SweepStats:
+    def finish(self, max_depth: int, max_evaluations: Optional[int] = None) -> SweepStats:
         n = next(iter(self.errors.values())).shape[0] if self.errors else 0
         err = torch.stack([self.errors[s] for s in self.steps]) if self.steps else torch.zeros(0, n)
         if self.unconverged:
             warnings.warn(
                 f"{self.unconverged} (step, input) pair(s) did not reach the tolerance within max_depth="
-                f"{max_depth} refinements (largest step error {float(err.max()):.3g}); the remaining "
-                "error is in the convergence delta",
+                f"{max_depth} refinements / max_evaluations={max_evaluations} per input and step (largest "
+                f"step error {float(err.max()):.3g}); the remaining error is in the convergence delta",
                 RuntimeWarning,
                 stacklevel=4,
             )
-        return SweepStats(self.steps, err, self.evaluations, self.unconverged, self.depth)
+        return SweepStats(list(self.steps), err, self.evaluations, self.unconverged, self.depth)
 
 
 class ExactPathKernel:
@@ -88,29 +79,18 @@ class ExactPathKernel:
             convention). Its current weights are not used — the trajectory supplies them — and it
             is never modified (a copy is evaluated in eval mode).
         trajectory (Trajectory or path): the recorded run, or its directory.
-        quadrature (str, optional): ``"gauss"`` (Gauss–Legendre), ``"midpoint"`` (the reference
-            implementation's rule) or ``"left"`` (left endpoint; ``nodes=1`` is the gradient at
-            θ_{s−1}, as TracIn uses). Default: "gauss"
-        nodes (int, optional): nodes of the rule on each (sub-)interval. Default: 4
-        error_control (bool, optional): refine steps whose integrated total misses the exact
-            change by more than the tolerance. ``None``: on for ``"gauss"``, off for the other
-            rules (so they reproduce their fixed-grid results). Default: None
-        rtol (float, optional): per-step tolerance relative to the step's change of the output,
-            ``max_j |f_j(θ_s) − f_j(θ_{s−1})|``. Default: 1e-10
-        atol (float, optional): absolute per-step tolerance added to it. A floor of a few ulps of
-            ``|f|`` is always added, since no computation in ``dtype`` can do better. Default: 0
-        max_depth (int, optional): maximum refinement levels of one step. Smooth models need 0–2;
-            a step crossing ReLU kinks usually converges in a few levels, since splits are placed
-            at the estimated kink. Default: 40
-        dtype (torch.dtype, optional): precision of the computation; ``torch.float64`` on a
-            float32 trajectory gives an exact identity for the recorded path. ``None``: the
-            trajectory's dtype. Default: None
-        device (torch.device or str, optional): where to compute; ``None``: the model's device.
-        batch_size (int, optional): inputs per chunk (memory control). ``None``: all at once.
+        options (EPKOptions or str, optional): how to compute — an
+            :class:`~captum_explaind.epk.options.EPKOptions` or a preset name (``"exact"``,
+            ``"balanced"``, ``"fast"``). Default: "exact"
+        output_fn (Callable, optional): raw model output → the explained tensor ``[n, ...]``
+            (e.g. ``lambda out: out.logits[:, -1]``). Default: a tensor as is, ``.logits`` of a
+            ``ModelOutput``, the first element of a tuple.
         parameters (optional): parameter names, modules, globs (see :mod:`.selection`) whose
             contributions are resolved; the rest of the path integral is reported as ``other``.
             ``None``: every trainable parameter. Default: None
-        show_progress (bool, optional): tqdm progress over steps. Default: False
+        **overrides: individual options overriding the preset (``nodes=8``,
+            ``dtype=torch.float32``, ``rtol=...``, ``batch_size=...``, ``show_progress=True``;
+            see :class:`~captum_explaind.epk.options.EPKOptions`).
 
     Cost: per step, ``nodes`` forward-mode passes over the inputs (each carrying 2 tangents:
     kernel and regularization) plus one forward pass, plus ``nodes + 1`` passes on the inputs and
@@ -118,79 +98,46 @@ class ExactPathKernel:
 
     Examples::
 
-        >>> epk = ExactPathKernel(model, trajectory, dtype=torch.float64)
+        >>> epk = ExactPathKernel(model, trajectory)
         >>> parts = epk.reconstruct(x_test)
         >>> parts.final - (parts.initial + parts.kernel + parts.regularization)  # ≈ parts.delta
+        >>> ExactPathKernel(bert, trajectory, output_fn=lambda o: o.logits).reconstruct(tokenizer(texts, ...))
     """
 
     def __init__(
         self,
         model: nn.Module,
         trajectory: Union[Trajectory, str, os.PathLike],
+        options: Union[EPKOptions, str, None] = None,
         *,
-        quadrature: str = "gauss",
-        nodes: int = 4,
-        error_control: Optional[bool] = None,
-        rtol: float = 1e-10,
-        atol: float = 0.0,
-        max_depth: int = 40,
-        dtype: Optional[torch.dtype] = None,
-        device: Union[torch.device, str, None] = None,
-        batch_size: Optional[int] = None,
+        output_fn: Optional[OutputFn] = None,
         parameters: Union[Selector, Sequence[Selector], None] = None,
-        show_progress: bool = False,
+        **overrides: Any,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        opts = resolve_options(options, **overrides)
         if not isinstance(trajectory, Trajectory):
             trajectory = Trajectory.open(trajectory)
         trajectory.validate(model)
-        if quadrature not in RULES:
-            raise ValueError(f"unknown quadrature {quadrature!r}; choose one of {RULES}")
-        quadrature_rule(quadrature, nodes)  # validates nodes
-        if rtol < 0 or atol < 0:
-            raise ValueError("rtol and atol must be non-negative")
-        if not isinstance(max_depth, int) or max_depth < 0:
-            raise ValueError(f"max_depth must be a non-negative int, got {max_depth!r}")
-        if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
-            raise ValueError(f"batch_size must be a positive int or None, got {batch_size!r}")
-        if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
-            raise ValueError(f"dtype must be a floating torch.dtype, got {dtype!r}")
         if trajectory.num_steps == 0:
             raise TrajectoryError(f"trajectory {trajectory.path!r} holds no steps")
-
-        self.model = model
-        self.trajectory = trajectory
-        self.quadrature = quadrature
-        self.nodes = int(nodes)
-        self.error_control = (quadrature == "gauss") if error_control is None else bool(error_control)
-        self.rtol = float(rtol)
-        self.atol = float(atol)
-        self.max_depth = max_depth
-        self.batch_size = batch_size
-        self.show_progress = show_progress
-
+        device = opts.device
         if device is None:
             first = next(iter(model.parameters()), None)
             device = first.device if first is not None else torch.device("cpu")
-        self.device = torch.device(device)
-        if dtype is None:
-            dtype = trajectory.spec[trajectory.trainable[0]].dtype
-        self.dtype = dtype
-
+        dtype = opts.dtype if opts.dtype is not None else trajectory.spec[trajectory.trainable[0]].dtype
+        self.options: EPKOptions = opts.replace(device=device, dtype=dtype)
+        self.model = model
+        self.trajectory = trajectory
+        self.output_fn = resolve_output_fn(output_fn)
         self.layout = ParamLayout(trajectory.trainable, [trajectory.spec[n].shape for n in trajectory.trainable])
-        chosen = resolve_parameters(model, parameters)
-        self.parameters = [n for n in chosen if n in self.layout]
-        if parameters is not None and not self.parameters:
-            raise ValueError(f"parameters={parameters!r} selects no trainable parameter")
-        self._subset = None
-        if parameters is not None and len(self.parameters) < len(self.layout):
-            self._subset = self.layout.mask(self.parameters, dtype=self.dtype, device=self.device)
-
+        self._select_parameters(model, parameters)
         fixed = trajectory.frozen_params(device=self.device, dtype=self.dtype)
         self._initial_buffers = trajectory.buffers(0, device=self.device, dtype=self.dtype)
         fixed.update(self._initial_buffers)
-        self.functional = FunctionalModel(model, self.layout, fixed, device=self.device, dtype=self.dtype)
+        self.functional = FunctionalModel(model, self.layout, fixed, device=self.device, dtype=self.dtype,
+                                          output_fn=self.output_fn, per_sample=self.options.per_sample)
         if trajectory.family == "other":
             warnings.warn(
                 f"optimizer {trajectory.optimizer_class} has no update model in this library: the "
@@ -200,7 +147,24 @@ class ExactPathKernel:
                 stacklevel=2,
             )
 
+    def _select_parameters(self, model: nn.Module, parameters: Any) -> None:
+        chosen = resolve_parameters(model, parameters)
+        self.parameters = [n for n in chosen if n in self.layout]
+        if parameters is not None and not self.parameters:
+            raise ValueError(f"parameters={parameters!r} selects no trainable parameter")
+        self._subset: Optional[torch.Tensor] = None
+        if parameters is not None and len(self.parameters) < len(self.layout):
+            self._subset = self.layout.mask(self.parameters, dtype=self.dtype, device=self.device)
+
     # ------------------------------------------------------------------ basics
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.options.dtype  # type: ignore[return-value]
+
+    @property
+    def device(self) -> torch.device:
+        return self.options.device  # type: ignore[return-value]
+
     @property
     def num_steps(self) -> int:
         return self.trajectory.num_steps
@@ -217,32 +181,17 @@ class ExactPathKernel:
             )
         return flat
 
-    def prepare_inputs(self, inputs: Any, additional_forward_args: Any = None) -> Tuple[Tuple[Any, ...], Tuple[Any, ...], int]:
-        """Inputs and extra forward arguments as tuples on the compute device, plus ``n``."""
-        x = as_tuple(inputs)
-        if not x:
-            raise ValueError("inputs must be a tensor or a non-empty tuple of tensors")
-        x = self.functional.prepare(x)
-        a = self.functional.prepare(as_tuple(additional_forward_args))
-        n = None
-        for v in x:
-            if isinstance(v, torch.Tensor) and v.dim() > 0:
-                n = int(v.shape[0])
-                break
-        if n is None or n == 0:
-            raise ValueError("inputs must hold at least one example (a tensor with dim 0 = examples)")
-        for v in x:
-            if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] != n:
-                raise ValueError(f"all input tensors must have the same number of examples ({n}), got {v.shape[0]}")
-        return x, a, n
+    def prepare_inputs(self, inputs: Any, additional_forward_args: Any = None, what: str = "inputs") -> Batch:
+        """Captum-style inputs as a :class:`~captum_explaind.epk.batch.Batch` on the compute device."""
+        return Batch.from_inputs(inputs, additional_forward_args, device=self.device, dtype=self.dtype, what=what)
 
-    def chunks(self, inputs: Tuple[Any, ...], args: Tuple[Any, ...], n: int) -> List[Chunk]:
-        size = n if self.batch_size is None else self.batch_size
-        out = []
-        for start in range(0, n, size):
-            rows = torch.arange(start, min(n, start + size))
-            out.append(Chunk(start, len(rows), take_rows(inputs, rows, n), take_rows(args, rows, n)))
-        return out
+    def output_shape(self, batch: Batch) -> torch.Size:
+        """Shape of the explained output after the example axis (one forward pass at θ_0)."""
+        return self.functional.forward(self.theta(0), batch.row(0)).shape[1:]
+
+    def chunks(self, batch: Batch) -> List[Chunk]:
+        """The batch cut into chunks of ``options.batch_size`` examples."""
+        return [Chunk(off, b.n, b) for off, b in batch.chunks(self.options.batch_size)]
 
     def tolerance(self, c0: torch.Tensor, c1: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """Per-row step tolerance and noise floor from the checked outputs at both ends of a step.
@@ -253,18 +202,21 @@ class ExactPathKernel:
         change = (c1 - c0).abs().amax(dim=1)
         scale = torch.maximum(c0.abs().amax(dim=1), c1.abs().amax(dim=1))
         noise = 16.0 * torch.finfo(self.dtype).eps * scale
-        return self.atol + self.rtol * change, noise
+        return self.options.atol + self.options.rtol * change, noise
 
     def forward(self, step: int, inputs: Any, additional_forward_args: Any = None) -> torch.Tensor:
-        """``f(θ_step; inputs)`` with the buffers in effect after ``step``."""
-        x, a, _ = self.prepare_inputs(inputs, additional_forward_args)
+        """``f(θ_step; inputs)`` (the explained output) with the buffers in effect after ``step``."""
+        batch = inputs if isinstance(inputs, Batch) else self.prepare_inputs(inputs, additional_forward_args)
+        return self._forward_all(step, batch)
+
+    def _forward_all(self, step: int, batch: Batch) -> torch.Tensor:
         theta = self.theta(step)
-        saved = dict(self._initial_buffers)
         self.functional.set_fixed(self.trajectory.buffers(step, device=self.device, dtype=self.dtype))
         try:
-            return self.functional.forward(theta, x, a)
+            outs = [self.functional.forward(theta, ch.batch) for ch in self.chunks(batch)]
         finally:
-            self.functional.set_fixed(saved)
+            self.functional.set_fixed(self._initial_buffers)
+        return torch.cat(outs)
 
     # ------------------------------------------------------------------ the sweeps
     @property
@@ -275,145 +227,98 @@ class ExactPathKernel:
         return max(8, min(1024, (256 * 2**20) // max(per_row, 1)))
 
     def _integrate(self, seg: Segment, chunks: List[Chunk], f0s: List[torch.Tensor], f1s: List[torch.Tensor],
-                   view: Any, log: "_SweepLog") -> None:
+                   view: SweepView, log: _SweepLog) -> None:
         """Integrate one segment for every chunk of inputs (error control per input)."""
+        o = self.options
         for ci, ch in enumerate(chunks):
             rows = torch.arange(ch.n, device=self.device)
             c0, c1 = view.check(f0s[ci], ch, rows), view.check(f1s[ci], ch, rows)
-            if hasattr(view, "step_change"):
-                view.step_change(seg.step, ch, c0, c1)
+            view.step_change(seg.step, ch, c0, c1)
             tol, noise = self.tolerance(c0, c1)
             stats: StepStats = integrate_step(
-                view.integrand(seg, ch),
-                c0,
-                c1,
-                rule=self.quadrature,
-                nodes=self.nodes,
-                tol=tol,
-                noise=noise,
-                control=self.error_control,
-                max_depth=self.max_depth,
-                max_rows=self._refine_rows,
+                view.integrand(seg, ch), c0, c1, rule=o.quadrature, nodes=o.nodes, tol=tol, noise=noise,
+                control=o.refine, max_depth=o.max_depth, max_rows=self._refine_rows,
+                **self._budget(ch.n),
             )
             log.add(seg.step, ch, stats)
 
+    def _budget(self, n: int) -> dict:
+        """The work budget of one step and chunk, for :func:`integrate_step` (if it takes one)."""
+        if self.options.max_evaluations is None or not _INTEGRATOR_BUDGET:
+            return {}
+        return {"max_points": self.options.max_evaluations * n}
+
+    def _bar(self, total: int, view: SweepView, desc: str, show_progress: Optional[bool]) -> tqdm:
+        show = self.options.show_progress if show_progress is None else show_progress
+        return tqdm(total=total, desc=f"{getattr(view, 'label', 'steps')}: {desc}", disable=not show)
+
+    def _step_buffers(self, s: int) -> dict:
+        return self.trajectory.buffers(s, device=self.device, dtype=self.dtype)
+
     def sweep(
         self,
-        inputs: Tuple[Any, ...],
-        args: Tuple[Any, ...],
-        n: int,
-        view: Any,
+        batch: Batch,
+        view: SweepView,
         *,
         steps: Optional[Iterable[int]] = None,
         integrate: Optional[Iterable[int]] = None,
         need_precond: bool = False,
         desc: str = "steps",
+        show_progress: Optional[bool] = None,
     ) -> SweepStats:
         """Integrate every selected step for every input, in time order, handing each to ``view``.
 
-        ``view`` provides ``check(out, chunk, rows) -> [m, C]`` (the outputs whose exact change
-        drives error control), ``integrand(segment, chunk) -> StepIntegrand`` and optionally
-        ``step_change(step, chunk, c0, c1)`` (checked outputs at both ends of the step),
-        ``end_step(segment, integrated)`` and ``buffer_jump(step, chunk, jump)``.
-
         Args:
-            inputs, args, n: as returned by :meth:`prepare_inputs`.
+            batch (Batch): the inputs (:meth:`prepare_inputs`).
+            view (SweepView): what to integrate and accumulate (see :mod:`.views`).
             steps (iterable of int, optional): steps to visit (1-based). Default: all
             integrate (iterable of int, optional): the visited steps whose path integral is
                 computed; the others are only handed to ``end_step``. Default: all visited
             need_precond (bool): compute Adam's preconditioner for every step.
+            desc (str): progress-bar label. show_progress (bool, optional): override the option.
 
         Returns:
             *SweepStats*
         """
-        traj = self.trajectory
-        N = traj.num_steps
+        N = self.num_steps
         selected = list(range(1, N + 1)) if steps is None else sorted(set(int(s) for s in steps))
         for s in selected:
             if not 1 <= s <= N:
                 raise TrajectoryError(f"step {s} is outside the trajectory (valid: 1..{N})")
         chosen = set(selected)
         todo = chosen if integrate is None else chosen & set(int(s) for s in integrate)
-        last = selected[-1] if selected else 0
-        um = UpdateModel(traj, self.layout, device=self.device, dtype=self.dtype, need_precond=need_precond)
-        buffer_steps = set(traj.buffer_steps())
-        chunks = self.chunks(inputs, args, n)
-        fm = self.functional
-        fm.set_fixed(self._initial_buffers)
-        log = _SweepLog(sorted(todo), n, self.dtype)
-        theta_prev: Optional[torch.Tensor] = None
-        f_prev: List[Optional[torch.Tensor]] = [None] * len(chunks)
-        bar = tqdm(total=len(selected), desc=f"{type(view).__name__.strip('_')}: {desc}", disable=not self.show_progress)
+        state = _ForwardState(self, batch, view, need_precond, sorted(todo))
+        bar = self._bar(len(selected), view, desc, show_progress)
         try:
-            for s in range(1, last + 1):
-                rec = traj.record(s)
-                sel = s in chosen
-                if not sel and not um.needs_history:
-                    # Not requested and no state to carry: only the step counters advance.
-                    um.advance(rec, None)
-                    theta_prev = self.theta(s) if (s + 1) in chosen else None
-                    f_prev = [None] * len(chunks)
-                    if s in buffer_steps:
-                        fm.set_fixed(traj.buffers(s, device=self.device, dtype=self.dtype))
-                    continue
-                if theta_prev is None:
-                    theta_prev = self.theta(s - 1)
-                theta = self.theta(s)
-                coeffs = um.advance(rec, theta_prev)
-                if sel and s not in todo:
-                    seg = Segment(s, theta_prev, theta, theta - theta_prev, coeffs, rec)
-                    f_prev = [None] * len(chunks)
-                    if s in buffer_steps:
-                        fm.set_fixed(traj.buffers(s, device=self.device, dtype=self.dtype))
-                    view.end_step(seg, False)
+            for s in range(1, (selected[-1] if selected else 0) + 1):
+                state.visit(s, s in chosen, s in todo, (s + 1) in chosen)
+                if s in chosen:
                     bar.update(1)
-                elif sel:
-                    seg = Segment(s, theta_prev, theta, theta - theta_prev, coeffs, rec)
-                    f0s = [f if f is not None else fm.forward(theta_prev, ch.inputs, ch.args) for f, ch in zip(f_prev, chunks)]
-                    f1s = [fm.forward(theta, ch.inputs, ch.args) for ch in chunks]
-                    self._integrate(seg, chunks, f0s, f1s, view, log)
-                    if s in buffer_steps:
-                        fm.set_fixed(traj.buffers(s, device=self.device, dtype=self.dtype))
-                        for ci, ch in enumerate(chunks):
-                            after = fm.forward(theta, ch.inputs, ch.args)
-                            if hasattr(view, "buffer_jump"):
-                                view.buffer_jump(s, ch, after - f1s[ci])
-                            f1s[ci] = after
-                    f_prev = list(f1s)
-                    if hasattr(view, "end_step"):
-                        view.end_step(seg, True)
-                    bar.update(1)
-                else:
-                    f_prev = [None] * len(chunks)
-                    if s in buffer_steps:
-                        fm.set_fixed(traj.buffers(s, device=self.device, dtype=self.dtype))
-                theta_prev = theta
         finally:
             bar.close()
-            fm.set_fixed(self._initial_buffers)
-        return log.finish(self.max_depth)
+            self.functional.set_fixed(self._initial_buffers)
+        return state.log.finish(self.options.max_depth, self.options.max_evaluations)
 
     def sweep_reverse(
         self,
-        inputs: Tuple[Any, ...],
-        args: Tuple[Any, ...],
-        n: int,
-        view: Any,
+        batch: Batch,
+        view: SweepView,
         *,
         last: Optional[int] = None,
         integrate: Optional[Iterable[int]] = None,
         need_precond: bool = True,
         desc: str = "steps",
+        show_progress: Optional[bool] = None,
     ) -> SweepStats:
         """Visit steps ``last, last−1, …, 1`` (reverse time), integrating the requested ones.
 
         The reverse-time data view accumulates test-side quantities backwards, so that memory is
-        ``n_inputs × P`` instead of one buffer per training sample. ``view`` has the protocol of
-        :meth:`sweep`; ``end_step(segment, integrated)`` is called for every visited step (with
-        ``integrated`` False when the step was only visited), and an optional ``done(step)``
-        returning True stops the sweep early (nothing earlier can contribute any more).
+        ``n_inputs × P`` instead of one buffer per training sample. ``end_step(segment,
+        integrated)`` is called for every visited step, and ``done(step)`` returning True stops
+        the sweep early. Each step's record is read once.
 
         Args:
+            batch (Batch): the inputs. view (SweepView): see :mod:`.views`.
             last (int, optional): first step visited (going down). Default: the last step
             integrate (iterable of int, optional): steps whose path integral is computed.
                 Default: every visited step
@@ -422,7 +327,7 @@ class ExactPathKernel:
         Returns:
             *SweepStats*
         """
-        traj = self.trajectory
+        traj, fm = self.trajectory, self.functional
         N = traj.num_steps
         last = N if last is None else int(last)
         if not 1 <= last <= N:
@@ -431,29 +336,28 @@ class ExactPathKernel:
         um = UpdateModel(traj, self.layout, device=self.device, dtype=self.dtype, need_precond=need_precond)
         # The coefficients carry forward-time state (first momentum step, Adam counts): compute
         # them in time order first; they are a few scalars per parameter tensor and step.
-        scalars = [um.scalars(traj.record(s)) for s in range(1, last + 1)]
+        records = [traj.record(s) for s in range(1, last + 1)]
+        scalars = [um.scalars(rec) for rec in records]
         buffer_steps = set(traj.buffer_steps())
-        chunks = self.chunks(inputs, args, n)
-        fm = self.functional
-        log = _SweepLog(sorted(todo), n, self.dtype)
+        chunks = self.chunks(batch)
+        log = _SweepLog(sorted(todo), batch.n, self.dtype)
         theta_next = self.theta(last)
         f_next: List[Optional[torch.Tensor]] = [None] * len(chunks)
-        bar = tqdm(total=last, desc=f"{type(view).__name__.strip('_')}: {desc}", disable=not self.show_progress)
+        bar = self._bar(last, view, desc, show_progress)
         try:
             for s in range(last, 0, -1):
-                rec = traj.record(s)
+                rec = records[s - 1]
                 theta_prev = self.theta(s - 1)
-                coeffs = um.vectors(scalars[s - 1], rec)
-                seg = Segment(s, theta_prev, theta_next, theta_next - theta_prev, coeffs, rec)
+                seg = Segment(s, theta_prev, theta_next, theta_next - theta_prev, um.vectors(scalars[s - 1], rec), rec)
                 if buffer_steps:
                     # The segment runs with the buffers in effect before the step.
-                    fm.set_fixed(traj.buffers(s - 1, device=self.device, dtype=self.dtype))
+                    fm.set_fixed(self._step_buffers(s - 1))
                     if s in buffer_steps:
                         f_next = [None] * len(chunks)
                 integrated = s in todo
                 if integrated:
-                    f0s = [fm.forward(theta_prev, ch.inputs, ch.args) for ch in chunks]
-                    f1s = [f if f is not None else fm.forward(theta_next, ch.inputs, ch.args) for f, ch in zip(f_next, chunks)]
+                    f0s = [fm.forward(theta_prev, ch.batch) for ch in chunks]
+                    f1s = [f if f is not None else fm.forward(theta_next, ch.batch) for f, ch in zip(f_next, chunks)]
                     self._integrate(seg, chunks, f0s, f1s, view, log)
                     f_next = list(f0s)
                 else:
@@ -461,69 +365,43 @@ class ExactPathKernel:
                 view.end_step(seg, integrated)
                 bar.update(1)
                 theta_next = theta_prev
-                if hasattr(view, "done") and view.done(s):
+                if view.done(s):
                     break
         finally:
             bar.close()
             fm.set_fixed(self._initial_buffers)
-        return log.finish(self.max_depth)
+        return log.finish(self.options.max_depth, self.options.max_evaluations)
 
     # ------------------------------------------------------------------ reconstruction
     def reconstruct(self, inputs: Any, additional_forward_args: Any = None) -> Reconstruction:
         r"""Rewrite ``f(θ_N; inputs)`` as a sum over the training run.
 
         Args:
-            inputs (Tensor or tuple[Tensor, ...]): inputs with dim 0 = examples, as for Captum.
+            inputs (Tensor, tuple, Mapping or pytree): inputs with the example axis first; a
+                Mapping (``BatchEncoding``) is passed to the model by keyword.
             additional_forward_args (optional): passed to the model after the inputs; tensors
                 with dim 0 = examples are batched with them.
 
         Returns:
             *Reconstruction*: ``initial``, ``kernel``, ``regularization``, ``residual`` (zero
-            here), ``buffers``, ``other``, ``final`` and ``delta``, each ``[n_inputs, *output]``.
+            here), ``buffers``, ``other``, ``final`` and ``delta``, each ``[n_inputs, *output]``,
+            with the options used and the sweep statistics.
         """
-        x, a, n = self.prepare_inputs(inputs, additional_forward_args)
-        initial = self._forward_all(0, x, a, n)
-        view = _ReconstructView(self, n, initial.shape[1:])
-        stats = self.sweep(x, a, n, view, desc="reconstruct")
-        final = self._forward_all(self.num_steps, x, a, n)
-        shape = initial.shape
-        kernel = view.parts[:, 0].reshape(shape)
-        reg = view.parts[:, 1].reshape(shape)
-        other = view.parts[:, 2].reshape(shape)
-        residual = torch.zeros_like(initial)
-        buffers = view.buffers.reshape(shape)
-        delta = final - initial - kernel - reg - residual - buffers - other
-        return Reconstruction(
-            initial=initial,
-            kernel=kernel,
-            regularization=reg,
-            residual=residual,
-            buffers=buffers,
-            other=other,
-            final=final,
-            delta=delta,
-            step_error=stats.step_error,
-            evaluations=stats.evaluations,
-            unconverged=stats.unconverged,
-        )
+        from .reconstruct_view import ReconstructView
 
-    def _forward_all(self, step: int, x: Tuple[Any, ...], a: Tuple[Any, ...], n: int) -> torch.Tensor:
-        theta = self.theta(step)
-        self.functional.set_fixed(self.trajectory.buffers(step, device=self.device, dtype=self.dtype))
-        try:
-            outs = [self.functional.forward(theta, ch.inputs, ch.args) for ch in self.chunks(x, a, n)]
-        finally:
-            self.functional.set_fixed(self._initial_buffers)
-        return torch.cat(outs)
+        batch = self.prepare_inputs(inputs, additional_forward_args)
+        initial = self._forward_all(0, batch)
+        view = ReconstructView(self, batch.n, initial.shape[1:])
+        stats = self.sweep(batch, view, desc="reconstruct")
+        final = self._forward_all(self.num_steps, batch)
+        return view.result(initial, final, stats)
 
     def tangents(self, seg: Segment) -> Tuple[torch.Tensor, List[str]]:
         """Stacked tangents [T, P] splitting Δ_s into kernel, regularization (and other) parts."""
         reg = seg.coeffs.reg
         kern = seg.delta if reg is None else seg.delta - reg
         names = ["kernel"]
-        rows = [kern]
-        if self._subset is not None:
-            rows = [kern * self._subset]
+        rows = [kern if self._subset is None else kern * self._subset]
         if reg is not None:
             rows.append(reg if self._subset is None else reg * self._subset)
             names.append("regularization")
@@ -533,28 +411,75 @@ class ExactPathKernel:
         return torch.stack(rows), names
 
 
-class _ReconstructView:
-    def __init__(self, epk: ExactPathKernel, n: int, out_shape: torch.Size) -> None:
-        self.epk = epk
-        c = 1
-        for d in out_shape:
-            c *= d
-        self.parts = torch.zeros(n, 3, c, dtype=epk.dtype, device=epk.device)
-        self.buffers = torch.zeros(n, c, dtype=epk.dtype, device=epk.device)
+class _ForwardState:
+    """What a forward sweep carries from one step to the next (θ, outputs, optimizer state)."""
 
-    def check(self, out: torch.Tensor, chunk: Chunk, rows: torch.Tensor) -> torch.Tensor:
-        return out.reshape(out.shape[0], -1)
+    def __init__(self, epk: ExactPathKernel, batch: Batch, view: SweepView, need_precond: bool,
+                 todo: List[int]) -> None:
+        self.epk, self.view = epk, view
+        self.um = UpdateModel(epk.trajectory, epk.layout, device=epk.device, dtype=epk.dtype,
+                              need_precond=need_precond)
+        self.buffer_steps = set(epk.trajectory.buffer_steps())
+        self.chunks = epk.chunks(batch)
+        self.log = _SweepLog(todo, batch.n, epk.dtype)
+        self.theta_prev: Optional[torch.Tensor] = None
+        self.f_prev: List[Optional[torch.Tensor]] = [None] * len(self.chunks)
+        epk.functional.set_fixed(epk._initial_buffers)
 
-    def integrand(self, seg: Segment, chunk: Chunk) -> StepIntegrand:
-        tangents, names = self.epk.tangents(seg)
-        slots = torch.tensor([{"kernel": 0, "regularization": 1, "other": 2}[k] for k in names], device=self.parts.device)
+    def _buffers_after(self, s: int) -> bool:
+        if s in self.buffer_steps:
+            self.epk.functional.set_fixed(self.epk._step_buffers(s))
+            return True
+        return False
 
-        def sink(rows: torch.Tensor, payload: torch.Tensor) -> None:
-            block = torch.zeros(payload.shape[0], 3, payload.shape[2], dtype=payload.dtype, device=payload.device)
-            block.index_copy_(1, slots, payload)
-            self.parts.index_add_(0, rows, block)
+    def visit(self, s: int, selected: bool, integrated: bool, next_selected: bool) -> None:
+        """Advance over step ``s``: integrate it, only hand it to ``end_step``, or skip it."""
+        epk, rec = self.epk, self.epk.trajectory.record(s)
+        if not selected and not self.um.needs_history:
+            # Not requested and no state to carry: only the step counters advance.
+            self.um.advance(rec, None)
+            self.theta_prev = epk.theta(s) if next_selected else None
+            self.f_prev = [None] * len(self.chunks)
+            self._buffers_after(s)
+            return
+        if self.theta_prev is None:
+            self.theta_prev = epk.theta(s - 1)
+        theta = epk.theta(s)
+        coeffs = self.um.advance(rec, self.theta_prev)
+        if not selected:
+            self.f_prev = [None] * len(self.chunks)
+            self._buffers_after(s)
+        elif not integrated:
+            self.f_prev = [None] * len(self.chunks)
+            self._buffers_after(s)
+            self.view.end_step(self._segment(s, theta, coeffs, rec), False)
+        else:
+            self._integrate(s, theta, coeffs, rec)
+        self.theta_prev = theta
 
-        return JvpIntegrand(self.epk.functional, seg, tangents, chunk, sink)
+    def _segment(self, s: int, theta: torch.Tensor, coeffs: Any, rec: StepRecord) -> Segment:
+        assert self.theta_prev is not None
+        return Segment(s, self.theta_prev, theta, theta - self.theta_prev, coeffs, rec)
 
-    def buffer_jump(self, step: int, chunk: Chunk, jump: torch.Tensor) -> None:
-        self.buffers[chunk.offset : chunk.offset + chunk.n] += jump.reshape(jump.shape[0], -1)
+    def _integrate(self, s: int, theta: torch.Tensor, coeffs: Any, rec: StepRecord) -> None:
+        fm, seg = self.epk.functional, self._segment(s, theta, coeffs, rec)
+        f0s = [f if f is not None else fm.forward(seg.theta0, ch.batch) for f, ch in zip(self.f_prev, self.chunks)]
+        f1s = [fm.forward(theta, ch.batch) for ch in self.chunks]
+        self.epk._integrate(seg, self.chunks, f0s, f1s, self.view, self.log)
+        if self._buffers_after(s):
+            for ci, ch in enumerate(self.chunks):
+                after = fm.forward(theta, ch.batch)
+                self.view.buffer_jump(s, ch, after - f1s[ci])
+                f1s[ci] = after
+        self.f_prev = list(f1s)
+        self.view.end_step(seg, True)
+
+
+def _integrator_takes_budget() -> bool:
+    import inspect
+
+    return "max_points" in inspect.signature(integrate_step).parameters
+
+
+#: whether :func:`integrate_step` accepts a work budget (``max_points``)
+_INTEGRATOR_BUDGET = _integrator_takes_budget()

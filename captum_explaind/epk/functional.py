@@ -1,34 +1,35 @@
 """A stateless, flat-parameter view of a model for ``torch.func`` transforms.
 
-:class:`FunctionalModel` evaluates ``f(θ; x)`` for a flat trainable-parameter vector θ (frozen
+:class:`FunctionalModel` evaluates ``f(θ; batch)`` for a flat trainable-parameter vector θ (frozen
 parameters and buffers come from the trajectory), its forward-mode derivative along one or
 several tangents (``jvp``; no Jacobian is ever built), and per-example gradients of a selected
-scalar output (``vmap(grad)``, with a per-example loop fallback for models ``vmap`` cannot
-handle).
+scalar (``vmap(grad)``, or a per-example loop for models ``vmap`` cannot handle — see
+``per_sample`` in :class:`~captum_explaind.epk.options.EPKOptions`). Inputs are
+:class:`~captum_explaind.epk.batch.Batch` objects; the explained tensor is
+``output_fn(raw model output)``.
 """
 
 from __future__ import annotations
 
 import copy
 import warnings
-from typing import Any, Callable, Dict, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import torch
 from torch import nn
-from torch.func import functional_call, grad, jvp, vmap
+from torch.func import grad, jvp, vmap
 
 from .._compat import functorch_friendly
 from .affine import AffineParameters
+from .batch import Batch, batched_dims, lift_rows, take_rows
 from .layout import ParamLayout
+from .outputs import OutputFn, default_output_fn, explained_output
 
-__all__ = ["FunctionalModel", "as_tuple"]
+__all__ = ["FunctionalModel"]
 
-
-def as_tuple(x: Any) -> Tuple[Any, ...]:
-    if x is None:
-        return ()
-    return tuple(x) if isinstance(x, tuple) else (x,)
-
+#: Per model class and purpose, whether ``vmap`` was found not to work (``per_sample="auto"``):
+#: the fallback is decided once per process and said once, not on every call or explainer.
+_VMAP_FAILED: Dict[Tuple[type, str], str] = {}
 
 class FunctionalModel:
     """Evaluate a copy of ``model`` at arbitrary flat trainable parameters.
@@ -39,6 +40,10 @@ class FunctionalModel:
         layout (ParamLayout): the trainable parameters, in flat order.
         fixed (dict[str, Tensor]): frozen parameters and buffers to use in every call.
         device, dtype: where and in which floating precision to evaluate.
+        output_fn (Callable, optional): raw model output → the explained tensor ``[n, ...]``.
+            Default: :func:`~captum_explaind.epk.outputs.default_output_fn`
+        per_sample (str, optional): ``"auto"``, ``"vmap"`` or ``"loop"`` for per-example
+            evaluations. Default: "auto"
     """
 
     def __init__(
@@ -49,6 +54,8 @@ class FunctionalModel:
         *,
         device: torch.device,
         dtype: torch.dtype,
+        output_fn: OutputFn = default_output_fn,
+        per_sample: str = "auto",
     ) -> None:
         self.module = copy.deepcopy(model).to(device=device, dtype=dtype).eval()
         for p in self.module.parameters():
@@ -57,10 +64,9 @@ class FunctionalModel:
         self.fixed = dict(fixed)
         self.device = device
         self.dtype = dtype
-        self._vmap_tangents_ok = True
-        self._vmap_examples_ok = True
-        # vmap support can differ between uses (a loss may not vmap where the model does)
-        self._vmap_grads_ok: Dict[str, bool] = {}
+        self.output_fn = output_fn
+        self.per_sample = per_sample
+        self._kind = type(model)
         # None: not probed yet; then whether per-row points can use shared weights (see affine.py)
         self.affine_ok: Optional[bool] = None
         self.affine_reason = ""
@@ -69,161 +75,144 @@ class FunctionalModel:
         """Replace some frozen tensors (buffers that changed during training)."""
         self.fixed.update(fixed)
 
-    # ------------------------------------------------------------------ inputs
-    def prepare(self, x: Any) -> Any:
-        """Move a (tuple of) input tensor(s) to the device; floating tensors take the dtype."""
-        if isinstance(x, torch.Tensor):
-            x = x.to(self.device)
-            return x.to(self.dtype) if x.is_floating_point() else x
-        if isinstance(x, tuple):
-            return tuple(self.prepare(v) for v in x)
-        if isinstance(x, list):
-            return [self.prepare(v) for v in x]
-        if isinstance(x, dict):
-            return {k: self.prepare(v) for k, v in x.items()}
-        return x
+    # ------------------------------------------------------------------ vmap or loop
+    def use_vmap(self, purpose: str) -> bool:
+        """Whether per-example work for ``purpose`` runs under ``vmap``."""
+        if self.per_sample == "loop":
+            return False
+        return self.per_sample == "vmap" or (self._kind, purpose) not in _VMAP_FAILED
 
-    def _call(self, flat: torch.Tensor, inputs: Tuple[Any, ...], args: Tuple[Any, ...]) -> torch.Tensor:
+    def vmap_failed(self, purpose: str, err: Exception) -> None:
+        """Remember (and say once) that ``vmap`` does not work for ``purpose``; re-raise under
+        ``per_sample="vmap"``, where falling back was not asked for."""
+        if self.per_sample == "vmap":
+            raise err
+        key = (self._kind, purpose)
+        if key not in _VMAP_FAILED:
+            _VMAP_FAILED[key] = f"{type(err).__name__}: {err}"
+            warnings.warn(
+                f"vmap over examples ({purpose}) does not work for {self._kind.__name__} ({type(err).__name__}: "
+                f"{str(err)[:200]}); using a per-example loop from now on (slower, same result; "
+                "per_sample='loop' skips the attempt)",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+
+    # ------------------------------------------------------------------ calls
+    def _params(self, flat: torch.Tensor) -> Dict[str, torch.Tensor]:
         params = self.layout.split(flat)
         params.update(self.fixed)
-        out = functional_call(self.module, params, inputs + args)
-        if not isinstance(out, torch.Tensor):
-            raise TypeError(
-                f"the model returned {type(out).__name__}; the forward function must return a tensor "
-                "of outputs [n_inputs, ...] (wrap the model to select the output you want to explain)"
-            )
-        return out
+        return params
+
+    def raw(self, flat: torch.Tensor, batch: Batch) -> Any:
+        """The model's raw output (tensor, tuple, ``ModelOutput``) at θ = ``flat``."""
+        return batch.call(self.module, self._params(flat))
+
+    def explain(self, raw: Any, n: int) -> torch.Tensor:
+        """``output_fn(raw)``, checked to be ``[n, ...]``."""
+        return explained_output(self.output_fn, raw, n)
+
+    def _call(self, flat: torch.Tensor, batch: Batch) -> torch.Tensor:
+        return self.explain(self.raw(flat, batch), batch.n)
 
     # ------------------------------------------------------------------ evaluations
     @torch.no_grad()
-    def forward(self, flat: torch.Tensor, inputs: Tuple[Any, ...], args: Tuple[Any, ...] = ()) -> torch.Tensor:
-        """``f(θ; inputs)``."""
+    def forward(self, flat: torch.Tensor, batch: Batch) -> torch.Tensor:
+        """``f(θ; batch)``: the explained output."""
         with functorch_friendly():
-            return self._call(flat, inputs, args)
+            return self._call(flat, batch)
 
-    def jvp(
-        self, flat: torch.Tensor, tangents: torch.Tensor, inputs: Tuple[Any, ...], args: Tuple[Any, ...] = ()
-    ) -> Tuple[torch.Tensor, torch.Tensor]:
+    def jvp(self, flat: torch.Tensor, tangents: torch.Tensor, batch: Batch) -> Tuple[torch.Tensor, torch.Tensor]:
         """Output and its directional derivatives ``J_f(θ) v`` for each row ``v`` of ``tangents``.
 
         Args:
             flat (Tensor): θ, shape [P].
             tangents (Tensor): [T, P].
+            batch (Batch): the inputs.
 
         Returns:
             *tuple[Tensor, Tensor]*: ``f(θ)`` [n, ...] and ``J v`` [T, n, ...].
         """
-        fn = lambda th: self._call(th, inputs, args)  # noqa: E731
+        fn = lambda th: self._call(th, batch)  # noqa: E731
         with functorch_friendly(), torch.no_grad():
             if tangents.shape[0] == 1:
                 out, jv = jvp(fn, (flat,), (tangents[0],))
                 return out, jv.unsqueeze(0)
-            if self._vmap_tangents_ok:
+            if self.use_vmap("tangents"):
                 try:
                     out, jv = vmap(lambda v: jvp(fn, (flat,), (v,)), out_dims=(None, 0))(tangents)
                     return out, jv
-                except Exception as err:  # model not vmappable: fall back to one jvp per tangent
-                    self._vmap_tangents_ok = False
-                    warnings.warn(
-                        f"vmap over tangents failed ({type(err).__name__}: {err}); falling back to one "
-                        "jvp per tangent (slower, same result)",
-                        RuntimeWarning,
-                        stacklevel=2,
-                    )
+                except Exception as err:  # model not vmappable: one jvp per tangent
+                    self.vmap_failed("tangents", err)
             outs = [jvp(fn, (flat,), (v,)) for v in tangents]
             return outs[0][0], torch.stack([o[1] for o in outs])
 
-    def _rowwise(self, one: Callable[..., torch.Tensor], thetas: torch.Tensor, inputs: Tuple[Any, ...],
-                 args: Tuple[Any, ...]) -> torch.Tensor:
-        """Apply ``one(theta_row, inputs_row, args_row)`` (batch of one) to every row."""
-        n = thetas.shape[0]
-        dx = tuple(0 if _is_batched(v, n) else None for v in inputs)
-        da = tuple(0 if _is_batched(v, n) else None for v in args)
-
-        def lift(th: torch.Tensor, x: Tuple[Any, ...], a: Tuple[Any, ...]) -> torch.Tensor:
-            xb = tuple(v.unsqueeze(0) if d == 0 else v for v, d in zip(x, dx))
-            ab = tuple(v.unsqueeze(0) if d == 0 else v for v, d in zip(a, da))
-            return one(th, xb, ab)
-
+    def _rowwise(self, one: Callable[..., torch.Tensor], thetas: torch.Tensor, batch: Batch,
+                 purpose: str = "rows") -> torch.Tensor:
+        """Apply ``one(theta_row, batch_of_one)`` to every example (its own parameter point)."""
         with functorch_friendly(), torch.no_grad():
-            if self._vmap_examples_ok:
+            if self.use_vmap(purpose):
                 try:
-                    return vmap(lift, in_dims=(0, dx, da))(thetas, inputs, args)
+                    return vmap(batch.per_row(lambda b, th: one(th, b)), in_dims=batch.dims + (0,))(
+                        batch.args, batch.kwargs, thetas)
                 except Exception as err:
-                    self._vmap_examples_ok = False
-                    warnings.warn(
-                        f"vmap over examples failed ({type(err).__name__}: {err}); falling back to a "
-                        "per-example loop (slower, same result)",
-                        RuntimeWarning,
-                        stacklevel=3,
-                    )
-            outs = []
-            for i in range(n):
-                xi = tuple(v[i] if d == 0 else v for v, d in zip(inputs, dx))
-                ai = tuple(v[i] if d == 0 else v for v, d in zip(args, da))
-                outs.append(lift(thetas[i], xi, ai))
-            return torch.stack(outs)
+                    self.vmap_failed(purpose, err)
+            return torch.stack([one(thetas[i], batch.row(i)) for i in range(batch.n)])
 
-    def forward_rows(self, thetas: torch.Tensor, inputs: Tuple[Any, ...], args: Tuple[Any, ...] = ()) -> torch.Tensor:
+    def forward_rows(self, thetas: torch.Tensor, batch: Batch) -> torch.Tensor:
         """``f(θ_i; x_i)`` with one parameter point per example: thetas [n, P] → [n, ...]."""
-        return self._rowwise(lambda th, x, a: self._call(th, x, a)[0], thetas, inputs, args)
+        return self._rowwise(lambda th, b: self._call(th, b)[0], thetas, batch)
 
-    def jvp_rows(self, thetas: torch.Tensor, tangents: torch.Tensor, inputs: Tuple[Any, ...],
-                 args: Tuple[Any, ...] = ()) -> torch.Tensor:
+    def jvp_rows(self, thetas: torch.Tensor, tangents: torch.Tensor, batch: Batch) -> torch.Tensor:
         """``J_f(θ_i; x_i) v`` for each example i and tangent row v: → [n, T, ...]."""
+        vmap_tangents = self.use_vmap("tangents")
 
-        def one(th: torch.Tensor, x: Tuple[Any, ...], a: Tuple[Any, ...]) -> torch.Tensor:
-            fn = lambda p: self._call(p, x, a)[0]  # noqa: E731
-            if tangents.shape[0] == 1 or not self._vmap_tangents_ok:
+        def one(th: torch.Tensor, b: Batch) -> torch.Tensor:
+            fn = lambda p: self._call(p, b)[0]  # noqa: E731
+            if tangents.shape[0] == 1 or not vmap_tangents:
                 return torch.stack([jvp(fn, (th,), (v,))[1] for v in tangents])
             return vmap(lambda v: jvp(fn, (th,), (v,))[1])(tangents)
 
-        return self._rowwise(one, thetas, inputs, args)
+        return self._rowwise(one, thetas, batch)
 
     # ------------------------------------------------------------------ rows on one segment
-    def _affine_call(self, base: Dict[str, torch.Tensor], delta: Dict[str, torch.Tensor], t: torch.Tensor,
-                     inputs: Tuple[Any, ...], args: Tuple[Any, ...],
-                     extra: Optional[Dict[str, torch.Tensor]] = None, scale: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def _affine_raw(self, base: Dict[str, torch.Tensor], delta: Dict[str, torch.Tensor], t: torch.Tensor,
+                    batch: Batch, extra: Optional[Dict[str, torch.Tensor]] = None,
+                    scale: Optional[torch.Tensor] = None) -> Any:
         params = dict(base)
         params.update(self.fixed)
         with AffineParameters(base, delta, t, extra, scale) as mode:
-            out = functional_call(self.module, params, inputs + args)
+            out = batch.call(self.module, params)
         if mode.unsupported is not None:
             raise _AffineUnsupported(mode.unsupported)
         return out
 
-    def _segment_dicts(self, theta0: torch.Tensor, delta: torch.Tensor):
-        return self.layout.split(theta0), self.layout.split(delta)
+    def _affine_call(self, base: Dict[str, torch.Tensor], delta: Dict[str, torch.Tensor], t: torch.Tensor,
+                     batch: Batch, extra: Optional[Dict[str, torch.Tensor]] = None,
+                     scale: Optional[torch.Tensor] = None) -> torch.Tensor:
+        return self.explain(self._affine_raw(base, delta, t, batch, extra, scale), batch.n)
 
-    def _rows_affine(self, one: Callable[..., torch.Tensor], t: torch.Tensor, inputs: Tuple[Any, ...],
-                     args: Tuple[Any, ...], extra_in: Tuple[Any, ...] = (), extra_dims: Tuple[Any, ...] = ()) -> torch.Tensor:
-        n = t.shape[0]
-        dx = tuple(0 if _is_batched(v, n) else None for v in inputs)
-        da = tuple(0 if _is_batched(v, n) else None for v in args)
+    def _rows_affine(self, one: Callable[..., torch.Tensor], t: torch.Tensor, batch: Batch,
+                     extra_in: Tuple[Any, ...] = (), extra_dims: Tuple[Any, ...] = ()) -> torch.Tensor:
+        """``vmap`` of ``one(t_row, batch_of_one, *extra_row)`` over examples."""
+        return vmap(batch.per_row(lambda b, t_r, *rest: one(t_r, b, *rest)),
+                    in_dims=batch.dims + (0,) + extra_dims)(batch.args, batch.kwargs, t, *extra_in)
 
-        def lift(t_r: torch.Tensor, x: Tuple[Any, ...], a: Tuple[Any, ...], *rest: Any) -> torch.Tensor:
-            xb = tuple(v.unsqueeze(0) if d == 0 else v for v, d in zip(x, dx))
-            ab = tuple(v.unsqueeze(0) if d == 0 else v for v, d in zip(a, da))
-            return one(t_r, xb, ab, *rest)
-
-        return vmap(lift, in_dims=(0, dx, da) + extra_dims)(t, inputs, args, *extra_in)
-
-    def _use_affine(self, theta0: torch.Tensor, delta: torch.Tensor, inputs: Tuple[Any, ...], args: Tuple[Any, ...]) -> bool:
+    def _use_affine(self, theta0: torch.Tensor, delta: torch.Tensor, batch: Batch) -> bool:
         """Probe once whether the shared-weight evaluation is supported and agrees."""
         if self.affine_ok is not None:
             return self.affine_ok
-        n = _batch_size(inputs)
-        k = min(n, 3)
-        rows = torch.arange(k, device=theta0.device)
-        x = tuple(v.index_select(0, rows) if _is_batched(v, n) else v for v in inputs)
-        a = tuple(v.index_select(0, rows) if _is_batched(v, n) else v for v in args)
+        if not self.use_vmap("rows"):
+            self.affine_ok, self.affine_reason = False, "vmap over examples is off"
+            return False
+        k = min(batch.n, 3)
+        probe = batch.rows(torch.arange(k))
         t = torch.tensor([0.25, 0.5, 1.0][:k], dtype=theta0.dtype, device=theta0.device)
         try:
             with functorch_friendly(), torch.no_grad():
-                base, dd = self._segment_dicts(theta0, delta)
-                fast = self._rows_affine(lambda t_r, xb, ab: self._affine_call(base, dd, t_r, xb, ab)[0], t, x, a)
-                ref = self._rowwise(lambda th, xb, ab: self._call(th, xb, ab)[0],
-                                    theta0.unsqueeze(0) + t.unsqueeze(1) * delta.unsqueeze(0), x, a)
+                base, dd = self.layout.split(theta0), self.layout.split(delta)
+                fast = self._rows_affine(lambda t_r, b: self._affine_call(base, dd, t_r, b)[0], t, probe)
+                ref = torch.stack([self._call(theta0 + t[i] * delta, probe.row(i))[0] for i in range(k)])
             scale = float(ref.abs().max()) + 1.0
             diff = float((fast - ref).abs().max())
             self.affine_ok = diff <= 1e3 * torch.finfo(self.dtype).eps * scale
@@ -235,133 +224,116 @@ class FunctionalModel:
         return self.affine_ok
 
     def forward_on_segment(self, theta0: torch.Tensor, delta: torch.Tensor, t: torch.Tensor,
-                           inputs: Tuple[Any, ...], args: Tuple[Any, ...] = ()) -> torch.Tensor:
+                           batch: Batch) -> torch.Tensor:
         """``f(θ_0 + t_i Δ; x_i)`` for one point per example: → [n, ...]."""
-        if self._use_affine(theta0, delta, inputs, args):
-            base, dd = self._segment_dicts(theta0, delta)
+        if self._use_affine(theta0, delta, batch):
+            base, dd = self.layout.split(theta0), self.layout.split(delta)
             with functorch_friendly(), torch.no_grad():
-                return self._rows_affine(lambda t_r, xb, ab: self._affine_call(base, dd, t_r, xb, ab)[0], t, inputs, args)
-        return self.forward_rows(theta0.unsqueeze(0) + t.unsqueeze(1) * delta.unsqueeze(0), inputs, args)
+                return self._rows_affine(lambda t_r, b: self._affine_call(base, dd, t_r, b)[0], t, batch)
+        return self.forward_rows(theta0.unsqueeze(0) + t.unsqueeze(1) * delta.unsqueeze(0), batch)
 
     def jvp_on_segment(self, theta0: torch.Tensor, delta: torch.Tensor, t: torch.Tensor, tangents: torch.Tensor,
-                       inputs: Tuple[Any, ...], args: Tuple[Any, ...] = ()) -> torch.Tensor:
+                       batch: Batch) -> torch.Tensor:
         """``J_f(θ_0 + t_i Δ; x_i) v`` for each example i and tangent row v: → [n, T, ...]."""
-        if self._use_affine(theta0, delta, inputs, args):
-            base, dd = self._segment_dicts(theta0, delta)
-            tan = self.layout.split(tangents)  # name -> [T, *shape]
-            eps0 = torch.zeros((), dtype=theta0.dtype, device=theta0.device)
-            one_ = torch.ones((), dtype=theta0.dtype, device=theta0.device)
+        if not self._use_affine(theta0, delta, batch):
+            return self.jvp_rows(theta0.unsqueeze(0) + t.unsqueeze(1) * delta.unsqueeze(0), tangents, batch)
+        base, dd = self.layout.split(theta0), self.layout.split(delta)
+        tan = self.layout.split(tangents)  # name -> [T, *shape]
+        eps0 = torch.zeros((), dtype=theta0.dtype, device=theta0.device)
+        one_ = torch.ones((), dtype=theta0.dtype, device=theta0.device)
 
-            def along(v: Dict[str, torch.Tensor]) -> torch.Tensor:
-                # d/dε f(θ_0 + tΔ + εv): the direction is shared by all rows, only ε is dual
-                def rows_fn(t_r: torch.Tensor, xb: Tuple[Any, ...], ab: Tuple[Any, ...]) -> torch.Tensor:
-                    def f(eps: torch.Tensor) -> torch.Tensor:
-                        return self._affine_call(base, dd, t_r, xb, ab, v, eps)[0]
+        def along(v: Dict[str, torch.Tensor]) -> torch.Tensor:
+            # d/dε f(θ_0 + tΔ + εv): the direction is shared by all rows, only ε is dual
+            def rows_fn(t_r: torch.Tensor, b: Batch) -> torch.Tensor:
+                return jvp(lambda eps: self._affine_call(base, dd, t_r, b, v, eps)[0], (eps0,), (one_,))[1]
 
-                    return jvp(f, (eps0,), (one_,))[1]
+            return self._rows_affine(rows_fn, t, batch)
 
-                return self._rows_affine(rows_fn, t, inputs, args)
+        with functorch_friendly(), torch.no_grad():
+            if tangents.shape[0] == 1:
+                return along({k: v[0] for k, v in tan.items()}).unsqueeze(1)
+            return vmap(along, out_dims=1)(tan)
 
-            with functorch_friendly(), torch.no_grad():
-                if tangents.shape[0] == 1:
-                    return along({k: v[0] for k, v in tan.items()}).unsqueeze(1)
-                return vmap(along, out_dims=1)(tan)
-        return self.jvp_rows(theta0.unsqueeze(0) + t.unsqueeze(1) * delta.unsqueeze(0), tangents, inputs, args)
+    def grads_on_segment(self, theta0: torch.Tensor, delta: torch.Tensor, t: torch.Tensor, batch: Batch,
+                         scalar: Callable[[Any, Any], torch.Tensor], extra: Any, purpose: str = "target") -> torch.Tensor:
+        """Per-example gradients at one point per example: → [n, P].
 
-    def grads_on_segment(self, theta0: torch.Tensor, delta: torch.Tensor, t: torch.Tensor, inputs: Tuple[Any, ...],
-                         args: Tuple[Any, ...], select_one: Callable[[torch.Tensor, Any], torch.Tensor],
-                         select_args: torch.Tensor, purpose: str = "target") -> torch.Tensor:
-        """Per-example gradients at one point per example: → [n, P]."""
-        if self._vmap_grads_ok.get(purpose, True) and self._use_affine(theta0, delta, inputs, args):
-            base, dd = self._segment_dicts(theta0, delta)
+        ``scalar(raw_output_of_one, extra_row)`` is differentiated (see :meth:`selected_grads`).
+        """
+        if self.use_vmap(purpose) and self._use_affine(theta0, delta, batch):
+            base, dd = self.layout.split(theta0), self.layout.split(delta)
             zeros = {k: torch.zeros_like(v) for k, v in base.items()}
+            ed = batched_dims(extra, batch.n)
 
-            def one(t_r: torch.Tensor, xb: Tuple[Any, ...], ab: Tuple[Any, ...], sa: Any) -> torch.Tensor:
-                def scalar(extra: Dict[str, torch.Tensor]) -> torch.Tensor:
-                    return select_one(self._affine_call(base, dd, t_r, xb, ab, extra), sa)
-
-                g = grad(scalar)(zeros)
+            def one(t_r: torch.Tensor, b: Batch, e: Any) -> torch.Tensor:
+                e = lift_rows(e, ed)
+                g = grad(lambda ex: scalar(self._affine_raw(base, dd, t_r, b, ex), e))(zeros)
                 return torch.cat([g[k].reshape(-1) for k in self.layout.names])
 
             try:
                 with functorch_friendly():
-                    return self._rows_affine(one, t, inputs, args, (select_args,), (0,))
+                    return self._rows_affine(one, t, batch, (extra,), (ed,))
             except _AffineUnsupported:
                 raise
             except Exception:
                 pass  # fall through to the generic per-row path (it owns the loop fallback)
         thetas = theta0.unsqueeze(0) + t.unsqueeze(1) * delta.unsqueeze(0)
-        return self.selected_grads(thetas, inputs, args, select_one, select_args, purpose)[0]
+        return self.selected_grads(thetas, batch, scalar, extra, purpose)[0]
 
     def selected_grads(
         self,
         theta: torch.Tensor,
-        inputs: Tuple[Any, ...],
-        args: Tuple[Any, ...],
-        select_one: Callable[[torch.Tensor, Any], torch.Tensor],
-        select_args: torch.Tensor,
+        batch: Batch,
+        scalar: Callable[[Any, Any], torch.Tensor],
+        extra: Any,
         purpose: str = "target",
     ) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Per-example gradients of a selected scalar output with respect to θ.
+        """Per-example gradients of a scalar of each example's *raw* output with respect to θ.
 
         Args:
             theta (Tensor): θ shared by all examples [P], or one point per example [n, P].
-            select_one (Callable): ``select_one(output_of_one_example [1, ...], arg) -> scalar``.
-            select_args (Tensor): one selection argument per example (dim 0 = examples).
+            batch (Batch): the examples.
+            scalar (Callable): ``scalar(raw_output_of_one_example, extra_of_that_example)`` → a
+                0-dim tensor (the example's batch axis has length 1 in both).
+            extra: a pytree with the example axis first (a target index tensor, labels, a
+                collated Mapping), sliced like the batch.
             purpose (str): remembers separately for each purpose whether ``vmap`` works.
 
         Returns:
-            *tuple[Tensor, Tensor]*: gradients [n, P] and the selected values [n].
+            *tuple[Tensor, Tensor]*: gradients [n, P] and the scalars [n].
         """
-        n = _batch_size(inputs)
+        n = batch.n
         per_row = theta.dim() == 2
-        dx = tuple(0 if _is_batched(v, n) else None for v in inputs)
-        da = tuple(0 if _is_batched(v, n) else None for v in args)
+        ed = batched_dims(extra, n)
 
-        def scalar(th: torch.Tensor, x: Tuple[Any, ...], a: Tuple[Any, ...], sa: Any) -> Tuple[torch.Tensor, torch.Tensor]:
-            xb = tuple(v.unsqueeze(0) if d == 0 else v for v, d in zip(x, dx))
-            ab = tuple(v.unsqueeze(0) if d == 0 else v for v, d in zip(a, da))
-            val = select_one(self._call(th, xb, ab), sa)
+        def value(th: torch.Tensor, b: Batch, e: Any) -> Tuple[torch.Tensor, torch.Tensor]:
+            val = scalar(self.raw(th, b), e)
             return val, val.detach()
 
         with functorch_friendly():
-            if self._vmap_grads_ok.get(purpose, True):
+            if self.use_vmap(purpose):
                 try:
-                    g, val = vmap(grad(scalar, has_aux=True), in_dims=(0 if per_row else None, dx, da, 0))(
-                        theta, inputs, args, select_args
-                    )
-                    return g, val
+                    fn = batch.per_row(lambda b, th, e: grad(value, has_aux=True)(th, b, lift_rows(e, ed)))
+                    return vmap(fn, in_dims=batch.dims + (0 if per_row else None, ed))(
+                        batch.args, batch.kwargs, theta, extra)
                 except Exception as err:
-                    self._vmap_grads_ok[purpose] = False
-                    warnings.warn(
-                        f"vmap over examples failed ({type(err).__name__}: {err}); falling back to a "
-                        "per-example loop (slower, same result)",
-                        RuntimeWarning,
-                        stacklevel=2,
-                    )
-            grads, vals = [], []
-            for i in range(n):
-                xi = tuple(v[i : i + 1] if d == 0 else v for v, d in zip(inputs, dx))
-                ai = tuple(v[i : i + 1] if d == 0 else v for v, d in zip(args, da))
-                th = (theta[i] if per_row else theta).detach().requires_grad_(True)
-                with torch.enable_grad():
-                    val = select_one(self._call(th, xi, ai), select_args[i])
-                    (gi,) = torch.autograd.grad(val, th, allow_unused=True)
-                grads.append(torch.zeros_like(th) if gi is None else gi)
-                vals.append(val.detach())
-            return torch.stack(grads), torch.stack(vals)
+                    self.vmap_failed(purpose, err)
+            return self._grads_loop(theta, batch, value, extra)
+
+    def _grads_loop(self, theta: torch.Tensor, batch: Batch, value: Callable[..., Tuple[torch.Tensor, torch.Tensor]],
+                    extra: Any) -> Tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`selected_grads` one example at a time (models ``vmap`` cannot handle)."""
+        grads, vals = [], []
+        for i in range(batch.n):
+            rows = torch.tensor([i])
+            th = (theta[i] if theta.dim() == 2 else theta).detach().requires_grad_(True)
+            with torch.enable_grad():
+                val, _ = value(th, batch.row(i), take_rows(extra, rows, batch.n))
+                (gi,) = torch.autograd.grad(val, th, allow_unused=True)
+            grads.append(torch.zeros_like(th) if gi is None else gi)
+            vals.append(val.detach())
+        return torch.stack(grads), torch.stack(vals)
 
 
 class _AffineUnsupported(RuntimeError):
     """A parameter reached an operation the shared-weight evaluation does not rewrite."""
-
-
-def _batch_size(inputs: Sequence[Any]) -> int:
-    for v in inputs:
-        if isinstance(v, torch.Tensor) and v.dim() > 0:
-            return int(v.shape[0])
-    raise ValueError("inputs must contain at least one tensor with a batch dimension")
-
-
-def _is_batched(v: Any, n: int) -> bool:
-    return isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == n

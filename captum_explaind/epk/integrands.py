@@ -14,37 +14,44 @@ per row (a tensor ``t``, used when refinement sends different inputs to differen
 
 from __future__ import annotations
 
-from typing import Callable, Optional, Tuple, Union
+from typing import Any, Callable, Optional, Tuple, Union
 
 import torch
 
-from .segment import Chunk, Segment
+from .batch import Batch
 from .functional import FunctionalModel
 from .kinks import capture_preactivations
+from .segment import Chunk, Segment
+from .target import Target
 
 __all__ = ["JvpIntegrand", "SelectedJvpIntegrand", "VjpIntegrand", "JacobianIntegrand"]
 
 Sink = Callable[[torch.Tensor, torch.Tensor], None]
 
 
-def _forward(fm: FunctionalModel, seg: Segment, t: Union[float, torch.Tensor], x, a) -> torch.Tensor:
+def _forward(fm: FunctionalModel, seg: Segment, t: Union[float, torch.Tensor], b: Batch) -> torch.Tensor:
     if isinstance(t, torch.Tensor):
-        return fm.forward_on_segment(seg.theta0, seg.delta, t.to(seg.delta.dtype), x, a)
-    return fm.forward(seg.point(t), x, a)
+        return fm.forward_on_segment(seg.theta0, seg.delta, t.to(seg.delta.dtype), b)
+    return fm.forward(seg.point(t), b)
 
 
-def _grads(fm: FunctionalModel, seg: Segment, t: Union[float, torch.Tensor], x, a, select_one, args) -> torch.Tensor:
+def _target_grads(fm: FunctionalModel, seg: Segment, t: Union[float, torch.Tensor], b: Batch,
+                  target: Target, idx: torch.Tensor) -> torch.Tensor:
+    """Per-example gradients of the selected explained output [m, P] (``idx``: flat indices [m])."""
+    def scalar(raw: Any, i: torch.Tensor) -> torch.Tensor:
+        return target.scalar(fm.explain(raw, 1), i)
+
     if isinstance(t, torch.Tensor):
-        return fm.grads_on_segment(seg.theta0, seg.delta, t.to(seg.delta.dtype), x, a, select_one, args)
-    return fm.selected_grads(seg.point(t), x, a, select_one, args)[0]
+        return fm.grads_on_segment(seg.theta0, seg.delta, t.to(seg.delta.dtype), b, scalar, idx)
+    return fm.selected_grads(seg.point(t), b, scalar, idx)[0]
 
 
-def _jvp(fm: FunctionalModel, seg: Segment, t: Union[float, torch.Tensor], tangents: torch.Tensor, x, a) -> torch.Tensor:
+def _jvp(fm: FunctionalModel, seg: Segment, t: Union[float, torch.Tensor], tangents: torch.Tensor, b: Batch) -> torch.Tensor:
     """``J v`` as [m, T, C] (outputs flattened)."""
     if isinstance(t, torch.Tensor):
-        jv = fm.jvp_on_segment(seg.theta0, seg.delta, t.to(seg.delta.dtype), tangents, x, a)  # [m, T, ...]
+        jv = fm.jvp_on_segment(seg.theta0, seg.delta, t.to(seg.delta.dtype), tangents, b)  # [m, T, ...]
         return jv.reshape(jv.shape[0], jv.shape[1], -1)
-    _, jv = fm.jvp(seg.point(t), tangents, x, a)  # [T, m, ...]
+    _, jv = fm.jvp(seg.point(t), tangents, b)  # [T, m, ...]
     return jv.reshape(jv.shape[0], jv.shape[1], -1).transpose(0, 1)
 
 
@@ -56,9 +63,9 @@ class _Capturing:
     chunk: Chunk
 
     def capture(self, t: float, rows: torch.Tensor) -> Optional[torch.Tensor]:
-        x, a = self.chunk.take(rows)
+        b = self.chunk.take(rows)
         theta = self.seg.point(t)
-        return capture_preactivations(lambda: self.fm.forward(theta, x, a), len(rows))
+        return capture_preactivations(lambda: self.fm.forward(theta, b), len(rows))
 
 
 class JvpIntegrand(_Capturing):
@@ -68,13 +75,13 @@ class JvpIntegrand(_Capturing):
         self.fm, self.seg, self.tangents, self.chunk, self.sink = fm, seg, tangents, chunk, sink
 
     def evaluate(self, t: Union[float, torch.Tensor], rows: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        x, a = self.chunk.take(rows)
-        payload = _jvp(self.fm, self.seg, t, self.tangents, x, a)
+        b = self.chunk.take(rows)
+        payload = _jvp(self.fm, self.seg, t, self.tangents, b)
         return payload, payload.sum(dim=1)
 
     def checked(self, t: Union[float, torch.Tensor], rows: torch.Tensor) -> torch.Tensor:
-        x, a = self.chunk.take(rows)
-        out = _forward(self.fm, self.seg, t, x, a)
+        b = self.chunk.take(rows)
+        out = _forward(self.fm, self.seg, t, b)
         return out.reshape(out.shape[0], -1)
 
     def accumulate(self, rows: torch.Tensor, payload: torch.Tensor) -> None:
@@ -87,20 +94,20 @@ class SelectedJvpIntegrand(_Capturing):
     Payload [m, T] (one value per tangent), checked: the target output [m, 1].
     """
 
-    def __init__(self, fm: FunctionalModel, seg: Segment, tangents: torch.Tensor, chunk: Chunk, target, sink: Sink) -> None:
+    def __init__(self, fm: FunctionalModel, seg: Segment, tangents: torch.Tensor, chunk: Chunk, target: Target, sink: Sink) -> None:
         self.fm, self.seg, self.tangents, self.chunk, self.target, self.sink = fm, seg, tangents, chunk, target, sink
 
     def evaluate(self, t: Union[float, torch.Tensor], rows: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        x, a = self.chunk.take(rows)
-        jv = _jvp(self.fm, self.seg, t, self.tangents, x, a)  # [m, T, C]
+        b = self.chunk.take(rows)
+        jv = _jvp(self.fm, self.seg, t, self.tangents, b)  # [m, T, C]
         g = self.chunk.offset + rows
         m, T, C = jv.shape
         sel = self.target.select(jv.transpose(0, 1).reshape(T * m, C), g.repeat(T)).reshape(T, m).transpose(0, 1)
         return sel, sel[:, -1:]
 
     def checked(self, t: Union[float, torch.Tensor], rows: torch.Tensor) -> torch.Tensor:
-        x, a = self.chunk.take(rows)
-        out = _forward(self.fm, self.seg, t, x, a)
+        b = self.chunk.take(rows)
+        out = _forward(self.fm, self.seg, t, b)
         return self.target.select(out, self.chunk.offset + rows).unsqueeze(1)
 
     def accumulate(self, rows: torch.Tensor, payload: torch.Tensor) -> None:
@@ -110,27 +117,22 @@ class SelectedJvpIntegrand(_Capturing):
 class VjpIntegrand(_Capturing):
     """Per-example gradient of the target output; payload [m, P], checked: the target [m, 1]."""
 
-    def __init__(self, fm: FunctionalModel, seg: Segment, chunk: Chunk, target, sink: Sink) -> None:
+    def __init__(self, fm: FunctionalModel, seg: Segment, chunk: Chunk, target: Target, sink: Sink) -> None:
         self.fm, self.seg, self.chunk, self.target, self.sink = fm, seg, chunk, target, sink
 
     def evaluate(self, t: Union[float, torch.Tensor], rows: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        x, a = self.chunk.take(rows)
-        g = self.chunk.offset + rows
-        args = self.target.per_example_args(len(rows), rows.device) if self.target.index is None else self.target.index[g.to(self.target.index.device)].to(rows.device)
-        grads = _grads(self.fm, self.seg, t, x, a, self.target.select_one, args)
+        b = self.chunk.take(rows)
+        idx = self.target.rows_index(self.chunk.offset + rows)
+        grads = _target_grads(self.fm, self.seg, t, b, self.target, idx)
         return grads, (grads @ self.seg.delta).unsqueeze(1)
 
     def checked(self, t: Union[float, torch.Tensor], rows: torch.Tensor) -> torch.Tensor:
-        x, a = self.chunk.take(rows)
-        out = _forward(self.fm, self.seg, t, x, a)
+        b = self.chunk.take(rows)
+        out = _forward(self.fm, self.seg, t, b)
         return self.target.select(out, self.chunk.offset + rows).unsqueeze(1)
 
     def accumulate(self, rows: torch.Tensor, payload: torch.Tensor) -> None:
         self.sink(self.chunk.offset + rows, payload)
-
-
-def _pick(out_one: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    return out_one.reshape(-1).gather(0, idx.reshape(1)).squeeze(0)
 
 
 class JacobianIntegrand(_Capturing):
@@ -140,15 +142,16 @@ class JacobianIntegrand(_Capturing):
         self.fm, self.seg, self.chunk, self.outputs, self.sink = fm, seg, chunk, outputs, sink
 
     def evaluate(self, t: Union[float, torch.Tensor], rows: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        x, a = self.chunk.take(rows)
+        b = self.chunk.take(rows)
         outs = self.outputs[(self.chunk.offset + rows).to(self.outputs.device)]  # [m, J]
-        rows_j = [_grads(self.fm, self.seg, t, x, a, _pick, outs[:, j]) for j in range(outs.shape[1])]
+        pick = Target(torch.zeros(0, dtype=torch.int64), 0)  # a flat index per row, given per call
+        rows_j = [_target_grads(self.fm, self.seg, t, b, pick, outs[:, j]) for j in range(outs.shape[1])]
         payload = torch.stack(rows_j, dim=1)
         return payload, payload @ self.seg.delta
 
     def checked(self, t: Union[float, torch.Tensor], rows: torch.Tensor) -> torch.Tensor:
-        x, a = self.chunk.take(rows)
-        out = _forward(self.fm, self.seg, t, x, a)
+        b = self.chunk.take(rows)
+        out = _forward(self.fm, self.seg, t, b)
         outs = self.outputs[(self.chunk.offset + rows).to(self.outputs.device)]
         return out.reshape(out.shape[0], -1).gather(1, outs.to(out.device))
 

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Tuple
-
 import torch
 
 from ..recording.format import StepRecord
+from .batch import Batch
 from .updates import StepCoefficients
 
-__all__ = ["Segment", "Chunk", "take_rows"]
+__all__ = ["Segment", "Chunk"]
 
 
 @dataclass
@@ -34,24 +33,12 @@ class Segment:
 
 @dataclass
 class Chunk:
-    """A slice of the inputs (Captum's ``inputs`` and ``additional_forward_args``)."""
+    """A slice of the test inputs: ``batch`` holds examples ``offset .. offset + n − 1``."""
 
     offset: int
     n: int
-    inputs: Tuple[Any, ...]
-    args: Tuple[Any, ...]
+    batch: Batch
 
-    def take(self, rows: torch.Tensor) -> Tuple[Tuple[Any, ...], Tuple[Any, ...]]:
-        if rows.numel() == self.n and bool((rows == torch.arange(self.n, device=rows.device)).all()):
-            return self.inputs, self.args
-        return take_rows(self.inputs, rows, self.n), take_rows(self.args, rows, self.n)
-
-
-def take_rows(values: Tuple[Any, ...], rows: torch.Tensor, n: int) -> Tuple[Any, ...]:
-    out = []
-    for v in values:
-        if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == n:
-            out.append(v.index_select(0, rows.to(v.device)))
-        else:
-            out.append(v)
-    return tuple(out)
+    def take(self, rows: torch.Tensor) -> Batch:
+        """The chunk's examples at ``rows`` (local indices; may repeat)."""
+        return self.batch.rows(rows)

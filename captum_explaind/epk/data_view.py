@@ -31,21 +31,25 @@ parts — the residual ``E_i`` — is reported separately:
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Callable, Dict, List, Optional
+from typing import TYPE_CHECKING, Callable, Dict, List, Optional
 
 import torch
 
-from ..epk.engine import ExactPathKernel
-from ..epk.integrands import VjpIntegrand
-from ..epk.segment import Chunk, Segment
-from ..errors import TrajectoryError
-from ._target import Target
-from ._train_data import TrainingSet, sample_chunk
+from .batch import Batch
+from .integrands import VjpIntegrand
+from .results import DataDecomposition, SweepStats
+from .segment import Chunk, Segment
+from .target import Target
+from .training_set import TrainingSet, measured_grad_scale, per_sample_loss_grads, sample_chunk, step_samples
+from .views import ViewBase
+
+if TYPE_CHECKING:
+    from .engine import ExactPathKernel
 
 __all__ = ["DataView"]
 
 
-class DataView:
+class DataView(ViewBase):
     """Reverse-sweep accumulator of per-training-sample scores.
 
     Args:
@@ -63,7 +67,7 @@ class DataView:
 
     def __init__(
         self,
-        epk: ExactPathKernel,
+        epk: "ExactPathKernel",
         n: int,
         target: Target,
         train: TrainingSet,
@@ -102,6 +106,7 @@ class DataView:
         self._beta_next: Optional[torch.Tensor] = None
         self._phi: Optional[torch.Tensor] = None
         self._tiny = torch.finfo(dt).eps * 1e-3
+        self.group_names = None if groups is None else list(groups)
 
     @property
     def integrate_steps(self) -> List[int]:
@@ -171,50 +176,50 @@ class DataView:
         if T:
             self._score_batch(seg, T)
 
+    def run(self, batch: Batch, show_progress: Optional[bool] = None) -> SweepStats:
+        """The reverse sweep over the steps that can contribute to the windows."""
+        return self.epk.sweep_reverse(batch, self, last=self.last, integrate=self.integrate_steps,
+                                      need_precond=True, desc="training data", show_progress=show_progress)
+
+    def result(self, stats: SweepStats, multi: bool) -> DataDecomposition:
+        """Scores (window axis kept for a window list, group axis for ``layers``) and the parts beside them."""
+        scores = self.scores
+        reg = self.regularization.sum(dim=1)
+        residual = self.path - scores.sum(dim=(1, 2, 3)) - reg
+        if not multi:
+            scores = scores[:, :, 0]
+        if self.group_names is None:
+            scores = scores[..., 0]
+        return DataDecomposition(
+            scores=scores, regularization=reg, residual=residual, change=self.exact, delta=self.exact - self.path,
+            grad_scale=dict(sorted(self.grad_scale.items())), windows=list(self.windows), indexing=self.indexing,
+            groups=self.group_names, train_indices=torch.arange(self.train.n), stats=stats,
+            options=self.epk.options.to_dict(),
+        )
+
     def done(self, step: int) -> bool:
         return self.indexing == "application" and step <= self.first_window_step and not self._acc
 
     # ------------------------------------------------------------------ training side
     def _score_batch(self, seg: Segment, T: Dict[int, torch.Tensor]) -> None:
-        rec = seg.record
-        s = seg.step
-        if not rec.batches:
-            raise TrajectoryError(
-                f"step {s} has no recorded training samples (log_batch()/track() was not used for it); "
-                "the data view needs the samples of every step"
-            )
-        idx = torch.cat([b.indices for b in rec.batches])
-        wts = torch.cat([b.weights for b in rec.batches])
-        uniq, inv = torch.unique(idx, return_inverse=True)
-        weights = torch.zeros(len(uniq), dtype=torch.float64).index_add_(0, inv, wts)
-        weights = weights.to(device=self.epk.device, dtype=self.epk.dtype)
-        fm = self.epk.functional
-        sign = seg.coeffs.sign
+        rec, s = seg.record, seg.step
+        epk = self.epk
+        uniq, weights = step_samples(rec, "data view", epk.device, epk.dtype)
         windows = list(T)
         # σ enters every per-sample term: fold it into T once.
-        Ts = torch.stack([T[w] * sign for w in windows])  # [Wa, n, P]
-        active = seg.coeffs.active
-        size = sample_chunk(self.train_batch_size, len(uniq), self.epk.layout.total, self.epk.dtype)
-        g_rep = torch.zeros(self.epk.layout.total, dtype=self.epk.dtype, device=self.epk.device)
+        Ts = torch.stack([T[w] * seg.coeffs.sign for w in windows])  # [Wa, n, P]
+        size = sample_chunk(self.train_batch_size, len(uniq), epk.layout.total, epk.dtype)
+        g_rep = torch.zeros(epk.layout.total, dtype=epk.dtype, device=epk.device)
         raw = []
-        loss_fn = self.loss_fn
-
-        def select(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-            return loss_fn(out, y.unsqueeze(0)).sum()
-
         for start in range(0, len(uniq), size):
             sl = slice(start, start + size)
-            x, y = self.train.batch(uniq[sl])
-            if not isinstance(y, torch.Tensor):
-                raise TypeError(f"training labels must be tensors, got {type(y).__name__}")
-            G, _ = fm.selected_grads(seg.theta0, x, (), select, y, purpose="loss")  # [m, P] at θ_{s−1}
+            G = per_sample_loss_grads(epk.functional, self.train, self.loss_fn, seg.theta0, uniq[sl])  # at θ_{s−1}
             g_rep += weights[sl] @ G
             dots = torch.stack(
                 [sum(Ts[:, :, gs] @ G[:, gs].T for gs in group) for group in self.group_slices], dim=-1
             )  # [Wa, n, m, G]
             raw.append(dots * weights[sl].view(1, 1, -1, 1))
-        rep_norm = float(torch.linalg.vector_norm(g_rep * active))
-        c = rec.grad_norm / rep_norm if rep_norm > 0 else 0.0
+        c = measured_grad_scale(rec, g_rep, seg.coeffs.active)
         self.grad_scale[s] = c
         contrib = -c * torch.cat(raw, dim=2)  # [Wa, n, M_step, G]
         target_idx = uniq.to(self.scores.device)

@@ -18,7 +18,7 @@ from typing import Any, List, Optional, Sequence, Tuple, Union
 
 from ..errors import TrajectoryError
 
-__all__ = ["StepsType", "parse_windows", "fixed_windows"]
+__all__ = ["StepsType", "parse_windows", "fixed_windows", "is_window_list"]
 
 StepsType = Union[None, int, range, slice, Sequence[Union[int, range, slice]]]
 
@@ -69,3 +69,8 @@ def fixed_windows(window: int, n_steps: int, within: Optional[range] = None) -> 
         raise ValueError(f"window must be a positive int, got {window!r}")
     span = within if within is not None else range(1, n_steps + 1)
     return [range(a, min(a + window, span.stop)) for a in range(span.start, span.stop, window)]
+
+
+def is_window_list(steps: Any) -> bool:
+    """Whether ``steps`` gives several windows (a list/tuple), so results keep a window axis."""
+    return isinstance(steps, (list, tuple))

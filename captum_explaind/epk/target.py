@@ -1,5 +1,7 @@
 """Captum's ``target`` argument, re-implemented on its documented rules.
 
+It applies to the explained output, ``output_fn(raw model output)``.
+
 Captum's own ``_select_targets`` lives in a private module; these are the public semantics:
 
 * ``None`` — no selection; here: the sum over all outputs (so a scalar per example).
@@ -36,18 +38,24 @@ class Target:
         idx = self.index if rows is None else self.index[rows.to(self.index.device)]
         return flat.gather(1, idx.to(flat.device).unsqueeze(1)).squeeze(1)
 
-    def select_one(self, out_one: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-        """Selection for a single example (used inside ``vmap``): ``out_one`` is [1, ...]."""
-        flat = out_one.reshape(-1)
+    def scalar(self, out_one: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """Selection for one example as a 0-dim tensor (used inside ``vmap`` and loops).
+
+        Args:
+            out_one (Tensor): the explained output of one example, ``[1, ...]``.
+            idx (Tensor): ``[1]``, its flat target index (ignored for ``index=None``).
+        """
+        flat = out_one.reshape(1, -1)
         if self.index is None:
             return flat.sum()
         # gather, not flat[idx]: indexing with a (vmapped) tensor would need .item()
-        return flat.gather(0, idx.reshape(1)).squeeze(0)
+        return flat.gather(1, idx.reshape(1, 1)).sum()
 
-    def per_example_args(self, n: int, device: torch.device) -> torch.Tensor:
+    def rows_index(self, rows: torch.Tensor) -> torch.Tensor:
+        """The flat target index of the examples ``rows`` (zeros for ``index=None``): ``[len(rows)]``."""
         if self.index is None:
-            return torch.zeros(n, dtype=torch.int64, device=device)
-        return self.index.to(device)
+            return torch.zeros(len(rows), dtype=torch.int64, device=rows.device)
+        return self.index[rows.to(self.index.device)].to(rows.device)
 
 
 def _flat_index(multi: Sequence[int], dims: Sequence[int], what: str) -> int:

@@ -22,14 +22,19 @@ Two ways to get there (``method``):
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Dict, List, Optional, Sequence
+from typing import TYPE_CHECKING, Dict, List, Optional, Sequence, Union
 
 import torch
 
-from ..epk.engine import ExactPathKernel
-from ..epk.integrands import SelectedJvpIntegrand, VjpIntegrand
-from ..epk.segment import Chunk, Segment
-from ._target import Target
+from .batch import Batch
+from .integrands import SelectedJvpIntegrand, VjpIntegrand
+from .results import ScoreResult, SweepStats
+from .segment import Chunk, Segment
+from .target import Target
+from .views import ViewBase
+
+if TYPE_CHECKING:
+    from .engine import ExactPathKernel
 
 __all__ = ["ScoreView", "COMPONENTS", "choose_method"]
 
@@ -49,7 +54,7 @@ def choose_method(method: str, n_groups: Optional[int], n_components: int) -> st
     return "jvp" if n_groups * n_components + 1 <= 4 else "vjp"
 
 
-class ScoreView:
+class ScoreView(ViewBase):
     """Accumulates target-selected contributions per (input, window, element-or-group, part).
 
     Args:
@@ -64,7 +69,7 @@ class ScoreView:
 
     def __init__(
         self,
-        epk: ExactPathKernel,
+        epk: "ExactPathKernel",
         n: int,
         target: Target,
         windows: List[range],
@@ -98,6 +103,7 @@ class ScoreView:
             self.acc = torch.zeros(n, W, C, len(groups), dtype=dt, device=dev)
         self.exact = torch.zeros(n, W, dtype=dt, device=dev)
         self._u: Optional[torch.Tensor] = None  # integrated target gradient of the current step
+        self._u_step = self._scores_step = -1
         self._step_scores: Optional[torch.Tensor] = None  # jvp path: [n, C*G] of the current step
 
     @property
@@ -120,7 +126,7 @@ class ScoreView:
             "total": seg.delta,
         }
 
-    def integrand(self, seg: Segment, chunk: Chunk):
+    def integrand(self, seg: Segment, chunk: Chunk) -> Union[VjpIntegrand, SelectedJvpIntegrand]:
         fm = self.epk.functional
         if self.method == "vjp":
             if self._u is None or self._u_step != seg.step:
@@ -169,6 +175,21 @@ class ScoreView:
             self.acc[:, w] += self._step_scores.reshape(self.n, C, G)
             self._step_scores = None
 
+    def result(self, stats: SweepStats) -> ScoreResult:
+        """The scores with their axes, the exact changes and the delta per window."""
+        scores = {c: self.acc[:, :, i] for i, c in enumerate(self.components)}
+        if "total" in scores:
+            explained = scores["total"].sum(-1)
+        else:
+            explained = sum(s.sum(-1) for s in scores.values())
+        layout = self.epk.layout
+        return ScoreResult(
+            scores=scores, change=self.exact, delta=self.exact - explained, windows=list(self.windows),
+            groups=None if self.groups is None else list(self.groups), parameters=list(layout.names),
+            shapes=[tuple(s) for s in layout.shapes], stats=stats, options=self.epk.options.to_dict(),
+        )
+
     # ------------------------------------------------------------------ run
-    def run(self, inputs, args) -> None:
-        self.epk.sweep(inputs, args, self.n, self, steps=self.steps, desc="steps")
+    def run(self, batch: Batch, show_progress: Optional[bool] = None) -> SweepStats:
+        """Sweep the windows' steps; the scores are then in ``acc``, the exact changes in ``exact``."""
+        return self.epk.sweep(batch, self, steps=self.steps, desc="scores", show_progress=show_progress)

@@ -1,0 +1,124 @@
+r"""Similarity statistic: how alike two predictions are "from the model's perspective" (Def. 4.4).
+
+The influence tensor of a prediction, restricted to steps S, parameters Θ, training samples K
+and outputs J, is ``Γ_S(Θ, x, K)_J[s, p, k, j] = Φ_s(x)_{j,p} · Δ_s^{(k)}[p]``. Two predictions
+are compared by the cosine of their flattened tensors. The inner product factorizes,
+
+.. math::
+
+    ⟨Γ(x), Γ(x')⟩ = \sum_{s∈S} \sum_{j} \sum_{p∈Θ} Φ_s(x)_{j,p}\, Φ_s(x')_{j,p}\, D_{s,p},
+    \qquad D_{s,p} = \sum_{k∈K} (Δ_s^{(k)}[p])^2,
+
+so the training side enters through one vector ``D_s`` per step and no tensor of size
+steps × parameters × training samples is ever built. ``Δ_s^{(k)}`` (sample k's share of update
+s, momentum included) needs one running momentum buffer per training sample of ``K`` that is
+still carrying weight — memory ``|K| × P`` for momentum optimizers, nothing for plain SGD.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Callable, Dict, List, Optional
+
+import torch
+
+from .integrands import JacobianIntegrand
+from .segment import Chunk, Segment
+from .training_set import TrainingSet, measured_grad_scale, per_sample_loss_grads, sample_chunk, step_samples
+from .views import ViewBase
+
+if TYPE_CHECKING:
+    from .engine import ExactPathKernel
+
+__all__ = ["SimilarityView", "cosine_from_gram"]
+
+
+class SimilarityView(ViewBase):
+    """Forward sweep: per-sample momentum buffers → D_s, and target Jacobians → Gram matrix."""
+
+    def __init__(self, epk: "ExactPathKernel", n: int, outputs: torch.Tensor, train: TrainingSet, loss_fn: Callable,
+                 subset: Optional[torch.Tensor], mask: Optional[torch.Tensor], integrate: List[int],
+                 train_batch_size: Optional[int]) -> None:
+        self.epk, self.n, self.outputs, self.train, self.loss_fn = epk, n, outputs, train, loss_fn
+        self.mask = mask
+        self.integrate = set(integrate)
+        self.train_batch_size = train_batch_size
+        self.in_subset = None
+        if subset is not None:
+            self.in_subset = torch.zeros(len(train), dtype=torch.bool)
+            self.in_subset[subset] = True
+        self.buffers: Dict[int, torch.Tensor] = {}  # training index -> momentum buffer b^{(k)}
+        self.gram = torch.zeros(n, n, dtype=epk.dtype, device=epk.device)
+        self._phi: Optional[torch.Tensor] = None  # [n, J, P]
+        self.exact = torch.zeros(n, outputs.shape[1], dtype=epk.dtype, device=epk.device)
+
+    # sweep protocol ------------------------------------------------------------
+    def check(self, out: torch.Tensor, chunk: Chunk, rows: torch.Tensor) -> torch.Tensor:
+        flat = out.reshape(out.shape[0], -1)
+        return flat.gather(1, self.outputs[chunk.offset + rows].to(flat.device))
+
+    def step_change(self, step: int, chunk: Chunk, c0: torch.Tensor, c1: torch.Tensor) -> None:
+        self.exact[chunk.offset : chunk.offset + chunk.n] += c1 - c0
+
+    def integrand(self, seg: Segment, chunk: Chunk) -> JacobianIntegrand:
+        if self._phi is None:
+            J = self.outputs.shape[1]
+            self._phi = torch.zeros(self.n, J, self.epk.layout.total, dtype=self.epk.dtype, device=self.epk.device)
+
+        def sink(rows: torch.Tensor, payload: torch.Tensor) -> None:
+            self._phi.index_add_(0, rows, payload)
+
+        return JacobianIntegrand(self.epk.functional, seg, chunk, self.outputs, sink)
+
+    def end_step(self, seg: Segment, integrated: bool) -> None:
+        D = self._train_statistic(seg)
+        if integrated:
+            phi = self._phi  # [n, J, P]
+            self._phi = None
+            w = D if self.mask is None else D * self.mask
+            scaled = phi * w.sqrt()
+            flat = scaled.reshape(self.n, -1)
+            self.gram += flat @ flat.T
+
+    # training side --------------------------------------------------------------
+    def _train_statistic(self, seg: Segment) -> torch.Tensor:
+        """D_s = Σ_{k∈K} (Δ_s^{(k)})², updating every per-sample momentum buffer by one step."""
+        co = seg.coeffs
+        uniq, weights = step_samples(seg.record, "similarity view", self.epk.device, self.epk.dtype)
+        size = sample_chunk(self.train_batch_size, len(uniq), self.epk.layout.total, self.epk.dtype)
+        grads, g_rep = [], torch.zeros(self.epk.layout.total, dtype=self.epk.dtype, device=self.epk.device)
+        for start in range(0, len(uniq), size):
+            sl = slice(start, start + size)
+            G = per_sample_loss_grads(self.epk.functional, self.train, self.loss_fn, seg.theta0, uniq[sl])
+            g_rep += weights[sl] @ G
+            grads.append(G)
+        G = torch.cat(grads)
+        c = measured_grad_scale(seg.record, g_rep, co.active)
+        u = (co.sign * c) * weights.unsqueeze(1) * G  # σ c a G per batch sample
+        pre = co.precond if co.precond is not None else 1.0
+        scale = co.lr * pre
+        D = torch.zeros(self.epk.layout.total, dtype=self.epk.dtype, device=self.epk.device)
+        new = {int(k): u[i] for i, k in enumerate(uniq.tolist())}
+        carry = bool((co.beta != 0).any())
+        keys = set(self.buffers) | set(new) if carry else set(new)
+        buffers: Dict[int, torch.Tensor] = {}
+        for k in keys:
+            uk = new.get(k)
+            b = self.buffers.get(k)
+            b = (co.beta * b if b is not None else None)
+            if uk is not None:
+                b = co.h * uk if b is None else b + co.h * uk
+            if b is None:
+                continue
+            delta_k = -scale * (co.e * b + (co.z * uk if uk is not None else 0.0))
+            if self.in_subset is None or bool(self.in_subset[k]):
+                D += delta_k * delta_k
+            if carry and bool(b.abs().max() > 0):
+                buffers[k] = b
+        self.buffers = buffers
+        return D
+
+
+def cosine_from_gram(g: torch.Tensor) -> torch.Tensor:
+    """Cosine similarities from a Gram matrix of inner products."""
+    norms = g.diagonal().clamp_min(0).sqrt()
+    return g / (norms.unsqueeze(1) * norms.unsqueeze(0)).clamp_min(torch.finfo(g.dtype).tiny)

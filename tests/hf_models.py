@@ -1,0 +1,163 @@
+"""Tiny Hugging Face models, a tokenizer built in code, dict datasets and recorded runs for the tests.
+
+Everything is made offline: configs with a few units (float64, dropout off, eager attention),
+a word-level tokenizer over a fixed vocabulary, and sentences generated from a seed.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Dict, List, Sequence
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+from captum_explaind import TrajectoryRecorder  # noqa: E402
+
+WORDS = ["good", "bad", "fine", "awful", "great", "poor", "nice", "sad", "movie", "plot", "the", "a", "very", "not"]
+POSITIVE = {"good", "fine", "great", "nice"}
+
+
+def make_tokenizer():
+    """A word-level ``PreTrainedTokenizerFast`` (pad id 0, right padding), built in code."""
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from tokenizers.pre_tokenizers import Whitespace
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"[PAD]": 0, "[UNK]": 1, "[CLS]": 2}
+    for w in WORDS:
+        vocab[w] = len(vocab)
+    tok = Tokenizer(WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = Whitespace()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]")
+    fast.padding_side = "right"
+    return fast
+
+
+def sentences(n: int, seed: int, min_len: int = 2, max_len: int = 6) -> List[str]:
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        k = int(torch.randint(min_len, max_len + 1, (1,), generator=g))
+        idx = torch.randint(0, len(WORDS), (k,), generator=g).tolist()
+        out.append(" ".join(WORDS[i] for i in idx))
+    return out
+
+
+def label_of(text: str) -> int:
+    return int(sum(w in POSITIVE for w in text.split()) > len(text.split()) / 3)
+
+
+def tiny_bert(num_labels: int = 2, vocab: int = 32):
+    from transformers import BertConfig, BertForSequenceClassification
+
+    cfg = BertConfig(vocab_size=vocab, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                     intermediate_size=24, max_position_embeddings=32, num_labels=num_labels,
+                     hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, attn_implementation="eager")
+    torch.manual_seed(0)
+    return BertForSequenceClassification(cfg).double()
+
+
+def tiny_gpt2(vocab: int = 32):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    cfg = GPT2Config(vocab_size=vocab, n_embd=16, n_layer=1, n_head=2, n_positions=32, resid_pdrop=0.0,
+                     embd_pdrop=0.0, attn_pdrop=0.0, attn_implementation="eager")
+    torch.manual_seed(0)
+    return GPT2LMHeadModel(cfg).double()
+
+
+class DictDataset(torch.utils.data.Dataset):
+    """Tokenized rows as dicts (``input_ids`` of varying length and ``labels``), like a ``datasets`` row."""
+
+    def __init__(self, rows: Sequence[Dict[str, Any]]) -> None:
+        self.rows = list(rows)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> Dict[str, Any]:
+        return self.rows[i]
+
+
+def classification_rows(tok, texts: Sequence[str]) -> List[Dict[str, Any]]:
+    return [{"input_ids": tok(t)["input_ids"], "labels": label_of(t)} for t in texts]
+
+
+def lm_rows(tok, texts: Sequence[str]) -> List[Dict[str, Any]]:
+    return [{"input_ids": tok(t)["input_ids"]} for t in texts]
+
+
+class PadCollate:
+    """Right-pads ``input_ids`` (to the longest, or to ``length``), builds ``attention_mask``;
+    class labels stay ``[n]``, causal-LM labels are the ids with ``-100`` on padding."""
+
+    def __init__(self, pad_id: int = 0, length: int = 0, lm: bool = False) -> None:
+        self.pad_id, self.length, self.lm = pad_id, length, lm
+
+    def __call__(self, items: Sequence[Dict[str, Any]]) -> Dict[str, torch.Tensor]:
+        L = max([len(it["input_ids"]) for it in items] + [self.length])
+        ids = torch.full((len(items), L), self.pad_id, dtype=torch.long)
+        mask = torch.zeros(len(items), L, dtype=torch.long)
+        for r, it in enumerate(items):
+            n = len(it["input_ids"])
+            ids[r, :n] = torch.as_tensor(it["input_ids"])
+            mask[r, :n] = 1
+        out = {"input_ids": ids, "attention_mask": mask}
+        if self.lm:
+            out["labels"] = ids.masked_fill(mask == 0, -100)
+        else:
+            out["labels"] = torch.as_tensor([it["labels"] for it in items], dtype=torch.long)
+        return out
+
+
+def classification_loss(out: Any, batch: Dict[str, torch.Tensor]) -> torch.Tensor:
+    """Per-example cross-entropy of the logits (loss_fn for Mapping items: the whole batch)."""
+    return nn.functional.cross_entropy(out.logits, batch["labels"], reduction="none")
+
+
+def lm_loss(out: Any, batch: Dict[str, torch.Tensor]) -> torch.Tensor:
+    """Per-example mean next-token loss over the non-padding targets (the causal shift, -100 ignored)."""
+    logits = out.logits[:, :-1]
+    labels = batch["labels"][:, 1:]
+    tok = nn.functional.cross_entropy(logits.transpose(1, 2), labels, reduction="none", ignore_index=-100)
+    count = (labels != -100).sum(1).clamp_min(1)
+    return tok.sum(1) / count
+
+
+def record(model: nn.Module, dataset, collate, loss_fn, path, steps: int = 4, batch_size: int = 4,
+           lr: float = 0.05, momentum: float = 0.9):
+    """SGD with momentum over a shuffled padding loader; mean of the per-example losses."""
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
+    g = torch.Generator().manual_seed(0)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True, generator=g,
+                                         collate_fn=collate)
+    rec = TrajectoryRecorder(model, opt, path)
+    done = 0
+    model.train()
+    with rec:
+        while done < steps:
+            for batch in rec.track(loader):
+                opt.zero_grad()
+                inputs = {k: v for k, v in batch.items() if k != "labels"}
+                loss_fn(model(**inputs), batch).mean().backward()
+                opt.step()
+                done += 1
+                if done == steps:
+                    break
+    model.eval()
+    return rec.trajectory
+
+
+def outputs_at(model: nn.Module, traj, step: int, inputs: Dict[str, torch.Tensor]) -> torch.Tensor:
+    """Ground truth: the model's logits at the recorded θ_step (plain forward, no library code)."""
+    import copy
+
+    m = copy.deepcopy(model).double().eval()
+    state = {k: v.double() for k, v in traj.params(step).items()}
+    m.load_state_dict(state, strict=False)
+    with torch.no_grad():
+        return m(**inputs).logits
