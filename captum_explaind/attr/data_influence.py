@@ -9,7 +9,7 @@ from typing import Any, Callable, List, Literal, NamedTuple, Optional, Sequence,
 import torch
 from captum.influence import DataInfluence
 from captum.log import log_usage
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
 from ..epk.batch import Batch
 from ..epk.data_view import DataView
@@ -20,7 +20,7 @@ from ..epk.selection import resolve_groups
 from ..epk.target import TargetType, resolve_target
 from ..epk.training_set import LABEL_KEYS, TrainingSet, check_loss_fn, check_train_batch_size
 from ..epk.updates import UpdateModel
-from ..epk.windows import StepsType, is_window_list, parse_windows
+from ..epk.windows import StepsType, parse_windows
 from ..errors import UnsupportedOptimizerError
 from ..recording.trajectory import Trajectory
 from ._base import EPKAttribution
@@ -45,7 +45,8 @@ class KMostInfluentialResults(NamedTuple):
 def _check_order(trajectory: Any, train_dataset: Any) -> None:
     """Captum's ``TracInCP(model, train_dataset, checkpoints, ...)`` puts the data second; here the
     trajectory is second. Name the swap instead of failing somewhere inside."""
-    if isinstance(trajectory, (Dataset, DataLoader)) and isinstance(train_dataset, (Trajectory, str, os.PathLike)):
+    run = (Trajectory, str, os.PathLike)
+    if isinstance(train_dataset, run) and not isinstance(trajectory, run):
         raise TypeError(
             "TrainingDataInfluence(model, trajectory, train_dataset, loss_fn): the trajectory comes second and "
             "the training data third (Captum's TracInCP takes train_dataset second); swap the two arguments"
@@ -249,16 +250,20 @@ class TrainingDataInfluence(EPKAttribution, DataInfluence):
                 batch = batch.concat(self.epk.prepare_inputs(x), what="a later batch of the DataLoader")
             return batch, [t for _, ts in parts for t in ts]
         if isinstance(inputs, Mapping):
-            key = next((k for k in self.train.label_keys if k in inputs), None)
-            if key is None:
-                raise TypeError(f"a Mapping batch needs a label entry (one of {self.train.label_keys}) for influence()")
             x = {k: v for k, v in inputs.items() if k not in self.train.label_keys}
-            return x, _as_targets(inputs[key])
+            return x, _as_targets(self._label_entry(inputs))
         if not isinstance(inputs, (tuple, list)) or len(inputs) < 2:
             raise TypeError("inputs must be a tuple (*model_inputs, labels) or a DataLoader of those, as for "
                             "Captum's TracInCP")
         *x, labels = inputs
         return (tuple(x) if len(x) > 1 else x[0]), _as_targets(labels)
+
+    def _label_entry(self, batch: Mapping) -> Any:
+        """The labels of a Mapping batch: its first entry named in ``label_keys``."""
+        key = next((k for k in self.train.label_keys if k in batch), None)
+        if key is None:
+            raise TypeError(f"a Mapping batch needs a label entry (one of {self.train.label_keys}) for influence()")
+        return batch[key]
 
     @log_usage()
     def influence(  # type: ignore[override]
@@ -301,7 +306,8 @@ class TrainingDataInfluence(EPKAttribution, DataInfluence):
         return KMostInfluentialResults(idx, vals)
 
     @log_usage()
-    def self_influence(self, inputs: Any = None, show_progress: bool = False, chunk: int = 64) -> torch.Tensor:
+    def self_influence(self, inputs: Any = None, show_progress: bool = False, chunk: int = 64, *,
+                       outer_loop_by_checkpoints: bool = False) -> torch.Tensor:
         r"""Each training sample's influence on its own prediction (Captum's ``self_influence``).
 
         The score of sample k on the output of its own label, computed exactly for all samples
@@ -313,17 +319,23 @@ class TrainingDataInfluence(EPKAttribution, DataInfluence):
                 sample i.
             show_progress (bool, optional): progress bar. Default: False
             chunk (int, optional): test inputs per sweep (memory ``chunk × (P + n_train)``).
+            outer_loop_by_checkpoints (bool, optional): accepted for ``TracInCP`` compatibility;
+                no effect (one reverse sweep over the steps per chunk either way).
 
         Returns:
             *Tensor* ``[n]``.
         """
+        if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
+            hint = (" (TracInCP's third argument outer_loop_by_checkpoints is keyword-only here)"
+                    if isinstance(chunk, bool) else "")
+            raise TypeError(f"chunk must be a positive int, got {chunk!r}{hint}")
         if inputs is None:
             n = len(self.train)
             out = []
             for start in range(0, n, chunk):
                 idx = torch.arange(start, min(n, start + chunk))
                 batch, target = self.train.batch(idx)
-                labels = target if isinstance(target, torch.Tensor) else target[self.train.label_keys[0]]
+                labels = target if isinstance(target, torch.Tensor) else self._label_entry(target)
                 out.append(self._self_scores(batch, _as_targets(labels), idx, show_progress))
             return torch.cat(out)
         x, labels = self._labelled(inputs)
