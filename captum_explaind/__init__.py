@@ -5,10 +5,11 @@ parameters and training samples. Record the run with :class:`TrajectoryRecorder`
 predictions with :class:`ExactPathKernel` and the attribution views.
 """
 
-from ._compat import ensure_torchvision_importable as _ensure_torchvision_importable
+from ._compat import install_torchvision_import_hook as _install_torchvision_import_hook
 
-# Must run before anything imports torchvision or transformers models (see _compat).
-_ensure_torchvision_importable()
+# Normally already active from interpreter start (the .pth file this package installs); lazy,
+# imports nothing, and only acts if a later `import torchvision` fails (see _compat).
+_install_torchvision_import_hook()
 
 __version__ = "0.1.0"
 

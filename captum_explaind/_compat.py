@@ -5,9 +5,12 @@ Two problems are solved here, both documented in the project's environment notes
 * The PyPI ``torchvision`` wheel is built against CUDA torch. On a CPU-only torch its C++
   extension cannot load, and ``import torchvision`` then fails while registering fake kernels
   for ``torchvision::nms``. Because ``transformers`` imports torchvision whenever it is
-  installed, that also breaks ``from transformers import Trainer``. :func:`ensure_torchvision_importable`
-  defines the two missing operator schemas *only after* the normal import failed, so it is a
-  no-op wherever torchvision works.
+  installed, that also breaks ``from transformers import Trainer``. The lazy import hook in
+  ``_captum_explaind_torchvision_hook`` (active from interpreter start through the ``.pth`` file
+  this package installs) defines the two missing operator schemas *only after* the normal import
+  failed, so it is a no-op wherever torchvision works. :func:`install_torchvision_import_hook`
+  activates it in this process (for interpreters started without ``site``);
+  :func:`ensure_torchvision_importable` also imports torchvision.
 * Forward-mode AD (``torch.func.jvp``) is not implemented for the fused CPU attention kernels
   (flash SDPA, the ``nn.MultiheadAttention`` fast path). :func:`functorch_friendly` switches to
   the math SDPA backend and disables the fast path for the duration of a transform.
@@ -18,37 +21,37 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import sys
-from typing import Iterator
+from collections.abc import Iterator
+from types import ModuleType
 
 import torch
 
-__all__ = ["ensure_torchvision_importable", "functorch_friendly"]
+import _captum_explaind_torchvision_hook as _torchvision_hook
+
+__all__ = ["ensure_torchvision_importable", "functorch_friendly", "install_torchvision_import_hook"]
 
 
-def ensure_torchvision_importable() -> None:
-    """Make ``import torchvision`` work even when its compiled ops cannot load.
+def install_torchvision_import_hook() -> None:
+    """Activate the lazy torchvision import hook in this interpreter (idempotent).
 
-    Does nothing when torchvision is not installed or imports cleanly.
+    Imports nothing: torchvision is only touched when something imports it, and patched only if
+    that import fails because its compiled operators cannot load.
     """
-    if importlib.util.find_spec("torchvision") is None:
-        return
-    try:
-        import torchvision  # noqa: F401
+    _torchvision_hook.install()
 
-        return
-    except RuntimeError as err:
-        if "torchvision::" not in str(err):
-            raise
-    # A failed import leaves half-initialised modules behind; drop them before retrying.
-    for name in [m for m in list(sys.modules) if m == "torchvision" or m.startswith("torchvision.")]:
-        del sys.modules[name]
-    for op in ("nms", "qnms"):  # the only unconditional fake-kernel registrations in 0.28
-        if not hasattr(torch.ops.torchvision, op):
-            torch.library.define(
-                f"torchvision::{op}",
-                "(Tensor dets, Tensor scores, float iou_threshold) -> Tensor",
-            )
-    import torchvision  # noqa: F401
+
+def ensure_torchvision_importable() -> ModuleType | None:
+    """Import torchvision, even when its compiled ops cannot load; ``None`` if it is not installed.
+
+    Also recovers after an earlier failed ``import torchvision`` (or ``transformers`` model
+    import) in the same process.
+    """
+    install_torchvision_import_hook()
+    if "torchvision" not in sys.modules and importlib.util.find_spec("torchvision") is None:
+        return None
+    import torchvision
+
+    return torchvision
 
 
 @contextlib.contextmanager

@@ -7,7 +7,6 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 os.environ.setdefault("MPLBACKEND", "Agg")
 
-import captum_explaind  # noqa: E402,F401  (installs the torchvision import shim first)
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
