@@ -18,7 +18,7 @@ from captum_explaind import (ExactPathKernel, ParameterInfluence, PredictionSimi
                              TrainingDataInfluence)
 from captum_explaind.epk import DataDecomposition, EPKOptions, Reconstruction, ScoreResult
 
-pytestmark = pytest.mark.filterwarnings("ignore:vmap over examples:RuntimeWarning")
+pytestmark = pytest.mark.filterwarnings("ignore:vmap .* does not work:RuntimeWarning")
 
 TOL = 1e-9
 

@@ -127,12 +127,12 @@ def test_relu_error_control_beats_fixed_rules(tmp_path):
 
 def test_float32_trajectory(tmp_path):
     model, traj, X = _run(tmp_path, "tanh_mlp", "adamw", dtype=torch.float32)
-    r32 = ExactPathKernel(model, traj).reconstruct(X[:5])
+    r32 = ExactPathKernel(model, traj, dtype=None).reconstruct(X[:5])  # None: the trajectory's dtype
     assert r32.final.dtype == torch.float32
     # float32 floor: ~10 ulps of |f| (MATH.md §6)
     assert r32.max_abs_delta() < 5e-6
-    r64 = ExactPathKernel(model, traj, dtype=torch.float64).reconstruct(X[:5])
-    assert r64.final.dtype == torch.float64
+    r64 = ExactPathKernel(model, traj).reconstruct(X[:5])  # the "exact" preset computes in float64
+    assert r64.final.dtype == torch.float64 and r64.options["dtype"] == "float64"
     assert r64.relative_delta() < 1e-12  # the recorded float32 path is exact in float64
 
 
@@ -266,8 +266,18 @@ def test_bad_arguments(tmp_path):
         epk.reconstruct(X[:0])
     with pytest.raises(ValueError, match="same number of examples"):
         epk.reconstruct((X[:3], X[:2]))
-    with pytest.raises(TypeError, match="tensor"):
-        ExactPathKernel(_TupleOut(), _trajectory_for(_TupleOut(), tmp_path)).reconstruct(X[:2])
+    # A tuple output is explained through its first element (the default output_fn) ...
+    tup = _TupleOut()
+    parts = ExactPathKernel(tup, _trajectory_for(tup, tmp_path)).reconstruct(X[:2])
+    assert parts.final.shape == (2, 3) and parts.max_abs_delta() < 1e-12
+    # ... an output with no tensor to explain is named, and so is an output_fn of the wrong shape.
+    odd = _DictOut()
+    with pytest.raises(TypeError, match="output_fn"):
+        ExactPathKernel(odd, _trajectory_for(odd, tmp_path / "d")).reconstruct(X[:2])
+    with pytest.raises(ValueError, match="one row per example"):
+        ExactPathKernel(tup, tmp_path / "tuple", output_fn=lambda o: o[0].sum()).reconstruct(X[:2])
+    with pytest.raises(TypeError, match="output_fn must be callable"):
+        ExactPathKernel(tup, tmp_path / "tuple", output_fn="logits")
 
 
 class _Extra(TanhMLP):
@@ -285,12 +295,21 @@ class _TupleOut(nn.Module):
         return self.lin(x), x
 
 
+class _DictOut(_TupleOut):
+    def forward(self, x):
+        return {"hidden": self.lin(x)}
+
+
+def _first_tensor(out):
+    return out[0] if isinstance(out, tuple) else out["hidden"]
+
+
 def _trajectory_for(model, tmp_path):
     X, Y = make_data("vector", 8)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     with TrajectoryRecorder(model, opt, tmp_path / "tuple") as rec:
         opt.zero_grad()
-        model(X)[0].sum().backward()
+        _first_tensor(model(X)).sum().backward()
         opt.step()
     return rec.trajectory
 

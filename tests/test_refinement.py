@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from captum_explaind import ExactPathKernel, TrajectoryRecorder
+from captum_explaind.epk.batch import Batch
 from captum_explaind.epk.functional import FunctionalModel
 from captum_explaind.epk.kinks import KinkCapture, capture_preactivations, kink_roots
 from captum_explaind.epk.layout import ParamLayout
@@ -91,20 +92,21 @@ def test_rows_on_a_segment_match_the_generic_path(cls, kind):
     t = torch.tensor([0.1, 0.35, 0.5, 0.9, 1.0], dtype=torch.float64)
     tangents = torch.randn(3, theta0.numel(), dtype=torch.float64)
     thetas = theta0 + t.unsqueeze(1) * delta
-    fwd = fm.forward_on_segment(theta0, delta, t, (X,))
-    jv = fm.jvp_on_segment(theta0, delta, t, tangents, (X,))
+    B = Batch.from_inputs(X)
+    fwd = fm.forward_on_segment(theta0, delta, t, B)
+    jv = fm.jvp_on_segment(theta0, delta, t, tangents, B)
     sel = lambda out, j: out.reshape(-1).gather(0, j.reshape(1)).squeeze(0)  # noqa: E731
     j = torch.tensor([0, 1, 2, 1, 0])
-    g = fm.grads_on_segment(theta0, delta, t, (X,), (), sel, j)
+    g = fm.grads_on_segment(theta0, delta, t, B, sel, j)
     assert fm.affine_ok is (cls is Mixed), fm.affine_reason
     for i in range(5):
         th = thetas[i]
-        ref = fm.forward(th, (X[i : i + 1],))[0]
+        ref = fm.forward(th, B.row(i))[0]
         torch.testing.assert_close(fwd[i], ref, rtol=0, atol=1e-13)
         for k in range(3):
-            _, jvk = fm.jvp(th, tangents[k : k + 1], (X[i : i + 1],))
+            _, jvk = fm.jvp(th, tangents[k : k + 1], B.row(i))
             torch.testing.assert_close(jv[i, k], jvk[0, 0], rtol=0, atol=1e-12)
-        gi, _ = fm.selected_grads(th, (X[i : i + 1],), (), sel, j[i : i + 1])
+        gi, _ = fm.selected_grads(th, B.row(i), sel, j[i : i + 1])
         torch.testing.assert_close(g[i], gi[0], rtol=0, atol=1e-12)
 
 

@@ -27,9 +27,15 @@ from .outputs import OutputFn, default_output_fn, explained_output
 
 __all__ = ["FunctionalModel"]
 
-#: Per model class and purpose, whether ``vmap`` was found not to work (``per_sample="auto"``):
-#: the fallback is decided once per process and said once, not on every call or explainer.
+#: (model class, "examples" | "tangents") for which ``vmap`` was found not to work
+#: (``per_sample="auto"``), with the reason: the fallback is decided once per process and said once,
+#: not on every call, explainer or purpose (what breaks ``vmap`` over examples — data-dependent
+#: control flow on a batched mask — breaks it for every per-example use; tangents are separate).
 _VMAP_FAILED: Dict[Tuple[type, str], str] = {}
+
+
+def _vmap_key(kind: type, purpose: str) -> Tuple[type, str]:
+    return (kind, "tangents" if purpose == "tangents" else "examples")
 
 class FunctionalModel:
     """Evaluate a copy of ``model`` at arbitrary flat trainable parameters.
@@ -78,20 +84,21 @@ class FunctionalModel:
     # ------------------------------------------------------------------ vmap or loop
     def use_vmap(self, purpose: str) -> bool:
         """Whether per-example work for ``purpose`` runs under ``vmap``."""
-        if self.per_sample == "loop":
+        if self.per_sample == "loop" and purpose != "tangents":
             return False
-        return self.per_sample == "vmap" or (self._kind, purpose) not in _VMAP_FAILED
+        return _vmap_key(self._kind, purpose) not in _VMAP_FAILED or (
+            self.per_sample == "vmap" and purpose != "tangents")
 
     def vmap_failed(self, purpose: str, err: Exception) -> None:
         """Remember (and say once) that ``vmap`` does not work for ``purpose``; re-raise under
         ``per_sample="vmap"``, where falling back was not asked for."""
-        if self.per_sample == "vmap":
+        if self.per_sample == "vmap" and purpose != "tangents":
             raise err
-        key = (self._kind, purpose)
+        key = _vmap_key(self._kind, purpose)
         if key not in _VMAP_FAILED:
-            _VMAP_FAILED[key] = f"{type(err).__name__}: {err}"
+            _VMAP_FAILED[key] = f"{purpose}: {type(err).__name__}: {err}"
             warnings.warn(
-                f"vmap over examples ({purpose}) does not work for {self._kind.__name__} ({type(err).__name__}: "
+                f"vmap ({purpose}) does not work for {self._kind.__name__} ({type(err).__name__}: "
                 f"{str(err)[:200]}); using a per-example loop from now on (slower, same result; "
                 "per_sample='loop' skips the attempt)",
                 RuntimeWarning,
