@@ -22,7 +22,15 @@ from .errors import (  # noqa: E402
     UnsupportedOptimizerError,
 )
 from .recording import Trajectory, TrajectoryRecorder  # noqa: E402
-from .epk import ExactPathKernel, Reconstruction  # noqa: E402
+from .epk import (  # noqa: E402
+    DataDecomposition,
+    EPKOptions,
+    ExactPathKernel,
+    Reconstruction,
+    ScoreResult,
+    SimilarityResult,
+    SweepStats,
+)
 from .attr import (  # noqa: E402
     ParameterInfluence,
     PredictionSimilarity,
@@ -34,7 +42,12 @@ __all__ = [
     "TrajectoryRecorder",
     "Trajectory",
     "ExactPathKernel",
+    "EPKOptions",
     "Reconstruction",
+    "ScoreResult",
+    "DataDecomposition",
+    "SimilarityResult",
+    "SweepStats",
     "ParameterInfluence",
     "StepInfluence",
     "TrainingDataInfluence",
