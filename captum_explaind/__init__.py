@@ -13,15 +13,14 @@ _install_torchvision_import_hook()
 
 __version__ = "0.1.0"
 
-from .errors import (  # noqa: E402
-    ExplaindError,
-    MissingOptimizerStateError,
-    TrajectoryCorruptError,
-    TrajectoryError,
-    TrajectoryMismatchError,
-    UnsupportedOptimizerError,
+# E402 on purpose: the package's own imports below pull in torch (and, through it, possibly
+# torchvision), so they must come after the hook activation above.
+from .attr import (  # noqa: E402
+    ParameterInfluence,
+    PredictionSimilarity,
+    StepInfluence,
+    TrainingDataInfluence,
 )
-from .recording import Trajectory, TrajectoryRecorder  # noqa: E402
 from .epk import (  # noqa: E402
     DataDecomposition,
     EPKOptions,
@@ -31,12 +30,15 @@ from .epk import (  # noqa: E402
     SimilarityResult,
     SweepStats,
 )
-from .attr import (  # noqa: E402
-    ParameterInfluence,
-    PredictionSimilarity,
-    StepInfluence,
-    TrainingDataInfluence,
+from .errors import (  # noqa: E402
+    ExplaindError,
+    MissingOptimizerStateError,
+    TrajectoryCorruptError,
+    TrajectoryError,
+    TrajectoryMismatchError,
+    UnsupportedOptimizerError,
 )
+from .recording import Trajectory, TrajectoryRecorder  # noqa: E402
 
 __all__ = [
     "TrajectoryRecorder",

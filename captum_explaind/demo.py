@@ -101,7 +101,8 @@ def main(argv=None) -> None:
     )
     print("   training view — kernel / regularization per quarter of training:")
     for w in range(windows["kernel"].shape[1]):
-        print(f"   window {w + 1}: {float(windows['kernel'][0, w]):+.4f} / {float(windows['regularization'][0, w]):+.4f}")
+        kernel, reg = float(windows["kernel"][0, w]), float(windows["regularization"][0, w])
+        print(f"   window {w + 1}: {kernel:+.4f} / {reg:+.4f}")
 
     tdi = TrainingDataInfluence(model, trajectory, train_set, loss_fn=nn.NLLLoss(reduction="none"), dtype=torch.float64)
     res = tdi.decompose(x0, target=y0)
@@ -109,7 +110,10 @@ def main(argv=None) -> None:
     bottom = torch.topk(-res.scores[0], 3)
     print(f"\n3) data view — training samples that moved log p({y0} | {tuple(x0[0].tolist())}):")
     for tag, ids, vals in (("proponents", top.indices, top.values), ("opponents", bottom.indices, -bottom.values)):
-        items = ", ".join(f"{tuple(train_set[int(k)][0].tolist())}→{int(train_set[int(k)][1])}: {float(v):+.4f}" for k, v in zip(ids, vals))
+        items = ", ".join(
+            f"{tuple(train_set[int(k)][0].tolist())}→{int(train_set[int(k)][1])}: {float(v):+.4f}"
+            for k, v in zip(ids, vals)
+        )
         print(f"   {tag}: {items}")
     total = float(res.scores[0].sum() + res.regularization[0] + res.residual[0])
     print(f"   sum over all {len(train_set)} samples + regularization + residual = {total:+.6f}; "

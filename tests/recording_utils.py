@@ -14,6 +14,7 @@ from captum_explaind import (
 )
 from captum_explaind.recording import format as fmt
 from captum_explaind.recording.optim_spec import unwrap_optimizer
+
 from training import TanhMLP, make_data
 
 REPO_ROOT = Path(__file__).resolve().parents[1]

@@ -23,8 +23,17 @@ from captum_explaind import (
     TrajectoryRecorder,
 )
 
-from training import (OPTIMIZERS, SCHEDULERS, RunConfig, TanhMLP, TinyTransformer, loss_fn_for, make_data, outputs_at,
-                      record_run)
+from training import (
+    OPTIMIZERS,
+    SCHEDULERS,
+    RunConfig,
+    TanhMLP,
+    TinyTransformer,
+    loss_fn_for,
+    make_data,
+    outputs_at,
+    record_run,
+)
 
 # EXPLAIND_TEST_DEVICE=cpu runs this module on the CPU (a dry run of the tests themselves)
 CUDA = torch.device(os.environ.get("EXPLAIND_TEST_DEVICE", "cuda"))

@@ -17,9 +17,19 @@ from torch.utils.data import TensorDataset
 
 from captum_explaind import PredictionSimilarity, TrainingDataInfluence, TrajectoryRecorder
 from captum_explaind.errors import MissingOptimizerStateError, UnsupportedOptimizerError
-from reference import bruteforce as bf
 
-from training import OPTIMIZERS, SCHEDULERS, RunConfig, TanhMLP, TinyCNN, TinyTransformer, loss_fn_for, make_data, record_run
+from reference import bruteforce as bf
+from training import (
+    OPTIMIZERS,
+    SCHEDULERS,
+    RunConfig,
+    TanhMLP,
+    TinyCNN,
+    TinyTransformer,
+    loss_fn_for,
+    make_data,
+    record_run,
+)
 
 ATOL = 1e-12
 
@@ -306,7 +316,7 @@ def test_unsupported_optimizer_and_missing_state(tmp_path):
     model2 = TanhMLP().double()
     opt = torch.optim.Adam(model2.parameters(), lr=0.01)
     with TrajectoryRecorder(model2, opt, tmp_path / "nostate", record_optimizer_state=False) as rec:
-        for s in range(3):
+        for _ in range(3):
             opt.zero_grad()
             nn.functional.nll_loss(model2(X[:4]), Y[:4]).backward()
             rec.log_batch(torch.arange(4))

@@ -13,10 +13,16 @@ import pytest
 import torch
 from torch.func import functional_call
 
-import hf_models as hf
-from captum_explaind import (ExactPathKernel, ParameterInfluence, PredictionSimilarity, StepInfluence,
-                             TrainingDataInfluence)
+from captum_explaind import (
+    ExactPathKernel,
+    ParameterInfluence,
+    PredictionSimilarity,
+    StepInfluence,
+    TrainingDataInfluence,
+)
 from captum_explaind.epk import DataDecomposition, EPKOptions, Reconstruction, ScoreResult
+
+import hf_models as hf
 
 pytestmark = pytest.mark.filterwarnings("ignore:vmap .* does not work:RuntimeWarning")
 
@@ -125,7 +131,7 @@ def _bruteforce_data_view(model, traj, train, test_inputs, target, nodes=16, lr=
                           "attention_mask": torch.ones(1, len(row["input_ids"]), dtype=torch.long)}
                 y = torch.as_tensor([row["labels"]])
                 g = _flat_grad(model, traj, thetas[i - 1], inputs,
-                               lambda out: torch.nn.functional.cross_entropy(out.logits, y))
+                               lambda out, y=y: torch.nn.functional.cross_entropy(out.logits, y))
                 grads[(i, k)] = grads.get((i, k), 0) + w * g
     scores = torch.zeros(n_test, n_train, dtype=torch.float64)
     replayed = []
@@ -139,7 +145,7 @@ def _bruteforce_data_view(model, traj, train, test_inputs, target, nodes=16, lr=
         for q in range(n_test):
             inp = {k: v[q : q + 1] for k, v in test_inputs.items()}
             phi = sum(w * _flat_grad(model, traj, thetas[s - 1] + t * delta_s, inp,
-                                     lambda out: out.logits[0, target[q]])
+                                     lambda out, q=q: out.logits[0, target[q]])
                       for t, w in zip(t_nodes, w_nodes))
             scores[q] += shares @ phi
     return scores, max(replayed)
@@ -226,7 +232,8 @@ def test_options_and_results_round_trip(bert_run, tmp_path):
     loaded = Reconstruction.load(tmp_path / "rec")
     assert torch.equal(loaded.delta, parts.delta) and loaded.options == parts.options
     res = StepInfluence(model, traj).explain(enc, target=[0, 1, 0], window=2, layers=["bert", "classifier"])
-    assert isinstance(res, ScoreResult) and res.windows == [range(1, 3), range(3, 5)] and res.groups == ["bert", "classifier"]
+    assert isinstance(res, ScoreResult)
+    assert res.windows == [range(1, 3), range(3, 5)] and res.groups == ["bert", "classifier"]
     res.save(tmp_path / "steps")
     again = ScoreResult.load(tmp_path / "steps")
     assert again.windows == res.windows and torch.equal(again.scores["total"], res.scores["total"])

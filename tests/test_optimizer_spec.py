@@ -12,11 +12,11 @@ from captum_explaind import (
     TrajectoryRecorder,
 )
 from captum_explaind.recording.optim_spec import optimizer_family, unwrap_optimizer
+
+from recording_utils import assert_params_equal, clone_params, nll, train, vector_data
 from training import TanhMLP
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-
-from recording_utils import nll, clone_params, train, vector_data, assert_params_equal
 
 
 

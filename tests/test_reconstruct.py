@@ -107,10 +107,16 @@ def test_partial_last_batch_and_duplicate(tmp_path):
 
 def test_error_falls_as_nodes_grow_without_control(tmp_path):
     model, traj, X = _run(tmp_path, "tanh_mlp", "sgd_momentum", steps=10)
-    errs = [ExactPathKernel(model, traj, nodes=n, error_control=False).reconstruct(X[:5]).max_abs_delta() for n in (1, 2, 3, 4)]
+    errs = [
+        ExactPathKernel(model, traj, nodes=n, error_control=False).reconstruct(X[:5]).max_abs_delta()
+        for n in (1, 2, 3, 4)
+    ]
     assert errs[0] > errs[1] > errs[2] > errs[3]
     assert errs[1] / errs[3] > 1e3  # Gauss–Legendre gains ~10^3 per node on smooth steps
-    mids = [ExactPathKernel(model, traj, quadrature="midpoint", nodes=n).reconstruct(X[:5]).max_abs_delta() for n in (5, 50)]
+    mids = [
+        ExactPathKernel(model, traj, quadrature="midpoint", nodes=n).reconstruct(X[:5]).max_abs_delta()
+        for n in (5, 50)
+    ]
     assert 50 < mids[0] / mids[1] < 200  # midpoint rule is O(n^-2)
 
 

@@ -27,11 +27,21 @@ from captum_explaind import (
     TrajectoryRecorder,
 )
 from captum_explaind.recording import format as fmt
+
+from recording_utils import (
+    BNNet,
+    TwoHead,
+    assert_params_equal,
+    clone_params,
+    clone_state,
+    nll,
+    step_file,
+    train,
+    vector_data,
+)
 from training import TanhMLP, groups_no_decay_on_bias
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-
-from recording_utils import nll, clone_params, clone_state, train, vector_data, step_file, assert_params_equal, TwoHead, BNNet
 
 
 # ============================================================================ parameters
@@ -307,7 +317,7 @@ def test_scheduler_stepped_before_optimizer_still_records_the_lr_used(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch warns about the unusual order
         with rec:
-            for s in range(4):
+            for _ in range(4):
                 opt.zero_grad()
                 nll(model(X[:6]), Y[:6]).mean().backward()
                 rec.log_batch(range(6))

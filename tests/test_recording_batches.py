@@ -15,11 +15,11 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, RandomSampler
 from captum_explaind import (
     TrajectoryRecorder,
 )
+
+from recording_utils import nll, vector_data
 from training import TanhMLP
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-
-from recording_utils import nll, vector_data
 
 
 

@@ -30,11 +30,11 @@ from captum_explaind import (
     TrajectoryRecorder,
 )
 from captum_explaind.recording import format as fmt
+
+from recording_utils import BNNet, assert_params_equal, clone_params, nll, record_small, step_file, train, vector_data
 from training import TanhMLP
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-
-from recording_utils import nll, clone_params, train, vector_data, record_small, step_file, assert_params_equal, BNNet
 
 
 # ============================================================================ crash safety
@@ -111,7 +111,7 @@ def test_open_while_recording_returns_completed_steps_and_warns(tmp_path):
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     rec = TrajectoryRecorder(model, opt, tmp_path / "run")
     live = []
-    for s in range(3):
+    for _ in range(3):
         opt.zero_grad()
         nll(model(X[:4]), Y[:4]).mean().backward()
         rec.log_batch(range(4))
@@ -249,7 +249,8 @@ def test_corrupt_manifest_of_another_format(closed_run):
 
 def test_corrupt_manifest_of_a_newer_version(closed_run):
     _rewrite_manifest(closed_run, version=fmt.FORMAT_VERSION + 98)
-    with pytest.raises(TrajectoryCorruptError, match=rf"format version {fmt.FORMAT_VERSION + 98}.*<= {fmt.FORMAT_VERSION}"):
+    newer = fmt.FORMAT_VERSION + 98
+    with pytest.raises(TrajectoryCorruptError, match=rf"format version {newer}.*<= {fmt.FORMAT_VERSION}"):
         Trajectory.open(closed_run)
     _rewrite_manifest(closed_run, version="1")
     with pytest.raises(TrajectoryCorruptError, match="format version '1'"):
@@ -343,7 +344,9 @@ def test_corrupt_step_file_lacking_a_parameter_or_its_record(closed_run):
         tensors = {k: fh.get_tensor(k) for k in fh.keys()}
         meta = fh.metadata()
     save_file({k: v for k, v in tensors.items() if k != "param/fc2.bias"}, str(f), metadata=meta)
-    with pytest.raises(TrajectoryCorruptError, match=r"step_00000002\.safetensors lacks trainable parameter 'fc2\.bias'"):
+    with pytest.raises(
+        TrajectoryCorruptError, match=r"step_00000002\.safetensors lacks trainable parameter 'fc2\.bias'"
+    ):
         Trajectory.open(closed_run)
     save_file(tensors, str(f))  # no metadata
     with pytest.raises(TrajectoryCorruptError, match="lacks its step record metadata"):
@@ -384,9 +387,13 @@ def test_validate_model(tmp_path):
     traj.validate(TanhMLP())  # same architecture
     with pytest.raises(TrajectoryMismatchError, match=r"no parameter 'fc1\.weight'.*\[8, 5\]"):
         traj.validate(Renamed())
-    with pytest.raises(TrajectoryMismatchError, match=r"parameter 'fc1\.weight' has shape \[9, 5\] in the model but \[8, 5\]"):
+    with pytest.raises(
+        TrajectoryMismatchError, match=r"parameter 'fc1\.weight' has shape \[9, 5\] in the model but \[8, 5\]"
+    ):
         traj.validate(TanhMLP(hidden=9))
-    with pytest.raises(TrajectoryMismatchError, match=r"parameter 'fc1\.weight' has dtype torch\.float64.*torch\.float32"):
+    with pytest.raises(
+        TrajectoryMismatchError, match=r"parameter 'fc1\.weight' has dtype torch\.float64.*torch\.float32"
+    ):
         traj.validate(TanhMLP().double())
     traj.validate(TanhMLP().double(), check_dtype=False)
     with pytest.raises(TrajectoryMismatchError, match=r"parameter 'extra', which was not recorded"):

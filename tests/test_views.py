@@ -17,7 +17,17 @@ from torch.nn.utils import prune
 from captum_explaind import ExactPathKernel, ParameterInfluence, StepInfluence
 from captum_explaind.errors import TrajectoryError, TrajectoryMismatchError
 
-from training import OPTIMIZERS, SCHEDULERS, ReLUMLP, RunConfig, TanhMLP, TinyTransformer, make_data, outputs_at, record_run
+from training import (
+    OPTIMIZERS,
+    SCHEDULERS,
+    ReLUMLP,
+    RunConfig,
+    TanhMLP,
+    TinyTransformer,
+    make_data,
+    outputs_at,
+    record_run,
+)
 
 
 @pytest.fixture(scope="module")
@@ -91,7 +101,9 @@ def test_module_scores_equal_sum_of_their_parameters(run):
             torch.testing.assert_close(by_module[:, g], ref, rtol=0, atol=1e-14)
     by_glob = pi.attribute(x, target=0, layers={"weights": "*.weight", "biases": "*bias"})
     w = pi.attribute(x, target=0)
-    torch.testing.assert_close(by_glob["weights"], w["fc1.weight"].sum((1, 2)) + w["fc2.weight"].sum((1, 2)), rtol=0, atol=1e-14)
+    torch.testing.assert_close(
+        by_glob["weights"], w["fc1.weight"].sum((1, 2)) + w["fc2.weight"].sum((1, 2)), rtol=0, atol=1e-14
+    )
 
 
 def test_windows_partition_the_run(run):

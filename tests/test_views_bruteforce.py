@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from captum_explaind import ExactPathKernel, ParameterInfluence, StepInfluence
-from reference import bruteforce as bf
 
+from reference import bruteforce as bf
 from training import OPTIMIZERS, SCHEDULERS, RunConfig, TanhMLP, TinyCNN, make_data, record_run
 
 ATOL = 1e-12

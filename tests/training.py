@@ -207,7 +207,9 @@ OPTIMIZERS = {
 SCHEDULERS = {
     "step": lambda o: torch.optim.lr_scheduler.StepLR(o, step_size=3, gamma=0.5),
     "cosine": lambda o: torch.optim.lr_scheduler.CosineAnnealingLR(o, T_max=8),
-    "onecycle": lambda o: torch.optim.lr_scheduler.OneCycleLR(o, max_lr=[g["lr"] * 2 for g in o.param_groups], total_steps=10),
+    "onecycle": lambda o: torch.optim.lr_scheduler.OneCycleLR(
+        o, max_lr=[g["lr"] * 2 for g in o.param_groups], total_steps=10
+    ),
     "warmup_cosine": lambda o: torch.optim.lr_scheduler.LambdaLR(
         o, lambda s: min(1.0, (s + 1) / 3) * 0.5 * (1 + math.cos(math.pi * s / 10))
     ),

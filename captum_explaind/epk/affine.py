@@ -63,7 +63,9 @@ class AffineParameters(TorchFunctionMode):
         extra = None if self.extra is None else self.extra[name]
         return self.delta[name], extra
 
-    def __torch_function__(self, func: Any, types: Any, args: Sequence[Any] = (), kwargs: Optional[Dict[str, Any]] = None) -> Any:
+    def __torch_function__(
+        self, func: Any, types: Any, args: Sequence[Any] = (), kwargs: Optional[Dict[str, Any]] = None
+    ) -> Any:
         kwargs = dict(kwargs or {})
         args = list(args)
         if func in _LINEAR_WEIGHT:

@@ -46,7 +46,9 @@ def _target_grads(fm: FunctionalModel, seg: Segment, t: Union[float, torch.Tenso
     return fm.selected_grads(seg.point(t), b, scalar, idx)[0]
 
 
-def _jvp(fm: FunctionalModel, seg: Segment, t: Union[float, torch.Tensor], tangents: torch.Tensor, b: Batch) -> torch.Tensor:
+def _jvp(
+    fm: FunctionalModel, seg: Segment, t: Union[float, torch.Tensor], tangents: torch.Tensor, b: Batch
+) -> torch.Tensor:
     """``J v`` as [m, T, C] (outputs flattened)."""
     if isinstance(t, torch.Tensor):
         jv = fm.jvp_on_segment(seg.theta0, seg.delta, t.to(seg.delta.dtype), tangents, b)  # [m, T, ...]
@@ -94,7 +96,9 @@ class SelectedJvpIntegrand(_Capturing):
     Payload [m, T] (one value per tangent), checked: the target output [m, 1].
     """
 
-    def __init__(self, fm: FunctionalModel, seg: Segment, tangents: torch.Tensor, chunk: Chunk, target: Target, sink: Sink) -> None:
+    def __init__(
+        self, fm: FunctionalModel, seg: Segment, tangents: torch.Tensor, chunk: Chunk, target: Target, sink: Sink
+    ) -> None:
         self.fm, self.seg, self.tangents, self.chunk, self.target, self.sink = fm, seg, tangents, chunk, target, sink
 
     def evaluate(self, t: Union[float, torch.Tensor], rows: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:

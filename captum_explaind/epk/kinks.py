@@ -71,7 +71,9 @@ class KinkCapture(TorchFunctionMode):
         super().__init__()
         self.values: List[torch.Tensor] = []
 
-    def __torch_function__(self, func: Any, types: Any, args: Sequence[Any] = (), kwargs: Optional[Dict[str, Any]] = None) -> Any:
+    def __torch_function__(
+        self, func: Any, types: Any, args: Sequence[Any] = (), kwargs: Optional[Dict[str, Any]] = None
+    ) -> Any:
         kwargs = kwargs or {}
         rule = _BREAKS.get(func)
         if rule is not None and args and isinstance(args[0], torch.Tensor) and args[0].is_floating_point():

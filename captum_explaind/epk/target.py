@@ -61,7 +61,8 @@ class Target:
 def _flat_index(multi: Sequence[int], dims: Sequence[int], what: str) -> int:
     if len(multi) != len(dims):
         raise ValueError(
-            f"target {what} has {len(multi)} indices but the model output has {len(dims)} dims after the batch dim {tuple(dims)}"
+            f"target {what} has {len(multi)} indices but the model output has {len(dims)} dims "
+            f"after the batch dim {tuple(dims)}"
         )
     flat = 0
     for i, d in zip(multi, dims):
@@ -89,7 +90,9 @@ def resolve_target(target: TargetType, n: int, out_shape: Sequence[int]) -> Targ
         raise TypeError("target must be an int, tuple, tensor or list, not bool")
     if isinstance(target, int):
         if len(dims) != 1:
-            raise ValueError(f"an int target needs 2-D model outputs [n, n_outputs]; got output dims {tuple(dims)} — use a tuple")
+            raise ValueError(
+                f"an int target needs 2-D model outputs [n, n_outputs]; got output dims {tuple(dims)} — use a tuple"
+            )
         return Target(torch.full((n,), _flat_index([target], dims, repr(target)), dtype=torch.int64), n_out)
     if isinstance(target, tuple):
         return Target(torch.full((n,), _flat_index(target, dims, repr(target)), dtype=torch.int64), n_out)

@@ -98,7 +98,9 @@ def atomic_write_json(path: str, obj: Any) -> None:
     atomic_write_bytes(path, json.dumps(obj, indent=1, sort_keys=True).encode("utf-8"))
 
 
-def write_safetensors(path: str, tensors: Mapping[str, torch.Tensor], metadata: Optional[Dict[str, str]] = None) -> None:
+def write_safetensors(
+    path: str, tensors: Mapping[str, torch.Tensor], metadata: Optional[Dict[str, str]] = None
+) -> None:
     """Atomically write ``tensors`` (made contiguous, on CPU) as one safetensors file."""
     flat = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
     atomic_write_bytes(path, _st_save(flat, metadata=metadata))

@@ -12,7 +12,7 @@ The optimizer *family* decides which update model the EPK core applies:
 from __future__ import annotations
 
 import numbers
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Type
 
 import torch
 
@@ -43,8 +43,8 @@ def _is_wrapper(opt: Any) -> bool:
     return isinstance(inner, torch.optim.Optimizer) and inner is not opt
 
 
-def _uses_torch_step(opt: torch.optim.Optimizer, base: type) -> bool:
-    return isinstance(opt, base) and getattr(type(opt), "step", None) is getattr(base, "step")
+def _uses_torch_step(opt: torch.optim.Optimizer, base: Type[torch.optim.Optimizer]) -> bool:
+    return isinstance(opt, base) and getattr(type(opt), "step", None) is base.step
 
 
 def optimizer_family(optimizer: torch.optim.Optimizer) -> str:

@@ -367,7 +367,12 @@ class TrajectoryRecorder:
         for name in self.trainable:
             p = self._params[name]
             stored = self._stored(p)
-            if self.check_finite and nonfinite is None and stored.is_floating_point() and not torch.isfinite(stored).all():
+            if (
+                self.check_finite
+                and nonfinite is None
+                and stored.is_floating_point()
+                and not torch.isfinite(stored).all()
+            ):
                 nonfinite = name
             tensors[fmt.PARAM_PREFIX + name] = stored
             state = optimizer.state.get(p, {})
