@@ -78,4 +78,5 @@ def functorch_friendly() -> Iterator[None]:
             yield
         finally:
             if previous is not None:
+                assert fastpath is not None  # previous is only read from an existing fastpath
                 fastpath.set_fastpath_enabled(previous)

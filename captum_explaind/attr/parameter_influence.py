@@ -144,7 +144,10 @@ class ParameterInfluence(EPKAttribution):
         comps, single = parse_components(component, COMPONENTS)
         multi = is_window_list(steps)
         res = self.explain(inputs, target, additional_forward_args, steps, layers, component, method)
-        groups = None if res.groups is None else resolve_groups(self.model, layers)
+        groups = None
+        if res.groups is not None:
+            assert layers is not None  # explain() has groups exactly when layers are given
+            groups = resolve_groups(self.model, layers)
         out = {}
         for comp in comps:
             scores = res.scores[comp]  # [n, W, P or G]
@@ -211,7 +214,12 @@ class ParameterInfluence(EPKAttribution):
         if layers is None:
             return {name: d[..., layout.slice(name)].sum(-1) for name in layout.names}
         groups = resolve_groups(self.model, layers)
-        masks = torch.stack([layout.mask([p for p in names if p in layout], dtype=d.dtype, device=d.device) for names in groups.values()])
+        masks = torch.stack(
+            [
+                layout.mask([p for p in names if p in layout], dtype=d.dtype, device=d.device)
+                for names in groups.values()
+            ]
+        )
         vals = d @ masks.T
         if isinstance(layers, Mapping):
             return {name: vals[..., g] for g, name in enumerate(groups)}

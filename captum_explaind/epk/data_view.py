@@ -31,7 +31,7 @@ parts — the residual ``E_i`` — is reported separately:
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import TYPE_CHECKING, Callable, Dict, List, Optional
+from typing import TYPE_CHECKING, Callable, Dict, List, Optional, Union, cast
 
 import torch
 
@@ -126,7 +126,9 @@ class DataView(ViewBase):
             self._phi = torch.zeros(self.n, self.epk.layout.total, dtype=self.epk.dtype, device=self.epk.device)
 
         def sink(rows: torch.Tensor, payload: torch.Tensor) -> None:
-            self._phi.index_add_(0, rows, payload)
+            phi = self._phi
+            assert phi is not None  # set above for this step; end_step() clears it
+            phi.index_add_(0, rows, payload)
 
         return VjpIntegrand(self.epk.functional, seg, chunk, self.target, sink)
 
@@ -137,6 +139,7 @@ class DataView(ViewBase):
         ephi = phi = None
         if integrated:
             phi = self._phi
+            assert phi is not None  # integrand() created it for this integrated step
             self._phi = None
             pre = co.precond if co.precond is not None else 1.0
             ephi = co.lr * pre * phi  # η_s D_s φ_s
@@ -145,21 +148,31 @@ class DataView(ViewBase):
         T: Dict[int, torch.Tensor] = {}
         if self.indexing == "application":
             for w in list(self._acc):
+                assert beta_next is not None  # accumulators exist only after a (later) step set _beta_next
                 self._acc[w] = self._acc[w] * beta_next
             w0 = self.window_of.get(s)
+            z_term: Union[torch.Tensor, float] = 0.0  # z_s η_s D_s φ_s, in T of the step's own window only
             if w0 is not None:
+                assert ephi is not None  # application indexing integrates every step of the windows
                 fresh = co.e * ephi
                 self._acc[w0] = fresh if w0 not in self._acc else self._acc[w0] + fresh
+                z_term = co.z * ephi
             for w, acc in list(self._acc.items()):
                 peak = max(self._peak.get(w, 0.0), float(acc.abs().max()))
                 self._peak[w] = peak
                 if w != w0 and s < self.windows[w].start and float(acc.abs().max()) <= self._tiny * peak:
                     del self._acc[w]  # decayed below round-off: nothing earlier can reach it
                     continue
-                T[w] = co.h * acc + (co.z * ephi if w == w0 else 0.0)
+                T[w] = co.h * acc + (z_term if w == w0 else 0.0)
         else:
+            # gradient indexing: the windows partition 1..N, so every visited step is integrated
+            assert ephi is not None
             fresh = co.e * ephi
-            self._full = fresh if self._full is None else fresh + beta_next * self._full
+            if self._full is None:
+                self._full = fresh
+            else:
+                assert beta_next is not None  # _full was started by a (later) step, which set _beta_next
+                self._full = fresh + beta_next * self._full
             w0 = self.window_of.get(s)
             if w0 is not None:
                 T[w0] = co.h * self._full + co.z * ephi
@@ -172,6 +185,7 @@ class DataView(ViewBase):
         if integrated and bool((co.decay_decoupled != 0).any()):
             w_app = self.window_of.get(s)
             if w_app is not None:
+                assert phi is not None  # set above: the step is integrated
                 self.regularization[:, w_app] -= (co.lr * phi) @ (co.decay_decoupled * theta_prev)
         if T:
             self._score_batch(seg, T)
@@ -216,7 +230,9 @@ class DataView(ViewBase):
             G = per_sample_loss_grads(epk.functional, self.train, self.loss_fn, seg.theta0, uniq[sl])  # at θ_{s−1}
             g_rep += weights[sl] @ G
             dots = torch.stack(
-                [sum(Ts[:, :, gs] @ G[:, gs].T for gs in group) for group in self.group_slices], dim=-1
+                # cast for mypy only: a sum of tensors (the int 0 only for a group with no parameters)
+                [cast(torch.Tensor, sum(Ts[:, :, gs] @ G[:, gs].T for gs in group)) for group in self.group_slices],
+                dim=-1,
             )  # [Wa, n, m, G]
             raw.append(dots * weights[sl].view(1, 1, -1, 1))
         c = measured_grad_scale(rec, g_rep, seg.coeffs.active)

@@ -143,12 +143,15 @@ class FunctionalModel:
         fn = lambda th: self._call(th, batch)  # noqa: E731
         with functorch_friendly(), torch.no_grad():
             if tangents.shape[0] == 1:
-                out, jv = jvp(fn, (flat,), (tangents[0],))
-                return out, jv.unsqueeze(0)
+                # jvp is typed as returning 2 or 3 values (3 with has_aux=True); here it is 2
+                res = jvp(fn, (flat,), (tangents[0],))
+                return res[0], res[1].unsqueeze(0)
             if self.use_vmap("tangents"):
                 try:
-                    out, jv = vmap(lambda v: jvp(fn, (flat,), (v,)), out_dims=(None, 0))(tangents)
-                    return out, jv
+                    # out_dims entries may be None (output not batched); torch's out_dims_t annotation omits that
+                    vmapped = vmap(lambda v: jvp(fn, (flat,), (v,)), out_dims=(None, 0))  # type: ignore[arg-type]
+                    res = vmapped(tangents)
+                    return res[0], res[1]
                 except Exception as err:  # model not vmappable: one jvp per tangent
                     self.vmap_failed("tangents", err)
             outs = [jvp(fn, (flat,), (v,)) for v in tangents]
@@ -262,7 +265,8 @@ class FunctionalModel:
             return vmap(along, out_dims=1)(tan)
 
     def grads_on_segment(self, theta0: torch.Tensor, delta: torch.Tensor, t: torch.Tensor, batch: Batch,
-                         scalar: Callable[[Any, Any], torch.Tensor], extra: Any, purpose: str = "target") -> torch.Tensor:
+                         scalar: Callable[[Any, Any], torch.Tensor], extra: Any,
+                         purpose: str = "target") -> torch.Tensor:
         """Per-example gradients at one point per example: → [n, P].
 
         ``scalar(raw_output_of_one, extra_row)`` is differentiated (see :meth:`selected_grads`).

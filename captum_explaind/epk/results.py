@@ -233,7 +233,7 @@ class Reconstruction(ResultMixin):
         return plot_reconstruction(self, index=index, output=output, **kwargs)
 
     def to(self, *args, **kwargs) -> "Reconstruction":
-        vals = {}
+        vals: Dict[str, Any] = {}
         for f in fields(self):
             v = getattr(self, f.name)
             vals[f.name] = v.to(*args, **kwargs) if isinstance(v, torch.Tensor) else v

@@ -22,7 +22,7 @@ Two ways to get there (``method``):
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import TYPE_CHECKING, Dict, List, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Dict, List, Optional, Sequence, Union, cast
 
 import torch
 
@@ -93,12 +93,16 @@ class ScoreView(ViewBase):
                 self.step_window[s] = w
         W, C = len(windows), len(self.components)
         P = epk.layout.total
+        self.masks: Optional[torch.Tensor]  # [G, P]; None = per element (then the method is "vjp")
         if groups is None:
             self.acc = torch.zeros(n, W, C, P, dtype=dt, device=dev)
             self.masks = None
         else:
             self.masks = torch.stack(
-                [epk.layout.mask([p for p in names if p in epk.layout], dtype=dt, device=dev) for names in groups.values()]
+                [
+                    epk.layout.mask([p for p in names if p in epk.layout], dtype=dt, device=dev)
+                    for names in groups.values()
+                ]
             )  # [G, P]
             self.acc = torch.zeros(n, W, C, len(groups), dtype=dt, device=dev)
         self.exact = torch.zeros(n, W, dtype=dt, device=dev)
@@ -134,32 +138,39 @@ class ScoreView(ViewBase):
                 self._u_step = seg.step
 
             def sink(rows: torch.Tensor, payload: torch.Tensor) -> None:
-                self._u.index_add_(0, rows, payload)
+                u = self._u
+                assert u is not None  # set above for this step; end_step() clears it
+                u.index_add_(0, rows, payload)
 
             return VjpIntegrand(fm, seg, chunk, self.target, sink)
 
         parts = self._parts(seg)
+        masks = self.masks
+        assert masks is not None  # choose_method: "jvp" only with parameter groups
         rows_t = []
         for comp in self.components:
             part = parts[comp]
-            for g in range(self.masks.shape[0]):
-                rows_t.append(torch.zeros_like(seg.delta) if part is None else part * self.masks[g])
+            for g in range(masks.shape[0]):
+                rows_t.append(torch.zeros_like(seg.delta) if part is None else part * masks[g])
         rows_t.append(seg.delta)  # drives the error check
         tangents = torch.stack(rows_t)
         if self._step_scores is None or self._scores_step != seg.step:
             self._step_scores = torch.zeros(self.n, len(rows_t) - 1, dtype=self.epk.dtype, device=self.epk.device)
             self._scores_step = seg.step
 
-        def sink(rows: torch.Tensor, payload: torch.Tensor) -> None:
-            self._step_scores.index_add_(0, rows, payload[:, :-1])
+        def jvp_sink(rows: torch.Tensor, payload: torch.Tensor) -> None:
+            scores = self._step_scores
+            assert scores is not None  # set above for this step; end_step() clears it
+            scores.index_add_(0, rows, payload[:, :-1])
 
-        return SelectedJvpIntegrand(fm, seg, tangents, chunk, self.target, sink)
+        return SelectedJvpIntegrand(fm, seg, tangents, chunk, self.target, jvp_sink)
 
     def end_step(self, seg: Segment, integrated: bool = True) -> None:
         w = self.step_window[seg.step]
         C = len(self.components)
         if self.method == "vjp":
             u = self._u
+            assert u is not None  # integrand() created it for this step
             parts = self._parts(seg)
             for c, comp in enumerate(self.components):
                 part = parts[comp]
@@ -171,8 +182,10 @@ class ScoreView(ViewBase):
                     self.acc[:, w, c] += u @ (self.masks * part).T
             self._u = None
         else:
-            G = self.masks.shape[0]
-            self.acc[:, w] += self._step_scores.reshape(self.n, C, G)
+            masks, step_scores = self.masks, self._step_scores
+            assert masks is not None and step_scores is not None  # "jvp": groups given; integrand() ran this step
+            G = masks.shape[0]
+            self.acc[:, w] += step_scores.reshape(self.n, C, G)
             self._step_scores = None
 
     def result(self, stats: SweepStats) -> ScoreResult:
@@ -181,7 +194,8 @@ class ScoreView(ViewBase):
         if "total" in scores:
             explained = scores["total"].sum(-1)
         else:
-            explained = sum(s.sum(-1) for s in scores.values())
+            # cast for mypy only: with no components ``sum`` gives the int 0, which ``self.exact - 0`` accepts too
+            explained = cast(torch.Tensor, sum(s.sum(-1) for s in scores.values()))
         layout = self.epk.layout
         return ScoreResult(
             scores=scores, change=self.exact, delta=self.exact - explained, windows=list(self.windows),

@@ -65,7 +65,9 @@ class SimilarityView(ViewBase):
             self._phi = torch.zeros(self.n, J, self.epk.layout.total, dtype=self.epk.dtype, device=self.epk.device)
 
         def sink(rows: torch.Tensor, payload: torch.Tensor) -> None:
-            self._phi.index_add_(0, rows, payload)
+            phi = self._phi
+            assert phi is not None  # set above for this step; end_step() clears it
+            phi.index_add_(0, rows, payload)
 
         return JacobianIntegrand(self.epk.functional, seg, chunk, self.outputs, sink)
 
@@ -73,6 +75,7 @@ class SimilarityView(ViewBase):
         D = self._train_statistic(seg)
         if integrated:
             phi = self._phi  # [n, J, P]
+            assert phi is not None  # integrand() created it for this integrated step
             self._phi = None
             w = D if self.mask is None else D * self.mask
             scaled = phi * w.sqrt()

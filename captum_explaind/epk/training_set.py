@@ -75,7 +75,9 @@ def sample_chunk(train_batch_size: Optional[int], m: int, n_params: int, dtype: 
     return max(1, min(m, GRAD_CHUNK_BYTES // per_sample))
 
 
-def step_samples(rec: StepRecord, what: str, device: torch.device, dtype: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor]:
+def step_samples(
+    rec: StepRecord, what: str, device: torch.device, dtype: torch.dtype
+) -> Tuple[torch.Tensor, torch.Tensor]:
     """The distinct training indices of step ``rec`` and their summed batch weights.
 
     Raises:
@@ -223,7 +225,7 @@ def _per_sample(loss_fn: Any) -> Any:
             f"loss_fn {type(loss_fn).__name__} has reduction={reduction!r}; the data view needs per-sample "
             "losses: construct it with reduction='none'"
         )
-    per = copy.copy(loss_fn)
+    per: Any = copy.copy(loss_fn)  # an nn.Module; Any: Module.__setattr__ is typed for tensors and modules only
     per.reduction = "none"
     warnings.warn(
         f"loss_fn {type(loss_fn).__name__}(reduction={reduction!r}) is used per sample (reduction='none'): the "

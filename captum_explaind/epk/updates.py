@@ -113,7 +113,12 @@ class UpdateModel:
         self.device = device
         self.dtype = dtype
         self.family = trajectory.family
-        self._group = [trajectory.spec[n].group for n in layout.names]
+        self._group: List[int] = []
+        for n in layout.names:
+            group = trajectory.spec[n].group
+            # the layout holds the trainable parameters, and a parameter is trainable iff it is in a group
+            assert group is not None, f"trainable parameter {n!r} is in no optimizer group"
+            self._group.append(group)
         self._requested = need_precond
         self.need_precond = self.family in ("adam", "adamw") and (need_precond or self.family == "adam")
         if self.need_precond:
@@ -207,8 +212,13 @@ class UpdateModel:
                     first = not self._seen[i]
                     b_, h_ = mu, (1.0 if first else 1.0 - tau)
                     e_, z_ = (mu, 1.0) if nesterov else (1.0, 0.0)
-                lr.append(eta), beta.append(b_), h.append(h_), e.append(e_), z.append(z_)
-                lc.append(wd), ld.append(0.0)
+                lr.append(eta)
+                beta.append(b_)
+                h.append(h_)
+                e.append(e_)
+                z.append(z_)
+                lc.append(wd)
+                ld.append(0.0)
             elif self.family in ("adam", "adamw"):
                 b1, _b2 = hyper.get("betas", (0.9, 0.999))
                 b1 = float(b1)
@@ -218,11 +228,21 @@ class UpdateModel:
                     b_, h_, e_ = 1.0, 0.0, 0.0
                 else:
                     b_, h_, e_ = b1, 1.0 - b1, 1.0 / (1.0 - b1 ** k)
-                lr.append(eta), beta.append(b_), h.append(h_), e.append(e_), z.append(0.0)
-                lc.append(0.0 if decoupled else wd), ld.append(wd if decoupled else 0.0)
+                lr.append(eta)
+                beta.append(b_)
+                h.append(h_)
+                e.append(e_)
+                z.append(0.0)
+                lc.append(0.0 if decoupled else wd)
+                ld.append(wd if decoupled else 0.0)
             else:
-                lr.append(eta), beta.append(0.0), h.append(1.0), e.append(1.0), z.append(0.0)
-                lc.append(0.0), ld.append(0.0)
+                lr.append(eta)
+                beta.append(0.0)
+                h.append(1.0)
+                e.append(1.0)
+                z.append(0.0)
+                lc.append(0.0)
+                ld.append(0.0)
             if active[i]:
                 self._seen[i] = True
         return StepScalars(s, lr, active, beta, h, e, z, sign, lc, ld, counts)
@@ -250,7 +270,9 @@ class UpdateModel:
         amsgrad = [bool(record.groups[g].get("amsgrad", False)) for g in self._group]
         v = self.trajectory.state(record.step, "exp_avg_sq", self.layout.names, device=self.device, dtype=self.dtype)
         vmax = (
-            self.trajectory.state(record.step, "max_exp_avg_sq", self.layout.names, device=self.device, dtype=self.dtype)
+            self.trajectory.state(
+                record.step, "max_exp_avg_sq", self.layout.names, device=self.device, dtype=self.dtype
+            )
             if any(amsgrad)
             else {}
         )

@@ -63,8 +63,11 @@ def parse_windows(steps: StepsType, n_steps: int) -> Tuple[List[range], bool]:
     return [_one(steps, n_steps)], False
 
 
-def fixed_windows(window: int, n_steps: int, within: Optional[range] = None) -> List[range]:
-    """Consecutive windows of ``window`` steps covering ``within`` (default: the whole run)."""
+def fixed_windows(window: Any, n_steps: int, within: Optional[range] = None) -> List[range]:
+    """Consecutive windows of ``window`` steps covering ``within`` (default: the whole run).
+
+    ``window`` is what the user passed (typed ``Any``): it is checked here to be a positive int.
+    """
     if isinstance(window, bool) or not isinstance(window, int) or window < 1:
         raise ValueError(f"window must be a positive int, got {window!r}")
     span = within if within is not None else range(1, n_steps + 1)

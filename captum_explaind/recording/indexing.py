@@ -9,7 +9,7 @@ which the loop consumed the batches, regardless of prefetching or worker count.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, List, Sequence
 
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset
@@ -34,7 +34,7 @@ class _IndexedDataset(Dataset):
 class _IndexedCollate:
     """Applies the user's collate function to the items and returns the indices beside them."""
 
-    def __init__(self, collate: Callable[[Sequence[Any]], Any]) -> None:
+    def __init__(self, collate: Callable[[List[Any]], Any]) -> None:
         self.collate = collate
 
     def __call__(self, items: Sequence[Any]) -> Any:
