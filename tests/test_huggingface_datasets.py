@@ -10,8 +10,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-import hf_models as hf
 from captum_explaind import TrainingDataInfluence
+
+import hf_models as hf
 
 pytestmark = pytest.mark.filterwarnings("ignore:vmap .* does not work:RuntimeWarning")
 
