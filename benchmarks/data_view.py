@@ -12,13 +12,16 @@ d=64, 4 heads, ReLU MLP 512, 77,504 parameters, AdamW with the authors' hyperpar
 On the same weights and test inputs (50 held-out pairs, target = each pair's label) it measures
 wall time, time per training step and peak RSS increase of
 
-* this library, ``TrainingDataInfluence(...).influence((x, y))``: the library's exact default
-  (Gauss–Legendre 4 nodes with error control at rtol 1e-10, float64), the left-endpoint rule
-  with one node and no error control (the first-order, TracIn-like rule; like-for-like cost with
-  TracInCP), the same with ``train_batch_size`` bounding the per-sample-gradient memory, and
-  in float32. It reports max |delta| (quadrature error), max |residual| and completeness
-  (Σ scores + regularization + residual + delta against f(θ_N) − f(θ_0) from plain float64
-  forward passes);
+* this library, ``TrainingDataInfluence(...).explain(x, target=labels)`` (the computation of
+  ``influence((x, y))``, returning the regularization, residual, delta and sweep statistics
+  beside the scores): the exact rule (Gauss–Legendre 4 nodes with error control at rtol 1e-10,
+  float64), the left-endpoint rule with one node and no error control (the first-order,
+  TracIn-like rule; like-for-like cost with TracInCP), the same with ``train_batch_size``
+  bounding the per-sample-gradient memory, and in float32. Every row passes all its options
+  explicitly (:func:`row_options`), with ``max_evaluations=None`` (unbounded refinement, the
+  semantics the recorded results were measured with). It reports max |delta| (quadrature
+  error), max |residual| and completeness (Σ scores + regularization + residual + delta against
+  f(θ_N) − f(θ_0) from plain float64 forward passes);
 * Captum's ``TracInCP`` with a checkpoint at every step (θ_{s−1} and η_s for s = 1..N),
   ``loss_fn=NLLLoss(reduction="none")``, ``sample_wise_grads_per_batch=False`` and a
   ``test_loss_fn`` that selects the label output, so it scores the same quantity; the per-step
@@ -63,6 +66,7 @@ from torch import nn  # noqa: E402
 from torch.utils.data import TensorDataset  # noqa: E402
 
 from captum_explaind import TrainingDataInfluence, Trajectory, TrajectoryRecorder  # noqa: E402
+from captum_explaind.epk import EPKOptions  # noqa: E402
 
 from benchmarks.modadd import ModAddConfig, ModAddData, TrainedRun, build_model, forward_at, make_data, train  # noqa: E402
 from benchmarks.peers.explaind_peer import ExplaindPeer, Usage, measure  # noqa: E402
@@ -170,39 +174,46 @@ def timed(fn: Callable[[], Any], policy: Policy, expected: float = 0.0) -> Timed
 
 
 # ----------------------------------------------------------------------------- ours
+def row_options(quadrature: str, nodes: int, error_control: bool, dtype: torch.dtype, rtol: float = 1e-10,
+                train_batch_size: Optional[int] = None) -> EPKOptions:
+    """Every option of a row spelled out, so no row depends on a library default (the presets, the
+    default dtype — now float64, formerly the trajectory's — and the work budget may change).
+    ``max_evaluations=None``: unbounded refinement, the semantics the results were measured with."""
+    return EPKOptions(quadrature=quadrature, nodes=nodes, error_control=error_control, rtol=rtol, atol=0.0,
+                      max_depth=40, max_evaluations=None, dtype=dtype, device=None, batch_size=None,
+                      train_batch_size=train_batch_size, per_sample="auto", show_progress=False)
+
+
 @dataclass(frozen=True)
 class OursConfig:
     label: str
-    options: Dict[str, Any]
-    train_batch_size: Optional[int] = None
+    options: EPKOptions  # all of them, train_batch_size included (see row_options)
     subset: bool = False  # run on the first --exact-inputs inputs only (slow exact rule)
+
+    @property
+    def train_batch_size(self) -> Optional[int]:
+        return self.options.train_batch_size
 
 
 def run_ours(run: Run, x: torch.Tensor, y: torch.Tensor, cfg: OursConfig, policy: Policy) -> Row:
     ds = TensorDataset(run.data.train_x, run.data.train_y)
-    box: Dict[str, Any] = {}
+    labels = y.tolist()
 
     def call():
         tdi = TrainingDataInfluence(run.model, run.trajectory, ds, loss_fn=nn.NLLLoss(reduction="none"),
-                                    train_batch_size=cfg.train_batch_size, **cfg.options)
-        sweep = tdi.epk.sweep_reverse
-
-        def counted(*a, **k):  # keep the sweep statistics (integrand evaluations) for the notes
-            box["stats"] = sweep(*a, **k)
-            return box["stats"]
-
-        tdi.epk.sweep_reverse = counted
-        scores = tdi.influence((x, y))
-        return scores, tdi.last_decomposition_
+                                    options=cfg.options)
+        # explain(): influence((x, y))'s computation, with the parts and sweep statistics beside the scores
+        return tdi.explain(x, target=labels)
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", RuntimeWarning)
         t = timed(call, policy)
-    scores, dec = t.value
+    dec = t.value
+    scores = dec.scores
     n, N = int(x.shape[0]), run.steps
     true = run.true_change[:n]
     parts = scores.sum(1) + dec.regularization + dec.residual
-    stats = box.get("stats")
+    stats = dec.stats
     metrics = {
         "delta": float(dec.delta.abs().max()),
         "residual": float(dec.residual.abs().max()),
@@ -220,8 +231,7 @@ def run_ours(run: Run, x: torch.Tensor, y: torch.Tensor, cfg: OursConfig, policy
         notes.append(f"least contended of {t.attempts} timings")
     for w in caught:
         notes.append(f"warning: {str(w.message)[:160]}")
-    dtype = cfg.options.get("dtype", torch.float64)
-    setting = cfg.label + (", float32" if dtype == torch.float32 else ", float64")
+    setting = cfg.label + (", float32" if cfg.options.dtype == torch.float32 else ", float64")
     if cfg.train_batch_size is not None:
         setting += f", train_batch_size={cfg.train_batch_size}"
     return Row(run.name, "captum_explaind TrainingDataInfluence", setting, t.usage.seconds, n, N,
@@ -339,8 +349,8 @@ def memory_scaling(sizes: Sequence[int], steps: int, config: ModAddConfig, n_tes
         x, y = data.test_x, data.test_y
         run = Run(f"n_train={m}", model, traj, data, secs, m, label_change(model, traj, x, y), config)
         sr = SizeRow(m, steps)
-        cfg = OursConfig("left endpoint, 1 node, no error control", dict(quadrature="left", nodes=1, dtype=torch.float64),
-                         train_batch_size=tbs)
+        cfg = OursConfig("left endpoint, 1 node, no error control",
+                         row_options("left", 1, False, torch.float64, train_batch_size=tbs))
         sr.ours = run_ours(run, x, y, cfg, policy)
         print(f"    ours: {sr.ours.seconds:.1f} s, peak {fmt_mem(sr.ours.peak_rss)}", flush=True)
         if not args.skip_tracin:
@@ -438,16 +448,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
         # Untimed warm-up: one-off initialisation (vmap/functorch, allocator) is not billed to a row.
         warm = TrainingDataInfluence(runs[0].model, runs[0].trajectory, TensorDataset(data.train_x, data.train_y),
-                                     loss_fn=nn.NLLLoss(reduction="none"), quadrature="left", nodes=1, dtype=torch.float64)
+                                     loss_fn=nn.NLLLoss(reduction="none"), options=row_options("left", 1, False, torch.float64))
         warm.attribute(x[:1], target=y[:1].tolist(), steps=range(runs[0].steps, runs[0].steps + 1))
         del warm
 
+        tracin_like = "left endpoint, 1 node, no error control (TracIn-like)"
         configs = [
-            OursConfig("exact: library defaults (GL-4, error control rtol 1e-10)", dict(dtype=torch.float64), subset=True),
-            OursConfig("left endpoint, 1 node, no error control (TracIn-like)", dict(quadrature="left", nodes=1, dtype=torch.float64)),
-            OursConfig("left endpoint, 1 node, no error control (TracIn-like)", dict(quadrature="left", nodes=1, dtype=torch.float64),
-                       train_batch_size=size_tbs),
-            OursConfig("left endpoint, 1 node, no error control (TracIn-like)", dict(quadrature="left", nodes=1, dtype=torch.float32)),
+            # "exact" must stay the label's first word: the agreement table compares the other rows with it
+            OursConfig("exact: GL-4, error control rtol 1e-10, unbounded refinement",
+                       row_options("gauss", 4, True, torch.float64, rtol=1e-10), subset=True),
+            OursConfig(tracin_like, row_options("left", 1, False, torch.float64)),
+            OursConfig(tracin_like, row_options("left", 1, False, torch.float64, train_batch_size=size_tbs)),
+            OursConfig(tracin_like, row_options("left", 1, False, torch.float32)),
         ]
         by_run: Dict[str, List[Row]] = {}
         peer_log: List[str] = []
@@ -459,7 +471,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                     continue  # the step's batch already fits: same computation as without it
                 k = exact_inputs if cfg.subset else n_test
                 print(f"[{run.name}] ours: {cfg.label}{'' if cfg.train_batch_size is None else f', train_batch_size={cfg.train_batch_size}'}"
-                      f", {cfg.options.get('dtype')} on {k} inputs ...", flush=True)
+                      f", {cfg.options.dtype} on {k} inputs ...", flush=True)
                 row = run_ours(run, x[:k], y[:k], cfg, policy)
                 if k < n_test:
                     row.est_seconds = row.seconds * n_test / k
@@ -513,7 +525,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         "## Results",
         "",
         "Scores are for the label output of each test input (positive = pushed it up). Time is wall time of "
-        "construction + `influence((x, y))` (TracInCP: construction + `influence`; explaind: `predict`); "
+        "construction + `explain(x, target=labels)` (= `influence((x, y))` with its parts; TracInCP: construction + "
+        "`influence`; explaind: `predict`); "
         "time per step = total ÷ training steps (TracInCP: per checkpoint). Peak memory = peak resident-set-size "
         "increase of the process during the call (VmHWM reset via /proc/self/clear_refs). max|delta| = quadrature "
         "error (what Σ scores + regularization + residual miss of the true change); completeness error = "

@@ -53,6 +53,7 @@ if str(ROOT) not in sys.path:
 import torch  # noqa: E402
 
 from captum_explaind import ExactPathKernel, Trajectory  # noqa: E402
+from captum_explaind.epk import EPKOptions  # noqa: E402
 
 from benchmarks.modadd import ModAddConfig, forward_at, train  # noqa: E402
 from benchmarks.peers.explaind_peer import ExplaindPeer, PeerResult, measure, wait_for_quiet  # noqa: E402
@@ -128,6 +129,15 @@ class OursConfig:
     rtol: float
     dtype: torch.dtype
 
+    def options(self, device: str = "cpu") -> EPKOptions:
+        """Every option spelled out, so no row depends on a library default (presets, the default
+        dtype, the work budget may change). ``max_evaluations=None``: unbounded refinement, the
+        semantics the recorded results were measured with."""
+        return EPKOptions(quadrature=self.quadrature, nodes=self.nodes, error_control=self.error_control,
+                          rtol=self.rtol if self.error_control else 1e-10, atol=0.0, max_depth=40,
+                          max_evaluations=None, dtype=self.dtype, device=device, batch_size=None,
+                          per_sample="auto", show_progress=False)
+
 
 def our_configs(quick: bool, skip_midpoint: bool) -> List[OursConfig]:
     f64, f32 = torch.float64, torch.float32
@@ -177,16 +187,7 @@ def _run_ours_once(model: torch.nn.Module, trajectory: Trajectory, x: torch.Tens
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", RuntimeWarning)
         with measure() as usage:
-            epk = ExactPathKernel(
-                model,
-                trajectory,
-                quadrature=cfg.quadrature,
-                nodes=cfg.nodes,
-                error_control=cfg.error_control,
-                rtol=cfg.rtol if cfg.error_control else 1e-10,
-                dtype=cfg.dtype,
-                device=device,
-            )
+            epk = ExactPathKernel(model, trajectory, options=cfg.options(device))
             r = epk.reconstruct(x.to(device))
             if on_gpu:
                 torch.cuda.synchronize()
@@ -474,8 +475,8 @@ def _run(config: ModAddConfig, steps: int, run_dir: str, plan: PeerPlan, policy:
     print("\n".join(setup), flush=True)
 
     # Warm-up (untimed): one tiny reconstruction so one-off initialisation is not billed to a row.
-    ExactPathKernel(model, trajectory, nodes=1, error_control=False, dtype=torch.float64,
-                    device=args.device).reconstruct(x[:1].to(args.device))
+    warm = OursConfig("warm-up", "gauss", 1, False, 0.0, torch.float64)
+    ExactPathKernel(model, trajectory, options=warm.options(args.device)).reconstruct(x[:1].to(args.device))
 
     rows: List[Row] = []
     ours = our_configs(quick, args.skip_midpoint)

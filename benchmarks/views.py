@@ -38,6 +38,7 @@ if str(ROOT) not in sys.path:
 import torch  # noqa: E402
 
 from captum_explaind import ParameterInfluence, StepInfluence  # noqa: E402
+from captum_explaind.epk import EPKOptions  # noqa: E402
 
 from benchmarks.modadd import ModAddConfig, make_data, train  # noqa: E402
 from benchmarks.peers.explaind_peer import ExplaindPeer, measure, wait_for_quiet  # noqa: E402
@@ -53,10 +54,19 @@ LAYERS = {
 }
 
 
+def row_options(dtype: torch.dtype, nodes: int, error_control: bool, rtol: float = 1e-10) -> EPKOptions:
+    """Every option of a row spelled out, so no row depends on a library default (presets, the default
+    dtype, the work budget may change). ``max_evaluations=None``: unbounded refinement, the semantics
+    the recorded results were measured with."""
+    return EPKOptions(quadrature="gauss", nodes=nodes, error_control=error_control, rtol=rtol, atol=0.0,
+                      max_depth=40, max_evaluations=None, dtype=dtype, device=None, batch_size=None,
+                      per_sample="auto", show_progress=False)
+
+
 def step_influence_rows(run, x, y, settings, quiet_wait: float) -> List[Dict]:
     rows = []
     for name, opts in settings:
-        si = StepInfluence(run.model, run.trajectory, **opts)
+        si = StepInfluence(run.model, run.trajectory, options=opts)
         si.attribute(x[:2], target=y[:2], window=1, steps=range(1, 3), layers=LAYERS)  # warm-up
         wait_for_quiet(max_wait=quiet_wait)
         with measure() as use:
@@ -138,11 +148,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
         print("[1] per-layer StepInfluence, window = 1 step, 4 layer groups")
         settings = [
-            ("float32, GL-1 (step midpoint), no error control", dict(dtype=torch.float32, nodes=1, error_control=False)),
-            ("float32, GL-2, no error control", dict(dtype=torch.float32, nodes=2, error_control=False)),
-            ("float32, GL-4, no error control", dict(dtype=torch.float32, nodes=4, error_control=False)),
-            ("float32, GL-4, error control rtol 1e-3", dict(dtype=torch.float32, nodes=4, rtol=1e-3)),
-            ("float64, GL-4, error control rtol 1e-4", dict(dtype=torch.float64, nodes=4, rtol=1e-4)),
+            ("float32, GL-1 (step midpoint), no error control", row_options(torch.float32, 1, False)),
+            ("float32, GL-2, no error control", row_options(torch.float32, 2, False)),
+            ("float32, GL-4, no error control", row_options(torch.float32, 4, False)),
+            ("float32, GL-4, error control rtol 1e-3", row_options(torch.float32, 4, True, rtol=1e-3)),
+            ("float64, GL-4, error control rtol 1e-4", row_options(torch.float64, 4, True, rtol=1e-4)),
         ]
         if quick:
             settings = settings[:2] + settings[-1:]
@@ -150,7 +160,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
         print("[2] per-parameter ParameterInfluence (kernel part) vs explaind's parameter-wise kernel")
         k = min(args.peer_inputs, n_test)
-        pi = ParameterInfluence(run.model, run.trajectory, dtype=torch.float64, rtol=1e-4)
+        pi = ParameterInfluence(run.model, run.trajectory, options=row_options(torch.float64, 4, True, rtol=1e-4))
         wait_for_quiet(max_wait=args.quiet_wait)
         with measure() as use:
             ours = pi.attribute(x, target=y, component="kernel")
