@@ -7,7 +7,7 @@ import os
 import struct
 import warnings
 from dataclasses import dataclass
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Set, Tuple, Union
 
 import torch
 from safetensors import safe_open
@@ -59,6 +59,108 @@ def _read_header(path: str) -> Tuple[Dict[str, Any], Dict[str, str]]:
             f"{path} is truncated: it announces {8 + n + end} bytes but holds {size}"
         )
     return header, meta
+
+
+def _read_manifest(path: str) -> Dict[str, Any]:
+    """The manifest of the trajectory directory ``path``, checked to be one this library reads."""
+    mpath = os.path.join(path, fmt.MANIFEST)
+    if not os.path.isdir(path):
+        raise TrajectoryCorruptError(f"no trajectory at {path!r}: not a directory")
+    if not os.path.exists(mpath):
+        raise TrajectoryCorruptError(f"{path!r} is not a trajectory: {fmt.MANIFEST} is missing")
+    try:
+        with open(mpath, "r", encoding="utf-8") as fh:
+            manifest = json.load(fh)
+    except (OSError, ValueError) as err:
+        raise TrajectoryCorruptError(f"{mpath} is not valid JSON ({err})") from err
+    if manifest.get("format") != fmt.FORMAT_NAME:
+        raise TrajectoryCorruptError(f"{mpath} is not a captum_explaind trajectory manifest")
+    version = manifest.get("version")
+    if not isinstance(version, int) or isinstance(version, bool) or not 1 <= version <= fmt.FORMAT_VERSION:
+        raise TrajectoryCorruptError(
+            f"{mpath} has format version {version!r}; this library reads versions <= {fmt.FORMAT_VERSION}"
+        )
+    for key in ("model", "optimizer"):
+        if key not in manifest:
+            raise TrajectoryCorruptError(f"{mpath} lacks the {key!r} section")
+    return manifest
+
+
+def _check_initial_file(path: str, manifest: Dict[str, Any]) -> None:
+    """Check that θ_0 exists and holds every parameter of the manifest, with its shape."""
+    init = os.path.join(path, fmt.INITIAL)
+    if not os.path.exists(init):
+        raise TrajectoryCorruptError(f"{path!r} is truncated: {fmt.INITIAL} (θ_0) is missing")
+    header, _ = _read_header(init)
+    for p in manifest["model"]["params"]:
+        key = fmt.PARAM_PREFIX + p["name"]
+        if key not in header:
+            raise TrajectoryCorruptError(f"{init} lacks parameter {p['name']!r}")
+        if list(header[key]["shape"]) != list(p["shape"]):
+            raise TrajectoryCorruptError(
+                f"{init}: parameter {p['name']!r} has shape {header[key]['shape']}, manifest says {p['shape']}"
+            )
+
+
+def _count_steps(path: str) -> int:
+    """Number of complete step files in ``path``, which must be numbered 1..n without a gap.
+
+    Files left half-written by an interrupted recording are ignored, with a warning.
+    """
+    steps_dir = os.path.join(path, fmt.STEPS_DIR)
+    found: List[int] = []
+    partial: List[str] = []
+    if os.path.isdir(steps_dir):
+        for name in os.listdir(steps_dir):
+            if name.endswith(fmt.TMP_SUFFIX):
+                partial.append(name)
+                continue
+            s = fmt.parse_step_filename(name)
+            if s is not None:
+                found.append(s)
+    found.sort()
+    if partial:
+        warnings.warn(
+            f"{path!r}: ignoring {len(partial)} incompletely written step file(s) {sorted(partial)[:3]} "
+            "(the recording was interrupted while writing them)",
+            RuntimeWarning,
+            stacklevel=3,  # attributed to the caller of Trajectory.open
+        )
+    if found and found[0] < 1:
+        raise TrajectoryCorruptError(f"{path!r}: invalid step file number {found[0]}")
+    expected = list(range(1, len(found) + 1))
+    if found != expected:
+        missing = sorted(set(range(1, found[-1] + 1)) - set(found))
+        raise TrajectoryCorruptError(
+            f"{path!r} is missing step(s) {missing[:10]}{'...' if len(missing) > 10 else ''} "
+            f"(found {len(found)} step files up to step {found[-1]}); a trajectory must hold every step"
+        )
+    return len(found)
+
+
+def _check_step_count(path: str, manifest: Dict[str, Any], n: int) -> None:
+    """Compare the ``n`` step files with what the manifest declares; warn about unfinished runs."""
+    status = manifest.get("status")
+    declared = manifest.get("num_steps")
+    if status == "closed" and declared is not None and int(declared) != n:
+        raise TrajectoryCorruptError(
+            f"{path!r} is truncated: its manifest records {declared} steps but only {n} step files exist"
+        )
+    # stacklevel=3: the warnings are attributed to the caller of Trajectory.open
+    if status != "closed":
+        warnings.warn(
+            f"{path!r} was not closed (the recording was interrupted or is still running); "
+            f"using its {n} complete step(s)",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+    if manifest.get("aborted"):
+        warnings.warn(
+            f"{path!r}: the recording was interrupted ({manifest['aborted']}); using its {n} "
+            "complete step(s)",
+            RuntimeWarning,
+            stacklevel=3,
+        )
 
 
 class Trajectory:
@@ -119,87 +221,10 @@ class Trajectory:
             TrajectoryCorruptError: not a trajectory, unreadable manifest or files, missing steps.
         """
         path = os.fspath(path)
-        mpath = os.path.join(path, fmt.MANIFEST)
-        if not os.path.isdir(path):
-            raise TrajectoryCorruptError(f"no trajectory at {path!r}: not a directory")
-        if not os.path.exists(mpath):
-            raise TrajectoryCorruptError(f"{path!r} is not a trajectory: {fmt.MANIFEST} is missing")
-        try:
-            with open(mpath, "r", encoding="utf-8") as fh:
-                manifest = json.load(fh)
-        except (OSError, ValueError) as err:
-            raise TrajectoryCorruptError(f"{mpath} is not valid JSON ({err})") from err
-        if manifest.get("format") != fmt.FORMAT_NAME:
-            raise TrajectoryCorruptError(f"{mpath} is not a captum_explaind trajectory manifest")
-        version = manifest.get("version")
-        if not isinstance(version, int) or isinstance(version, bool) or not 1 <= version <= fmt.FORMAT_VERSION:
-            raise TrajectoryCorruptError(
-                f"{mpath} has format version {version!r}; this library reads versions <= {fmt.FORMAT_VERSION}"
-            )
-        for key in ("model", "optimizer"):
-            if key not in manifest:
-                raise TrajectoryCorruptError(f"{mpath} lacks the {key!r} section")
-
-        init = os.path.join(path, fmt.INITIAL)
-        if not os.path.exists(init):
-            raise TrajectoryCorruptError(f"{path!r} is truncated: {fmt.INITIAL} (θ_0) is missing")
-        header, _ = _read_header(init)
-        for p in manifest["model"]["params"]:
-            key = fmt.PARAM_PREFIX + p["name"]
-            if key not in header:
-                raise TrajectoryCorruptError(f"{init} lacks parameter {p['name']!r}")
-            if list(header[key]["shape"]) != list(p["shape"]):
-                raise TrajectoryCorruptError(f"{init}: parameter {p['name']!r} has shape {header[key]['shape']}, manifest says {p['shape']}")
-
-        steps_dir = os.path.join(path, fmt.STEPS_DIR)
-        found: List[int] = []
-        partial: List[str] = []
-        if os.path.isdir(steps_dir):
-            for name in os.listdir(steps_dir):
-                if name.endswith(fmt.TMP_SUFFIX):
-                    partial.append(name)
-                    continue
-                s = fmt.parse_step_filename(name)
-                if s is not None:
-                    found.append(s)
-        found.sort()
-        if partial:
-            warnings.warn(
-                f"{path!r}: ignoring {len(partial)} incompletely written step file(s) {sorted(partial)[:3]} "
-                "(the recording was interrupted while writing them)",
-                RuntimeWarning,
-                stacklevel=2,
-            )
-        if found and found[0] < 1:
-            raise TrajectoryCorruptError(f"{path!r}: invalid step file number {found[0]}")
-        expected = list(range(1, len(found) + 1))
-        if found != expected:
-            missing = sorted(set(range(1, found[-1] + 1)) - set(found))
-            raise TrajectoryCorruptError(
-                f"{path!r} is missing step(s) {missing[:10]}{'...' if len(missing) > 10 else ''} "
-                f"(found {len(found)} step files up to step {found[-1]}); a trajectory must hold every step"
-            )
-        n = len(found)
-        status = manifest.get("status")
-        declared = manifest.get("num_steps")
-        if status == "closed" and declared is not None and int(declared) != n:
-            raise TrajectoryCorruptError(
-                f"{path!r} is truncated: its manifest records {declared} steps but only {n} step files exist"
-            )
-        if status != "closed":
-            warnings.warn(
-                f"{path!r} was not closed (the recording was interrupted or is still running); "
-                f"using its {n} complete step(s)",
-                RuntimeWarning,
-                stacklevel=2,
-            )
-        if manifest.get("aborted"):
-            warnings.warn(
-                f"{path!r}: the recording was interrupted ({manifest['aborted']}); using its {n} "
-                "complete step(s)",
-                RuntimeWarning,
-                stacklevel=2,
-            )
+        manifest = _read_manifest(path)
+        _check_initial_file(path, manifest)
+        n = _count_steps(path)
+        _check_step_count(path, manifest, n)
         traj = cls(path, manifest, n)
         if verify:
             for s in range(1, n + 1):
@@ -338,10 +363,14 @@ class Trajectory:
         """
         self._check_step(step)
         names = list(self.trainable if names is None else names)
-        where = fmt.INITIAL if step == 0 else fmt.step_filename(step)
         with self._open(step) as fh:
-            out = {n: self._get(fh, fmt.PARAM_PREFIX + n, where) for n in names}
+            out = self._read_params(fh, step, names)
         return {n: self._cast(t, device, dtype) for n, t in out.items()}
+
+    def _read_params(self, fh: Any, step: int, names: Sequence[str]) -> Dict[str, torch.Tensor]:
+        """Parameters ``names`` of ``step`` from its open file ``fh``, as stored (not cast)."""
+        where = fmt.INITIAL if step == 0 else fmt.step_filename(step)
+        return {n: self._get(fh, fmt.PARAM_PREFIX + n, where) for n in names}
 
     def frozen_params(self, *, device: Any = None, dtype: Optional[torch.dtype] = None) -> Dict[str, torch.Tensor]:
         """Parameters the optimizer did not own, as stored with θ_0."""
@@ -377,7 +406,13 @@ class Trajectory:
         return self._buffer_changes
 
     def state(
-        self, step: int, key: str, names: Optional[Sequence[str]] = None, *, device: Any = None, dtype: Optional[torch.dtype] = None
+        self,
+        step: int,
+        key: str,
+        names: Optional[Sequence[str]] = None,
+        *,
+        device: Any = None,
+        dtype: Optional[torch.dtype] = None,
     ) -> Dict[str, torch.Tensor]:
         """Optimizer state ``key`` right after ``step`` (e.g. ``"exp_avg_sq"``), by parameter.
 
@@ -387,44 +422,63 @@ class Trajectory:
             MissingOptimizerStateError: if ``key`` was not recorded.
         """
         self._check_step(step, allow_zero=False)
+        self._check_state_key(key)
+        names = list(self.trainable if names is None else names)
+        with self._open(step) as fh:
+            return self._read_state(fh, step, key, names, set(fh.keys()), device, dtype)
+
+    def _check_state_key(self, key: str) -> None:
+        """Raise :class:`MissingOptimizerStateError` unless optimizer state ``key`` was recorded."""
         if key not in self.state_keys:
             raise MissingOptimizerStateError(
                 f"trajectory {self.path!r} was recorded without optimizer state {key!r} "
                 f"(recorded: {self.state_keys or 'none'}); record with record_optimizer_state=True"
             )
-        names = list(self.trainable if names is None else names)
-        with self._open(step) as fh:
-            keys = set(fh.keys())
-            out = {}
-            for n in names:
-                k = f"{fmt.STATE_PREFIX}{n}/{key}"
-                if k in keys:
-                    out[n] = self._cast(self._get(fh, k, fmt.step_filename(step)), device, dtype)
+
+    def _read_state(self, fh: Any, step: int, key: str, names: Sequence[str], keys: Set[str], device: Any,
+                    dtype: Optional[torch.dtype]) -> Dict[str, torch.Tensor]:
+        """Optimizer state ``key`` of ``step`` from its open file ``fh`` (whose tensor names are
+        ``keys``), cast; parameters without that state are absent."""
+        out = {}
+        for n in names:
+            k = f"{fmt.STATE_PREFIX}{n}/{key}"
+            if k in keys:
+                out[n] = self._cast(self._get(fh, k, fmt.step_filename(step)), device, dtype)
         return out
 
     def record(self, step: int) -> fmt.StepRecord:
         """Per-step scalars and micro-batches of ``step`` (1..num_steps)."""
         self._check_step(step, allow_zero=False)
-        where = self._step_path(step)
         with self._open(step) as fh:
-            meta = fh.metadata() or {}
-            if "record" not in meta:
-                raise TrajectoryCorruptError(f"{where} lacks its step record metadata")
-            try:
-                obj = json.loads(meta["record"])
-            except ValueError as err:
-                raise TrajectoryCorruptError(f"{where}: step record is not valid JSON ({err})") from err
-            n_micro = int(obj.get("n_micro", 0))
-            keys = set(fh.keys())
-            if n_micro and fmt.BATCH_INDEX in keys:
-                batches = fmt.unpack_batches(
-                    self._get(fh, fmt.BATCH_INDEX, where),
-                    self._get(fh, fmt.BATCH_WEIGHT, where),
-                    self._get(fh, fmt.BATCH_MICRO, where),
-                    n_micro,
-                )
-            else:
-                batches = []
+            obj, batches = self._read_record_parts(fh, step, set(fh.keys()))
+        return self._make_record(step, obj, batches)
+
+    def _read_record_parts(self, fh: Any, step: int, keys: Set[str]) -> Tuple[Dict[str, Any], List[fmt.MicroBatch]]:
+        """The JSON step record and the micro-batches of ``step`` from its open file ``fh``
+        (whose tensor names are ``keys``)."""
+        where = self._step_path(step)
+        meta = fh.metadata() or {}
+        if "record" not in meta:
+            raise TrajectoryCorruptError(f"{where} lacks its step record metadata")
+        try:
+            obj = json.loads(meta["record"])
+        except ValueError as err:
+            raise TrajectoryCorruptError(f"{where}: step record is not valid JSON ({err})") from err
+        n_micro = int(obj.get("n_micro", 0))
+        if n_micro and fmt.BATCH_INDEX in keys:
+            batches = fmt.unpack_batches(
+                self._get(fh, fmt.BATCH_INDEX, where),
+                self._get(fh, fmt.BATCH_WEIGHT, where),
+                self._get(fh, fmt.BATCH_MICRO, where),
+                n_micro,
+            )
+        else:
+            batches = []
+        return obj, batches
+
+    def _make_record(self, step: int, obj: Dict[str, Any], batches: List[fmt.MicroBatch]) -> fmt.StepRecord:
+        """The :class:`StepRecord` of ``step`` from its parts, checked against this trajectory."""
+        where = self._step_path(step)
         rec = fmt.StepRecord.from_json(obj, batches)
         if rec.step != step:
             raise TrajectoryCorruptError(f"{where} holds the record of step {rec.step}, not {step}")
