@@ -2,6 +2,6 @@
 
 from .format import MicroBatch, StepRecord
 from .recorder import TrajectoryRecorder
-from .trajectory import ParamSpec, Trajectory
+from .trajectory import ParamSpec, StepData, Trajectory
 
-__all__ = ["TrajectoryRecorder", "Trajectory", "ParamSpec", "StepRecord", "MicroBatch"]
+__all__ = ["TrajectoryRecorder", "Trajectory", "ParamSpec", "StepData", "StepRecord", "MicroBatch"]

@@ -16,7 +16,7 @@ from torch import nn
 from ..errors import MissingOptimizerStateError, TrajectoryCorruptError, TrajectoryError, TrajectoryMismatchError
 from . import format as fmt
 
-__all__ = ["Trajectory", "ParamSpec"]
+__all__ = ["Trajectory", "ParamSpec", "StepData"]
 
 
 @dataclass(frozen=True)
@@ -36,6 +36,25 @@ class ParamSpec:
         for s in self.shape:
             n *= s
         return n
+
+
+@dataclass(frozen=True)
+class StepData:
+    """What one recorded step holds, read by :meth:`Trajectory.step_data` in one file opening.
+
+    Attributes:
+        step (int): the step, 1..num_steps.
+        record (StepRecord): its per-step scalars and micro-batches, as :meth:`Trajectory.record`.
+        params (dict[str, Tensor]): the trainable parameters θ_step by name, as
+            :meth:`Trajectory.params`.
+        state (dict[str, dict[str, Tensor]]): each requested optimizer state key mapped to its
+            tensors by parameter, as :meth:`Trajectory.state` (parameters without it are absent).
+    """
+
+    step: int
+    record: fmt.StepRecord
+    params: Dict[str, torch.Tensor]
+    state: Dict[str, Dict[str, torch.Tensor]]
 
 
 def _read_header(path: str) -> Tuple[Dict[str, Any], Dict[str, str]]:
@@ -490,6 +509,55 @@ class Trajectory:
         """Iterate over the records of steps 1..num_steps."""
         for s in range(1, self.num_steps + 1):
             yield self.record(s)
+
+    def step_data(
+        self,
+        step: int,
+        *,
+        device: Union[str, torch.device, None] = None,
+        dtype: Optional[torch.dtype] = None,
+        state_keys: Sequence[str] = (),
+    ) -> StepData:
+        """Record, trainable parameters and optimizer state of ``step``, read in one opening of
+        its step file.
+
+        The same as :meth:`record`, :meth:`params` and :meth:`state` of ``step`` (each of which
+        opens the file again), for a sweep that needs all of them at every step. Errors are
+        theirs: a corrupt file raises the same :class:`TrajectoryCorruptError`.
+
+        Args:
+            step (int): 1..num_steps (θ_0 has no record: use :meth:`params` for step 0).
+            device, dtype (optional): where and in which floating dtype to return the parameters
+                and state tensors (as in :meth:`params`). Default: as stored, on CPU
+            state_keys (sequence of str, optional): optimizer states to read (e.g.
+                ``("exp_avg_sq",)``). Default: none
+
+        Returns:
+            *StepData*: with ``params`` as ``params(step, device=device, dtype=dtype)`` and
+            ``state[key]`` as ``state(step, key, device=device, dtype=dtype)``.
+
+        Raises:
+            MissingOptimizerStateError: if one of ``state_keys`` was not recorded.
+            TrajectoryCorruptError: if the step file cannot be read.
+            TypeError: if ``state_keys`` is a single string.
+        """
+        self._check_step(step, allow_zero=False)
+        if isinstance(state_keys, str):  # list("exp_avg_sq") would ask for one key per letter
+            raise TypeError(f"state_keys must be a sequence of state names, got the string {state_keys!r}")
+        state_keys = list(state_keys)
+        for key in state_keys:
+            self._check_state_key(key)
+        with self._open(step) as fh:
+            keys = set(fh.keys())
+            obj, batches = self._read_record_parts(fh, step, keys)
+            params = self._read_params(fh, step, self.trainable)
+            state = {key: self._read_state(fh, step, key, self.trainable, keys, device, dtype) for key in state_keys}
+        return StepData(
+            step=step,
+            record=self._make_record(step, obj, batches),
+            params={n: self._cast(t, device, dtype) for n, t in params.items()},
+            state=state,
+        )
 
     @staticmethod
     def _cast(t: torch.Tensor, device: Any, dtype: Optional[torch.dtype]) -> torch.Tensor:
