@@ -1,15 +1,20 @@
 """``Trajectory.step_data``: one opening of a step file gives what ``record``, ``params`` and
-``state`` give separately, with the same errors."""
+``state`` give separately, with the same errors; and ``track(loader)`` over a dataset of dicts
+of varying length, batched by a padding collate function."""
 
 from __future__ import annotations
 
 import dataclasses
+from typing import Dict, List
 
 import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
 
+from captum_explaind import TrajectoryRecorder
 from captum_explaind.errors import MissingOptimizerStateError, TrajectoryCorruptError, TrajectoryError
 from captum_explaind.recording import StepData
 
@@ -113,3 +118,83 @@ def test_step_data_on_a_corrupt_step_file_raises_what_params_raises(tmp_path, da
     _corruption(traj, 2, damage)
     # the other steps still read
     assert_params_equal(traj.step_data(3).params, traj.params(3))
+
+
+# ============================================================================ track(loader)
+class TokenDataset(Dataset):
+    """Token sequences of varying length and a label; each item carries its own index, so the
+    test knows independently which samples a batch held."""
+
+    def __init__(self, n: int = 11, vocab: int = 13) -> None:
+        g = torch.Generator().manual_seed(5)
+        lengths = torch.randint(1, 7, (n,), generator=g).tolist()
+        self.seqs = [torch.randint(1, vocab, (L,), generator=g) for L in lengths]
+        self.labels = torch.randint(0, 3, (n,), generator=g).tolist()
+
+    def __len__(self) -> int:
+        return len(self.seqs)
+
+    def __getitem__(self, i: int) -> Dict[str, object]:
+        return {"input_ids": self.seqs[i], "labels": self.labels[i], "idx": i}
+
+
+def pad_collate(items: List[Dict[str, object]]) -> Dict[str, torch.Tensor]:
+    """Pad ``input_ids`` with 0 to the longest sequence of the batch; a dict, like HF collators."""
+    longest = max(len(it["input_ids"]) for it in items)
+    ids = torch.zeros(len(items), longest, dtype=torch.long)
+    for r, it in enumerate(items):
+        ids[r, : len(it["input_ids"])] = it["input_ids"]
+    return {
+        "input_ids": ids,
+        "attention_mask": ids != 0,
+        "labels": torch.tensor([it["labels"] for it in items]),
+        "idx": torch.tensor([it["idx"] for it in items]),
+    }
+
+
+class BagModel(nn.Module):
+    def __init__(self, vocab: int = 13) -> None:
+        super().__init__()
+        self.bag = nn.EmbeddingBag(vocab, 4, mode="mean", padding_idx=0)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.head(self.bag(input_ids)).log_softmax(-1)
+
+
+def test_track_logs_dataset_indices_of_dict_batches_from_a_padding_collate(tmp_path):
+    """Dict samples of varying length, a padding collate returning a dict, a shuffling loader
+    with a seeded generator: every recorded step holds exactly the dataset indices (and mean
+    weights) of the batch the loop trained on, in order."""
+    torch.manual_seed(0)
+    ds = TokenDataset(11)
+    loader = DataLoader(ds, batch_size=4, shuffle=True, collate_fn=pad_collate,
+                        generator=torch.Generator().manual_seed(11))
+    model = BagModel()
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    consumed = []
+    with TrajectoryRecorder(model, opt, tmp_path / "bag") as rec:
+        for _epoch in range(2):
+            for batch in rec.track(loader):
+                assert set(batch) == {"input_ids", "attention_mask", "labels", "idx"}  # the user's collate ran
+                opt.zero_grad()
+                nn.functional.nll_loss(model(batch["input_ids"]), batch["labels"]).backward()
+                opt.step()
+                consumed.append(batch["idx"].clone())
+    traj = rec.trajectory
+    assert [len(c) for c in consumed] == [4, 4, 3] * 2  # the short last batch is kept
+    assert traj.num_steps == len(consumed)
+    for s, idx in enumerate(consumed, start=1):
+        batches = traj.record(s).batches
+        assert len(batches) == 1
+        assert batches[0].indices.dtype == torch.int64
+        assert batches[0].indices.tolist() == idx.tolist()
+        assert torch.equal(batches[0].weights, torch.full((len(idx),), 1.0 / len(idx), dtype=torch.float64))
+    for epoch in range(2):  # each epoch is a permutation of the dataset, and really shuffled
+        order = torch.cat(consumed[3 * epoch : 3 * epoch + 3]).tolist()
+        assert sorted(order) == list(range(len(ds))) and order != list(range(len(ds)))
+    assert torch.cat(consumed[:3]).tolist() != torch.cat(consumed[3:]).tolist()
+    # tracking did not change the run: the same seeded loader, untracked, yields the same order
+    plain = DataLoader(ds, batch_size=4, shuffle=True, collate_fn=pad_collate,
+                       generator=torch.Generator().manual_seed(11))
+    assert [b["idx"].tolist() for _ in range(2) for b in plain] == [c.tolist() for c in consumed]
