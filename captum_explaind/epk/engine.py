@@ -64,7 +64,8 @@ class _SweepLog:
             warnings.warn(
                 f"{self.unconverged} (step, input) pair(s) did not reach the tolerance within max_depth="
                 f"{max_depth} refinements / max_evaluations={max_evaluations} per input and step (largest "
-                f"step error {float(err.max()):.3g}); the remaining error is in the convergence delta",
+                f"step error {float(err.max()):.3g}); the remaining error is in the convergence delta (for a "
+                "quicker look at ReLU networks with many kinks use options='balanced' or 'fast')",
                 RuntimeWarning,
                 stacklevel=4,
             )
@@ -238,15 +239,13 @@ class ExactPathKernel:
             stats: StepStats = integrate_step(
                 view.integrand(seg, ch), c0, c1, rule=o.quadrature, nodes=o.nodes, tol=tol, noise=noise,
                 control=o.refine, max_depth=o.max_depth, max_rows=self._refine_rows,
-                **self._budget(ch.n),
+                max_points=self._budget(ch.n),
             )
             log.add(seg.step, ch, stats)
 
-    def _budget(self, n: int) -> dict:
-        """The work budget of one step and chunk, for :func:`integrate_step` (if it takes one)."""
-        if self.options.max_evaluations is None or not _INTEGRATOR_BUDGET:
-            return {}
-        return {"max_points": self.options.max_evaluations * n}
+    def _budget(self, n: int) -> Optional[int]:
+        """The work budget of one step for a chunk of ``n`` inputs (integrand rows), or None."""
+        return None if self.options.max_evaluations is None else self.options.max_evaluations * n
 
     def _bar(self, total: int, view: SweepView, desc: str, show_progress: Optional[bool]) -> tqdm:
         show = self.options.show_progress if show_progress is None else show_progress
@@ -473,13 +472,3 @@ class _ForwardState:
                 f1s[ci] = after
         self.f_prev = list(f1s)
         self.view.end_step(seg, True)
-
-
-def _integrator_takes_budget() -> bool:
-    import inspect
-
-    return "max_points" in inspect.signature(integrate_step).parameters
-
-
-#: whether :func:`integrate_step` accepts a work budget (``max_points``)
-_INTEGRATOR_BUDGET = _integrator_takes_budget()

@@ -29,7 +29,7 @@ Everything is accepted at ``max_depth``.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol, Tuple, Union
+from typing import Any, Callable, List, Optional, Protocol, Sequence, Tuple, Union, cast
 
 import torch
 
@@ -115,7 +115,8 @@ def _split_points(a: torch.Tensor, b: torch.Tensor, exact: torch.Tensor, quad: t
         gl, ul = g[:, q], u[:, q : q + 1]
         gr, ur = g[:, q + 1], u[:, q + 1 : q + 2]
         sl = (g[:, q] - g[:, q - 1]) / (u[:, q : q + 1] - u[:, q - 1 : q]).clamp_min(tiny) if q >= 1 else zero
-        sr = (g[:, q + 2] - g[:, q + 1]) / (u[:, q + 2 : q + 3] - u[:, q + 1 : q + 2]).clamp_min(tiny) if q + 2 < K else zero
+        sr = ((g[:, q + 2] - g[:, q + 1]) / (u[:, q + 2 : q + 3] - u[:, q + 1 : q + 2]).clamp_min(tiny)
+              if q + 2 < K else zero)
         # residual r(τ) = ∫_0^τ g_L + ∫_τ^h g_R − exact = A + B τ + C2 τ²  (τ measured from a)
         A = gr * hh + sr * (hh * hh / 2 - ur * hh) - exact
         B = gl - sl * ul - gr + sr * ur
@@ -139,12 +140,23 @@ def _split_points(a: torch.Tensor, b: torch.Tensor, exact: torch.Tensor, quad: t
     return torch.where(ok, a + best_tau, mid), ok
 
 
-def _kink_cuts(integrand: StepIntegrand, xs: torch.Tensor, rows: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, int]:
+class _CapturingIntegrand(StepIntegrand, Protocol):
+    """An integrand that can also report its pre-activations (optional: enables kink splitting).
+
+    ``capture`` returns the activations' inputs at ``θ(t)`` for the rows [m, units], or None
+    when the model has no piecewise-linear activation to split at.
+    """
+
+    def capture(self, t: float, rows: torch.Tensor) -> Optional[torch.Tensor]: ...
+
+
+def _kink_cuts(integrand: _CapturingIntegrand, xs: torch.Tensor,
+               rows: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, int]:
     """Kinks of the rows' activations on [0, 1], from forward passes at the points ``xs``.
 
     Returns the owning pair (index into ``rows``) and position of every kink, and the calls made.
     """
-    zs = []
+    zs: List[torch.Tensor] = []
     for x in xs.tolist():
         z = integrand.capture(x, rows)
         if z is None:
@@ -153,6 +165,258 @@ def _kink_cuts(integrand: StepIntegrand, xs: torch.Tensor, rows: torch.Tensor) -
     roots = kink_roots(xs, torch.stack(zs, dim=1))
     owner = torch.cat([torch.full((len(r),), i, dtype=torch.long, device=rows.device) for i, r in enumerate(roots)])
     return owner, torch.cat(roots).to(xs.dtype), len(zs)
+
+
+@dataclass
+class _Pairs:
+    """The (input row, sub-interval) pairs of one refinement level and what is known at their ends.
+
+    Attributes:
+        rows (Tensor): [p] the chunk input each pair belongs to (an input may own many pairs).
+        a, b (Tensor): [p] the pair's interval [a, b] of the step's path parameter.
+        fa, fb (Tensor): [p, C] checked outputs ``f(θ(a))``, ``f(θ(b))``.
+        ga, gb (Tensor): [p, C] integrand totals at a and b; NaN where not evaluated yet.
+        estimated (Tensor): [p] bool, whether the split that made the pair came from a jump
+            estimate (such a pair is bisected if it is rejected again).
+    """
+
+    rows: torch.Tensor
+    a: torch.Tensor
+    b: torch.Tensor
+    fa: torch.Tensor
+    fb: torch.Tensor
+    ga: torch.Tensor
+    gb: torch.Tensor
+    estimated: torch.Tensor
+
+    @classmethod
+    def whole_step(cls, rows: torch.Tensor, f0: torch.Tensor, f1: torch.Tensor) -> "_Pairs":
+        """One pair per row on [0, 1], with the checked outputs ``f0``, ``f1`` at its ends."""
+        m = len(rows)
+        nan = torch.full_like(f0, float("nan"))
+        return cls(
+            rows=rows,
+            a=torch.zeros(m, dtype=f0.dtype, device=f0.device),
+            b=torch.ones(m, dtype=f0.dtype, device=f0.device),
+            fa=f0,
+            fb=f1,
+            ga=nan,  # integrand at the interval ends; NaN until a pair needs it
+            gb=nan.clone(),
+            estimated=torch.zeros(m, dtype=torch.bool, device=f0.device),
+        )
+
+    def select(self, mask: torch.Tensor) -> "_Pairs":
+        """The pairs where ``mask`` (bool, [p]) is set, as copies."""
+        return _Pairs(
+            rows=self.rows[mask], a=self.a[mask], b=self.b[mask], fa=self.fa[mask], fb=self.fb[mask],
+            ga=self.ga[mask], gb=self.gb[mask], estimated=self.estimated[mask],
+        )
+
+
+def _batched(fn: Callable[[torch.Tensor, torch.Tensor], Any], t: torch.Tensor, rows: torch.Tensor,
+             max_rows: int) -> Tuple[List[Any], int]:
+    """``fn(t, rows)`` in slices of at most ``max_rows`` rows: the pieces, and the calls made."""
+    pieces = [fn(t[i : i + max_rows], rows[i : i + max_rows]) for i in range(0, len(rows), max_rows)]
+    return pieces, len(pieces)
+
+
+def _totals_at(integrand: StepIntegrand, t: torch.Tensor, rows: torch.Tensor,
+               max_rows: int) -> Tuple[torch.Tensor, int]:
+    """The integrand's checked totals at one point per row [p, C] (payloads dropped), and the calls."""
+    pieces, calls = _batched(integrand.evaluate, t, rows, max_rows)
+    return torch.cat([t_ for _, t_ in pieces]), calls
+
+
+def _known_points(t_nodes: Sequence[float], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Positions in [0, 1] where a pair knows its integrand: 0, the rule's nodes ascending, 1."""
+    xi = torch.tensor(sorted(t_nodes), dtype=dtype, device=device)
+    return torch.cat([xi.new_zeros(1), xi, xi.new_ones(1)])
+
+
+def _base_pass(integrand: StepIntegrand, t_nodes: Sequence[float], w_nodes: Sequence[float],
+               rows: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """Level 0: the base rule on [0, 1] for every row, one call per node (one shared point).
+
+    Returns:
+        *tuple*: integrated payload, integrated total [m, C], the totals at the nodes in ascending
+        order [m, n, C], and the calls made.
+    """
+    order = sorted(range(len(t_nodes)), key=lambda q: t_nodes[q])
+    contrib: Optional[torch.Tensor] = None
+    total: Optional[torch.Tensor] = None
+    gvals = []
+    for q in order:
+        t, w = t_nodes[q], w_nodes[q]
+        payload, tot = integrand.evaluate(t, rows)
+        contrib = payload * w if contrib is None else contrib.add_(payload, alpha=w)
+        total = tot * w if total is None else total.add_(tot, alpha=w)
+        gvals.append(tot)
+    assert contrib is not None and total is not None  # a rule has at least one node
+    return contrib, total, torch.stack(gvals, dim=1), len(order)
+
+
+def _sub_pass(integrand: StepIntegrand, pairs: _Pairs, sub_rule: Tuple[Sequence[float], Sequence[float]],
+              max_rows: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """A refinement level: the sub-rule on every pair's own interval, in batched calls.
+
+    Returns:
+        *tuple*: integrated payload, integrated total [p, C], the totals at the nodes [p, n, C]
+        (in the rule's node order), and the calls made.
+    """
+    a, rows = pairs.a, pairs.rows
+    h = pairs.b - a
+    contrib: Optional[torch.Tensor] = None
+    total: Optional[torch.Tensor] = None
+    gvals = []
+    calls = 0
+    for t, w in zip(*sub_rule):
+        tt, wq = a + h * t, h * w
+        tots = []
+        # accumulate payloads chunk by chunk: a vjp payload is parameter-sized per row, and
+        # concatenating every chunk first would hold all of them twice
+        for i in range(0, len(rows), max_rows):
+            sl = slice(i, i + max_rows)
+            payload, tot = integrand.evaluate(tt[sl], rows[sl])
+            calls += 1
+            if contrib is None:
+                contrib = payload.new_zeros((len(rows),) + tuple(payload.shape[1:]))
+            contrib[sl].add_(payload * _bcast(wq[sl], payload))
+            tots.append(tot)
+            del payload
+        tot = torch.cat(tots)
+        total = tot * wq.unsqueeze(1) if total is None else total.add_(tot * wq.unsqueeze(1))
+        gvals.append(tot)
+    assert contrib is not None and total is not None  # a rule has a node, a rejected pair a child
+    return contrib, total, torch.stack(gvals, dim=1), calls
+
+
+def _accepted(err: torch.Tensor, pairs: _Pairs, acc_err: torch.Tensor, tol: torch.Tensor, noise: torch.Tensor,
+              final: bool) -> torch.Tensor:
+    """Which pairs are final [p]: all at the last level; else those within their share of the
+    tolerance, and all pairs of an input whose errors (accepted and this level's) sum within it."""
+    if final:
+        return torch.ones_like(err, dtype=torch.bool)
+    rows = pairs.rows
+    level_err = torch.zeros_like(acc_err).index_add_(0, rows, err)
+    done = (acc_err + level_err) <= tol + noise
+    return done[rows] | (err <= tol[rows] * (pairs.b - pairs.a) + noise[rows])
+
+
+def _accumulate(integrand: StepIntegrand, keep: torch.Tensor, rows: torch.Tensor, contrib: torch.Tensor,
+                total: torch.Tensor, err: torch.Tensor, acc_total: torch.Tensor, acc_err: torch.Tensor) -> bool:
+    """Hand the kept pairs' payload to the integrand and add their totals and errors to the
+    per-input accumulators (in place). Returns whether every pair was kept."""
+    all_kept = bool(keep.all())
+    # all kept: pass the tensors themselves, not masked copies
+    sel = slice(None) if all_kept else keep
+    if bool(keep.any()):
+        integrand.accumulate(rows[sel], contrib[sel])
+        acc_total.index_add_(0, rows[sel], total[sel])
+        acc_err.index_add_(0, rows[sel], err[sel])
+    return all_kept
+
+
+def _far_kink_cuts(integrand: StepIntegrand, rej: _Pairs, err: torch.Tensor, tol: torch.Tensor, noise: torch.Tensor,
+                   ends: torch.Tensor) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor], int]:
+    """At the first refinement, the kinks of the rejected pairs far from their tolerance.
+
+    Returns:
+        *tuple*: owning pair (index into ``rej``) and position of every kink — both None when no
+        pair is far or the integrand cannot capture activations — and the calls made.
+    """
+    far = err > KINK_SPLIT_RATIO * (tol[rej.rows] + noise[rej.rows])
+    if not (hasattr(integrand, "capture") and bool(far.any())):
+        return None, None, 0
+    # Steps far from their tolerance are split at every kink of the activations at once. Steps
+    # that are nearly there take the cheaper jump estimate (resolving every kink would cost more
+    # than the few splits they need).
+    sub = far.nonzero().squeeze(1)
+    cut_owner, cut_t, calls = _kink_cuts(cast(_CapturingIntegrand, integrand), ends, rej.rows[sub])
+    return sub[cut_owner], cut_t, calls
+
+
+def _fill_ends(integrand: StepIntegrand, pairs: _Pairs, max_rows: int) -> int:
+    """Evaluate the integrand at the pairs' ends where it is not known yet (in place); the calls.
+
+    Every rejected pair needs both ends for the jump estimate of :func:`_split_points`.
+    """
+    calls = 0
+    for vals, pos in ((pairs.ga, pairs.a), (pairs.gb, pairs.b)):
+        missing = torch.isnan(vals).any(dim=1)
+        if bool(missing.any()):
+            got, c = _totals_at(integrand, pos[missing], pairs.rows[missing], max_rows)
+            calls += c
+            vals[missing] = got
+    return calls
+
+
+def _place_cuts(rej: _Pairs, total: torch.Tensor, g: torch.Tensor, known_xi: torch.Tensor,
+                cut_owner: Optional[torch.Tensor], cut_t: Optional[torch.Tensor]
+                ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """All cuts of the rejected pairs: the kinks found (``cut_owner``, ``cut_t``; None for none),
+    and the jump estimate of :func:`_split_points` for every pair without a kink.
+
+    Args:
+        rej (_Pairs): the rejected pairs, both ends known. total (Tensor): [p, C] their rule's
+            totals. g (Tensor): [p, n, C] their totals at the nodes. known_xi (Tensor): positions
+            of ends and nodes in [0, 1].
+
+    Returns:
+        *tuple[Tensor, Tensor, Tensor]*: owning pair (index into ``rej``), position, and whether
+        it came from a jump estimate, per cut (unsorted).
+    """
+    device = rej.rows.device
+    if cut_owner is None or cut_owner.numel() == 0:
+        known = torch.cat([rej.ga.unsqueeze(1), g, rej.gb.unsqueeze(1)], dim=1)
+        split, used = _split_points(rej.a, rej.b, rej.fb - rej.fa, total, known, known_xi, rej.estimated)
+        return torch.arange(len(rej.rows), device=device), split, used
+    assert cut_t is not None  # found together with cut_owner
+    # pairs without a detected kink fall back to the jump estimate
+    has = torch.zeros(len(rej.rows), dtype=torch.bool, device=device)
+    has[cut_owner] = True
+    if bool((~has).any()):
+        lone = (~has).nonzero().squeeze(1)
+        known = torch.cat([rej.ga[lone].unsqueeze(1), g[lone], rej.gb[lone].unsqueeze(1)], dim=1)
+        split, _ = _split_points(rej.a[lone], rej.b[lone], rej.fb[lone] - rej.fa[lone], total[lone], known,
+                                 known_xi, rej.estimated[lone])
+        cut_owner = torch.cat([cut_owner, lone])
+        cut_t = torch.cat([cut_t, split])
+    # cuts at kinks are exact positions, not estimates: never force a bisection after them
+    return cut_owner, cut_t, torch.zeros(len(cut_t), dtype=torch.bool, device=device)
+
+
+def _children(integrand: StepIntegrand, rej: _Pairs, cut_owner: torch.Tensor, cut_t: torch.Tensor,
+              cut_est: torch.Tensor, max_rows: int) -> Tuple[_Pairs, int]:
+    """Cut the rejected pairs into the next level's pairs; the checked outputs at the cuts cost
+    batched calls (returned with the pairs).
+
+    For pair j with cuts c1 < ... < ck the children are [a, c1], [c1, c2], ..., [ck, b]: the
+    first child of each pair keeps its known integrand at a, the tail child the one at b.
+    """
+    a, b = rej.a, rej.b
+    order_c = torch.argsort(cut_owner.to(a.dtype) * 4.0 + (cut_t - a[cut_owner]) / (b - a)[cut_owner])
+    cut_owner, cut_t, cut_est = cut_owner[order_c], cut_t[order_c], cut_est[order_c]
+    pieces, calls = _batched(integrand.checked, cut_t, rej.rows[cut_owner], max_rows)
+    f_cut = torch.cat(pieces)
+    first = torch.ones_like(cut_owner, dtype=torch.bool)
+    first[1:] = cut_owner[1:] != cut_owner[:-1]
+    last = torch.ones_like(cut_owner, dtype=torch.bool)
+    last[:-1] = cut_owner[1:] != cut_owner[:-1]
+    prev_t = torch.where(first, a[cut_owner], torch.roll(cut_t, 1))
+    prev_f = torch.where(first.unsqueeze(1), rej.fa[cut_owner], torch.roll(f_cut, 1, dims=0))
+    prev_g = torch.where(first.unsqueeze(1), rej.ga[cut_owner], torch.full_like(f_cut, float("nan")))
+    tail = cut_owner[last]
+    children = _Pairs(
+        rows=torch.cat([rej.rows[cut_owner], rej.rows[tail]]),
+        a=torch.cat([prev_t, cut_t[last]]),
+        b=torch.cat([cut_t, b[tail]]),
+        fa=torch.cat([prev_f, f_cut[last]]),
+        fb=torch.cat([f_cut, rej.fb[tail]]),
+        ga=torch.cat([prev_g, torch.full_like(f_cut[last], float("nan"))]),
+        gb=torch.cat([torch.full_like(f_cut, float("nan")), rej.gb[tail]]),
+        estimated=torch.cat([cut_est, cut_est[last]]),
+    )
+    return children, calls
 
 
 def integrate_step(
@@ -167,6 +431,7 @@ def integrate_step(
     control: bool,
     max_depth: int,
     max_rows: int = 1024,
+    max_points: Optional[int] = None,
 ) -> StepStats:
     """Integrate one step for all rows of a chunk, refining where the measured error is too big.
 
@@ -179,6 +444,9 @@ def integrate_step(
         control (bool): refine at all (False: one pass of the base rule).
         max_depth (int): maximum number of refinement levels.
         max_rows (int): rows per batched call during refinement (memory bound).
+        max_points (int, optional): work budget of the step for this chunk: once this many
+            integrand rows (points × inputs) were evaluated, the current level is accepted as it
+            is; rows still above tolerance are counted as unconverged. ``None``: no budget.
 
     Returns:
         *StepStats*
@@ -191,144 +459,42 @@ def integrate_step(
     sub_rule = quadrature_rule(rule, min(nodes, 2)) if rule == "gauss" else (t_nodes, w_nodes)
     acc_total = torch.zeros_like(f0)
     acc_err = torch.zeros(m, dtype=dtype, device=device)
-    evaluations = 0
 
     # Level 0: one shared parameter point per node, all rows in one call.
-    order = sorted(range(len(t_nodes)), key=lambda q: t_nodes[q])
-    xi = torch.tensor([t_nodes[q] for q in order], dtype=dtype, device=device)
     rows = torch.arange(m, device=device)
-    contrib = total = None
-    gvals = []
-    for q in order:
-        t, w = t_nodes[q], w_nodes[q]
-        payload, tot = integrand.evaluate(t, rows)
-        evaluations += 1
-        contrib = payload * w if contrib is None else contrib.add_(payload, alpha=w)
-        total = tot * w if total is None else total.add_(tot, alpha=w)
-        gvals.append(tot)
-    g = torch.stack(gvals, dim=1)  # [rows, n, C]
-    a = torch.zeros(m, dtype=dtype, device=device)
-    b = torch.ones(m, dtype=dtype, device=device)
-    fa, fb = f0, f1
-    nan = torch.full_like(f0, float("nan"))
-    ga, gb = nan, nan.clone()  # integrand at the interval ends; NaN until a pair needs it
-    estimated = torch.zeros(m, dtype=torch.bool, device=device)
-    ends = torch.cat([xi.new_zeros(1), xi, xi.new_ones(1)])
-    sub_xi = torch.tensor(sorted(sub_rule[0]), dtype=dtype, device=device)
-    sub_ends = torch.cat([sub_xi.new_zeros(1), sub_xi, sub_xi.new_ones(1)])
+    contrib, total, g, evaluations = _base_pass(integrand, t_nodes, w_nodes, rows)
+    pairs = _Pairs.whole_step(rows, f0, f1)
+    ends = _known_points(t_nodes, dtype, device)
+    sub_ends = _known_points(sub_rule[0], dtype, device)
     depth = 0
     unconverged = 0
-
-    def batched(fn, t: torch.Tensor, r: torch.Tensor):
-        pieces = [fn(t[i : i + max_rows], r[i : i + max_rows]) for i in range(0, len(r), max_rows)]
-        return pieces, len(pieces)
-
-    def integrand_at(t: torch.Tensor, r: torch.Tensor) -> Tuple[torch.Tensor, int]:
-        pieces, calls = batched(integrand.evaluate, t, r)
-        return torch.cat([t_ for _, t_ in pieces]), calls
+    points = m * len(t_nodes)  # integrand rows evaluated so far (the work the budget bounds)
 
     while True:
-        err = (total - (fb - fa)).abs().amax(dim=1)
-        final = (not control) or depth >= max_depth
-        if final:
-            keep = torch.ones_like(err, dtype=torch.bool)
-        else:
-            level_err = torch.zeros(m, dtype=dtype, device=device).index_add_(0, rows, err)
-            done = (acc_err + level_err) <= tol + noise
-            keep = done[rows] | (err <= tol[rows] * (b - a) + noise[rows])
-        all_kept = bool(keep.all())
-        sel = slice(None) if all_kept else keep
-        if bool(keep.any()):
-            integrand.accumulate(rows[sel], contrib[sel])
-            acc_total.index_add_(0, rows[sel], total[sel])
-            acc_err.index_add_(0, rows[sel], err[sel])
+        err = (total - (pairs.fb - pairs.fa)).abs().amax(dim=1)
+        spent = max_points is not None and points >= max_points
+        final = (not control) or depth >= max_depth or spent
+        keep = _accepted(err, pairs, acc_err, tol, noise, final)
+        all_kept = _accumulate(integrand, keep, pairs.rows, contrib, total, err, acc_total, acc_err)
         if final and control:
             unconverged = int((acc_err > tol + noise).sum())
         if all_kept:
             break
-        rej = ~keep
-        r_rows, r_a, r_b = rows[rej], a[rej], b[rej]
-        r_fa, r_fb, r_ga, r_gb = fa[rej], fb[rej], ga[rej], gb[rej]
-        r_total, r_g, r_est = total[rej], g[rej], estimated[rej]
+        rej_mask = ~keep
+        rej = pairs.select(rej_mask)
+        r_total, r_g = total[rej_mask], g[rej_mask]
         cut_owner = cut_t = None
-        far = err[rej] > KINK_SPLIT_RATIO * (tol[r_rows] + noise[r_rows])
-        if depth == 0 and hasattr(integrand, "capture") and bool(far.any()):
-            # First refinement of steps far from their tolerance: split at every kink of the
-            # activations at once. Steps that are nearly there take the cheaper jump estimate
-            # (resolving every kink would cost more than the few splits they need).
-            sub = far.nonzero().squeeze(1)
-            cut_owner, cut_t, calls = _kink_cuts(integrand, ends, r_rows[sub])
-            cut_owner = sub[cut_owner]
+        if depth == 0:
+            cut_owner, cut_t, calls = _far_kink_cuts(integrand, rej, err[rej_mask], tol, noise, ends)
             evaluations += calls
-        # Every pair still needs the integrand at its ends for the jump estimate.
-        for side, pos in (("a", r_a), ("b", r_b)):
-            vals = r_ga if side == "a" else r_gb
-            missing = torch.isnan(vals).any(dim=1)
-            if bool(missing.any()):
-                got, calls = integrand_at(pos[missing], r_rows[missing])
-                evaluations += calls
-                vals[missing] = got
-        if cut_owner is None or cut_owner.numel() == 0:
-            known = torch.cat([r_ga.unsqueeze(1), r_g, r_gb.unsqueeze(1)], dim=1)
-            split, used = _split_points(r_a, r_b, r_fb - r_fa, r_total, known, ends if depth == 0 else sub_ends, r_est)
-            cut_owner = torch.arange(len(r_rows), device=device)
-            cut_t = split
-            cut_est = used
-        else:
-            # pairs without a detected kink fall back to the jump estimate
-            has = torch.zeros(len(r_rows), dtype=torch.bool, device=device)
-            has[cut_owner] = True
-            if bool((~has).any()):
-                lone = (~has).nonzero().squeeze(1)
-                known = torch.cat([r_ga[lone].unsqueeze(1), r_g[lone], r_gb[lone].unsqueeze(1)], dim=1)
-                split, _ = _split_points(r_a[lone], r_b[lone], r_fb[lone] - r_fa[lone], r_total[lone], known,
-                                         ends if depth == 0 else sub_ends, r_est[lone])
-                cut_owner = torch.cat([cut_owner, lone])
-                cut_t = torch.cat([cut_t, split])
-            cut_est = torch.zeros(len(cut_t), dtype=torch.bool, device=device)
-        order_c = torch.argsort(cut_owner.to(dtype) * 4.0 + (cut_t - r_a[cut_owner]) / (r_b - r_a)[cut_owner])
-        cut_owner, cut_t, cut_est = cut_owner[order_c], cut_t[order_c], cut_est[order_c]
-        pieces, calls = batched(integrand.checked, cut_t, r_rows[cut_owner])
-        f_cut = torch.cat(pieces)
+        evaluations += _fill_ends(integrand, rej, max_rows)
+        cut_owner, cut_t, cut_est = _place_cuts(rej, r_total, r_g, ends if depth == 0 else sub_ends, cut_owner, cut_t)
+        pairs, calls = _children(integrand, rej, cut_owner, cut_t, cut_est, max_rows)
         evaluations += calls
-        # children: for pair j with cuts c1 < ... < ck, the intervals [a, c1], [c1, c2], ..., [ck, b]
-        first = torch.ones_like(cut_owner, dtype=torch.bool)
-        first[1:] = cut_owner[1:] != cut_owner[:-1]
-        last = torch.ones_like(cut_owner, dtype=torch.bool)
-        last[:-1] = cut_owner[1:] != cut_owner[:-1]
-        prev_t = torch.where(first, r_a[cut_owner], torch.roll(cut_t, 1))
-        prev_f = torch.where(first.unsqueeze(1), r_fa[cut_owner], torch.roll(f_cut, 1, dims=0))
-        prev_g = torch.where(first.unsqueeze(1), r_ga[cut_owner], torch.full_like(f_cut, float("nan")))
-        tail = cut_owner[last]
-        rows = torch.cat([r_rows[cut_owner], r_rows[tail]])
-        a = torch.cat([prev_t, cut_t[last]])
-        b = torch.cat([cut_t, r_b[tail]])
-        fa = torch.cat([prev_f, f_cut[last]])
-        fb = torch.cat([f_cut, r_fb[tail]])
-        ga = torch.cat([prev_g, torch.full_like(f_cut[last], float("nan"))])
-        gb = torch.cat([torch.full_like(f_cut, float("nan")), r_gb[tail]])
-        estimated = torch.cat([cut_est, cut_est[last]])
-        h = b - a
-        contrib = total = None
-        gvals = []
-        for t, w in zip(*sub_rule):
-            tt, wq = a + h * t, h * w
-            tots = []
-            # accumulate payloads chunk by chunk: a vjp payload is parameter-sized per row, and
-            # concatenating every chunk first would hold all of them twice
-            for i in range(0, len(rows), max_rows):
-                sl = slice(i, i + max_rows)
-                payload, tot = integrand.evaluate(tt[sl], rows[sl])
-                evaluations += 1
-                if contrib is None:
-                    contrib = payload.new_zeros((len(rows),) + tuple(payload.shape[1:]))
-                contrib[sl].add_(payload * _bcast(wq[sl], payload))
-                tots.append(tot)
-                del payload
-            tot = torch.cat(tots)
-            total = tot * wq.unsqueeze(1) if total is None else total.add_(tot * wq.unsqueeze(1))
-            gvals.append(tot)
-        g = torch.stack(gvals, dim=1)
+        contrib, total, g, calls = _sub_pass(integrand, pairs, sub_rule, max_rows)
+        evaluations += calls
+        # each child: its nodes plus the check at its cut (ends and kink probes are extra, small)
+        points += len(pairs.rows) * (len(sub_rule[0]) + 1)
         depth += 1
     error = (acc_total - (f1 - f0)).abs().amax(dim=1)
     return StepStats(error=error, evaluations=evaluations, depth=depth, unconverged=unconverged)

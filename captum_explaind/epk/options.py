@@ -54,8 +54,11 @@ class EPKOptions:
         atol (float): absolute per-step tolerance added to it. Default: 0
         max_depth (int): maximum refinement levels of one step. Default: 40
         max_evaluations (int or None): work budget: integrand evaluations per input and step
-            beyond which refinement stops (the error left is reported). ``None``: unbounded.
-            Default: 512
+            (pooled over the inputs of a chunk) beyond which refinement stops; the error left is
+            in the delta and the pairs above tolerance are counted (``stats.unconverged``) and
+            warned about. ``None``: unbounded (up to ``max_depth`` levels, each of which can
+            double the work).
+            Default: 4096
         dtype (torch.dtype or None): compute precision; ``None``: the trajectory's. Default: float64
         device (torch.device, str or None): where to compute; ``None``: the model's device.
         batch_size (int or None): test inputs per chunk (memory control). Default: all at once
@@ -73,7 +76,7 @@ class EPKOptions:
     rtol: float = 1e-10
     atol: float = 0.0
     max_depth: int = 40
-    max_evaluations: Optional[int] = 512
+    max_evaluations: Optional[int] = 4096
     dtype: Optional[torch.dtype] = torch.float64
     device: Union[torch.device, str, None] = None
     batch_size: Optional[int] = None
