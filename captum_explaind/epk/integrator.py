@@ -491,6 +491,9 @@ def integrate_step(
         cut_owner, cut_t, cut_est = _place_cuts(rej, r_total, r_g, ends if depth == 0 else sub_ends, cut_owner, cut_t)
         pairs, calls = _children(integrand, rej, cut_owner, cut_t, cut_est, max_rows)
         evaluations += calls
+        # free the level's payload first: a vjp payload is parameter-sized per row, and holding
+        # the old level's while the next is built would double the peak memory of refinement
+        del contrib
         contrib, total, g, calls = _sub_pass(integrand, pairs, sub_rule, max_rows)
         evaluations += calls
         # each child: its nodes plus the check at its cut (ends and kink probes are extra, small)
