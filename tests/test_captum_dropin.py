@@ -296,3 +296,11 @@ def test_attribute_has_two_typed_overloads():
         flag = hints["return_convergence_delta"]
         assert typing.get_origin(flag) is typing.Literal
         assert typing.get_args(flag) == ((True,) if "Tuple" in str(hints["return"]) else (False,))
+
+
+@pytest.mark.skipif(sys.version_info < (3, 11), reason="typing.get_overloads is Python >= 3.11")
+def test_influence_overloads_say_when_topk_results_come_back():
+    overloads = typing.get_overloads(TrainingDataInfluence.influence)
+    returns = [typing.get_type_hints(o)["return"] for o in overloads]
+    assert returns[0] is torch.Tensor  # k=None: the score matrix
+    assert all(r is KMostInfluentialResults for r in returns[1:]) and len(returns) == 3

@@ -265,6 +265,18 @@ class TrainingDataInfluence(EPKAttribution, DataInfluence):
             raise TypeError(f"a Mapping batch needs a label entry (one of {self.train.label_keys}) for influence()")
         return batch[key]
 
+    @overload  # type: ignore[override]
+    def influence(self, inputs: Any = ..., k: None = ..., proponents: bool = ..., show_progress: bool = ...,
+                  aggregate: bool = ...) -> torch.Tensor: ...
+
+    @overload
+    def influence(self, inputs: Any = ..., *, k: int, proponents: bool = ..., show_progress: bool = ...,
+                  aggregate: bool = ...) -> "KMostInfluentialResults": ...
+
+    @overload
+    def influence(self, inputs: Any, k: int, proponents: bool = ..., show_progress: bool = ...,
+                  aggregate: bool = ...) -> "KMostInfluentialResults": ...
+
     @log_usage()
     def influence(  # type: ignore[override]
         self,
@@ -273,7 +285,7 @@ class TrainingDataInfluence(EPKAttribution, DataInfluence):
         proponents: bool = True,
         show_progress: bool = False,
         aggregate: bool = False,
-    ) -> Any:
+    ) -> Union[torch.Tensor, "KMostInfluentialResults"]:
         r"""Captum's ``DataInfluence.influence``: the labels are the target.
 
         Args:
