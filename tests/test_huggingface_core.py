@@ -134,6 +134,7 @@ def _bruteforce_data_view(model, traj, train, test_inputs, target, nodes=16, lr=
                                lambda out, y=y: torch.nn.functional.cross_entropy(out.logits, y))
                 grads[(i, k)] = grads.get((i, k), 0) + w * g
     scores = torch.zeros(n_test, n_train, dtype=torch.float64)
+    gram = torch.zeros(n_test, n_test, dtype=torch.float64)
     replayed = []
     for s in range(1, N + 1):
         delta_s = thetas[s] - thetas[s - 1]
@@ -142,13 +143,17 @@ def _bruteforce_data_view(model, traj, train, test_inputs, target, nodes=16, lr=
             if i <= s:
                 shares[k] += -lr * mu ** (s - i) * g
         replayed.append((shares.sum(0) - delta_s).abs().max().item())
+        dense = []  # Γ_s(p, x_q, k) = φ_s(x_q)_p Δ_s^{(k)}_p, [n_train, P] per test input
         for q in range(n_test):
             inp = {k: v[q : q + 1] for k, v in test_inputs.items()}
             phi = sum(w * _flat_grad(model, traj, thetas[s - 1] + t * delta_s, inp,
                                      lambda out, q=q: out.logits[0, target[q]])
                       for t, w in zip(t_nodes, w_nodes))
             scores[q] += shares @ phi
-    return scores, max(replayed)
+            dense.append(shares * phi.unsqueeze(0))
+        flat = torch.stack(dense).reshape(n_test, -1)
+        gram = gram + flat @ flat.T  # inner products of the flattened influence tensors (Def. 4.4)
+    return scores, max(replayed), gram
 
 
 def test_data_view_on_a_dict_training_set_equals_bruteforce(bert_run):
@@ -161,7 +166,7 @@ def test_data_view_on_a_dict_training_set_equals_bruteforce(bert_run):
     assert (total - change).abs().max() <= TOL
     assert res.residual.abs().max() <= 1e-10  # the replay explains every update
     assert all(abs(c - 1.0) < 1e-10 for c in res.grad_scale.values())  # no clipping: c = 1
-    ref, replay_err = _bruteforce_data_view(model, traj, train, dict(enc), target)
+    ref, replay_err, _ = _bruteforce_data_view(model, traj, train, dict(enc), target)
     assert replay_err <= 1e-12  # the brute-force replay itself reproduces every recorded update
     scale = ref.abs().max()
     assert (res.scores - ref).abs().max() <= 1e-9 * max(1.0, float(scale))
@@ -176,8 +181,11 @@ def test_similarity_on_dict_inputs_equals_the_dense_cosine(bert_run):
     S = sim.attribute(enc, target=[0, 0, 0])
     assert torch.allclose(S.diagonal(), torch.ones(3, dtype=S.dtype), atol=1e-12)
     assert torch.allclose(S, S.T, atol=1e-12)
-    # Dense reference from the data view's per-sample scores is a different statistic (summed over
-    # steps and parameters); the similarity of identical inputs must still be 1 and others < 1.
+    # The cosine of the dense steps × parameters × samples influence tensors, built by brute force
+    # (each training sample tokenized alone, plain autograd), without the factorization.
+    _, _, gram = _bruteforce_data_view(model, traj, train, dict(enc), [0, 0, 0])
+    norms = gram.diagonal().sqrt()
+    torch.testing.assert_close(S, gram / (norms.unsqueeze(1) * norms.unsqueeze(0)), rtol=0, atol=1e-9)
     assert bool((S.abs() <= 1 + 1e-12).all())
     other = sim.attribute(dict(enc), others=dict(enc), target=[0, 0, 0])
     assert torch.allclose(other, S, atol=1e-12)
