@@ -65,6 +65,11 @@ class DataView(ViewBase):
             ``None``: as many as fit in ~256 MiB of per-sample gradients.
     """
 
+    # Split over blocks of test inputs (the accumulators are per input); the training side's
+    # measured gradient scales are the same on every rank.
+    shard_sum = ("scores", "regularization", "path", "exact")
+    shard_copy = ("grad_scale",)
+
     def __init__(
         self,
         epk: "ExactPathKernel",
