@@ -69,6 +69,11 @@ class DataView(ViewBase):
             or coupled through train-mode batch statistics when the recording shows them).
     """
 
+    # Split over blocks of test inputs (the accumulators are per input); the training side's
+    # measured gradient scales are the same on every rank.
+    shard_sum = ("scores", "regularization", "path", "exact")
+    shard_copy = ("grad_scale",)
+
     def __init__(
         self,
         epk: "ExactPathKernel",

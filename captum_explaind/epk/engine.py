@@ -25,6 +25,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .. import distributed
 from ..errors import TrajectoryError
 from ..recording.format import StepRecord
 from ..recording.trajectory import Trajectory
@@ -56,6 +57,16 @@ class _SweepLog:
         self.evaluations += stats.evaluations
         self.unconverged += stats.unconverged
         self.depth = max(self.depth, stats.depth)
+
+    def reduce(self) -> None:
+        """Combine the logs of all ranks (each (step, input) pair was integrated by one rank)."""
+        if not distributed.active():
+            return
+        errs = [self.errors[s] for s in self.steps]
+        counts = torch.tensor([self.evaluations, self.unconverged], dtype=torch.int64)
+        distributed.all_reduce_sum_(errs + [counts])
+        self.evaluations, self.unconverged = int(counts[0]), int(counts[1])
+        self.depth = distributed.all_reduce_max(self.depth)
 
     def finish(self, max_depth: int, max_evaluations: Optional[int] = None) -> SweepStats:
         n = next(iter(self.errors.values())).shape[0] if self.errors else 0
@@ -286,7 +297,12 @@ class ExactPathKernel:
                 raise TrajectoryError(f"step {s} is outside the trajectory (valid: 1..{N})")
         chosen = set(selected)
         todo = chosen if integrate is None else chosen & set(int(s) for s in integrate)
-        state = _ForwardState(self, batch, view, need_precond, sorted(todo))
+        all_todo = sorted(todo)
+        sharded = _shardable(view)
+        if sharded:
+            selected, todo = _shard_steps(view, selected, todo)
+            chosen = set(selected)
+        state = _ForwardState(self, batch, view, need_precond, all_todo)
         bar = self._bar(len(selected), view, desc, show_progress)
         try:
             for s in range(1, (selected[-1] if selected else 0) + 1):
@@ -296,6 +312,8 @@ class ExactPathKernel:
         finally:
             bar.close()
             self.functional.set_fixed(self._initial_buffers)
+        if sharded:
+            _reduce_view(view, state.log)
         return state.log.finish(self.options.max_depth, self.options.max_evaluations)
 
     def sweep_reverse(
@@ -338,8 +356,14 @@ class ExactPathKernel:
         records = [traj.record(s) for s in range(1, last + 1)]
         scalars = [um.scalars(rec) for rec in records]
         buffer_steps = set(traj.buffer_steps())
-        chunks = self.chunks(batch)
+        sharded = _shardable(view)
+        # In a process group each rank takes a contiguous block of the inputs: the accumulators
+        # are per input, so the blocks never interact and the results add up.
+        chunks = self._rank_chunks(batch) if sharded else self.chunks(batch)
         log = _SweepLog(sorted(todo), batch.n, self.dtype)
+        if sharded and not chunks:
+            _reduce_view(view, log)
+            return log.finish(self.options.max_depth, self.options.max_evaluations)
         theta_next = self.theta(last)
         f_next: List[Optional[torch.Tensor]] = [None] * len(chunks)
         bar = self._bar(last, view, desc, show_progress)
@@ -372,6 +396,8 @@ class ExactPathKernel:
         finally:
             bar.close()
             fm.set_fixed(self._initial_buffers)
+        if sharded:
+            _reduce_view(view, log)
         return log.finish(self.options.max_depth, self.options.max_evaluations)
 
     def _buffer_jumps_after(self, s: int, theta: torch.Tensor, chunks: List[Chunk], before: List[torch.Tensor],
@@ -387,6 +413,14 @@ class ExactPathKernel:
         for ch, a, b in zip(chunks, after, before):
             assert a is not None  # filled above
             view.buffer_jump(s, ch, a - b)
+
+    def _rank_chunks(self, batch: Batch) -> List[Chunk]:
+        """This rank's contiguous block of the inputs, cut into chunks of ``options.batch_size``."""
+        rows = distributed.shard(range(batch.n))
+        if not rows:
+            return []
+        lo, hi = rows[0], rows[-1] + 1
+        return [Chunk(lo + off, b.n, b) for off, b in batch.slice(lo, hi).chunks(self.options.batch_size)]
 
     # ------------------------------------------------------------------ reconstruction
     def reconstruct(self, inputs: Any, additional_forward_args: Any = None) -> Reconstruction:
@@ -425,6 +459,34 @@ class ExactPathKernel:
             rows.append(seg.delta * (1.0 - self._subset))
             names.append("other")
         return torch.stack(rows), names
+
+
+def _shardable(view: SweepView) -> bool:
+    """Whether a sweep of ``view`` is split over the ranks: inside a process group, for views
+    that name the accumulators to sum (``shard_sum``). Others run whole on every rank."""
+    return distributed.active() and bool(getattr(view, "shard_sum", ()))
+
+
+def _shard_steps(view: SweepView, selected: List[int], todo: set) -> Tuple[List[int], set]:
+    """This rank's part of a forward sweep: a contiguous block of the integrated steps.
+
+    Only this rank's steps are visited, unless the view does work at every visited step
+    (``visit_every_step``: the similarity view's per-sample momentum buffers); the sweep then
+    stops at this rank's last step.
+    """
+    own = set(distributed.shard(sorted(todo)))
+    if getattr(view, "visit_every_step", False):
+        last = max(own) if own else 0
+        return [s for s in selected if s <= last], own
+    return [s for s in selected if s in own], own
+
+
+def _reduce_view(view: SweepView, log: _SweepLog) -> None:
+    """Sum the view's accumulators and the sweep log over the ranks; copy rank 0's replicated state."""
+    distributed.all_reduce_sum_([getattr(view, name) for name in getattr(view, "shard_sum", ())])
+    for name in getattr(view, "shard_copy", ()):
+        setattr(view, name, distributed.broadcast_object(getattr(view, name)))
+    log.reduce()
 
 
 class _ForwardState:

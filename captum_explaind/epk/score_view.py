@@ -67,6 +67,8 @@ class ScoreView(ViewBase):
         method (str): ``"vjp"`` or ``"jvp"`` (already chosen).
     """
 
+    shard_sum = ("acc", "exact")
+
     def __init__(
         self,
         epk: "ExactPathKernel",

@@ -36,6 +36,11 @@ __all__ = ["SimilarityView", "cosine_from_gram"]
 class SimilarityView(ViewBase):
     """Forward sweep: per-sample momentum buffers → D_s, and target Jacobians → Gram matrix."""
 
+    # Split over steps: the Gram matrix is a sum over steps; the per-sample momentum buffers need
+    # every earlier step's training side, so each rank visits the steps before its own too.
+    shard_sum = ("gram", "exact")
+    visit_every_step = True
+
     def __init__(self, epk: "ExactPathKernel", n: int, outputs: torch.Tensor, train: TrainingSet, loss_fn: Callable,
                  subset: Optional[torch.Tensor], mask: Optional[torch.Tensor], integrate: List[int],
                  train_batch_size: Optional[int], grads: Optional[TrainGrads] = None) -> None:
