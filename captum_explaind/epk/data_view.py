@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Callable, Dict, List, Optional, Union, cast
 
 import torch
 
+from . import checks
 from .batch import Batch
 from .integrands import VjpIntegrand
 from .results import DataDecomposition, SweepStats
@@ -204,12 +205,14 @@ class DataView(ViewBase):
             scores = scores[:, :, 0]
         if self.group_names is None:
             scores = scores[..., 0]
-        return DataDecomposition(
+        out = DataDecomposition(
             scores=scores, regularization=reg, residual=residual, change=self.exact, delta=self.exact - self.path,
             grad_scale=dict(sorted(self.grad_scale.items())), windows=list(self.windows), indexing=self.indexing,
             groups=self.group_names, train_indices=torch.arange(self.train.n), stats=stats,
             options=self.epk.options.to_dict(),
         )
+        checks.check_data_result(self, out)  # non-finite scores: error; residual ≫ round-off: warning
+        return out
 
     def done(self, step: int) -> bool:
         return self.indexing == "application" and step <= self.first_window_step and not self._acc
@@ -236,6 +239,7 @@ class DataView(ViewBase):
             )  # [Wa, n, m, G]
             raw.append(dots * weights[sl].view(1, 1, -1, 1))
         c = measured_grad_scale(rec, g_rep, seg.coeffs.active)
+        checks.note_replay(self, rec, g_rep * seg.coeffs.active, c)
         self.grad_scale[s] = c
         contrib = -c * torch.cat(raw, dim=2)  # [Wa, n, M_step, G]
         target_idx = uniq.to(self.scores.device)
