@@ -121,4 +121,6 @@ def resolve_target(target: TargetType, n: int, out_shape: Sequence[int]) -> Targ
             else:
                 raise TypeError(f"target entry {k} must be an int or tuple, got {type(t).__name__}")
         return Target(torch.tensor(flat, dtype=torch.int64), n_out)
-    raise TypeError(f"unsupported target type {type(target).__name__}")
+    raise TypeError(
+        f"target must be None, an int, a tuple of ints, an integer tensor or a list, got {type(target).__name__}"
+    )
