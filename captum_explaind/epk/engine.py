@@ -189,12 +189,20 @@ class ExactPathKernel:
         params = self.trajectory.params(step, device=self.device, dtype=self.dtype)
         flat = self.layout.flatten(params)
         if not bool(torch.isfinite(flat).all()):
-            bad = next(n for n in self.layout.names if not bool(torch.isfinite(params[n]).all()))
-            raise TrajectoryError(
-                f"trajectory {self.trajectory.path!r}: parameter {bad!r} is NaN or infinite at step {step}; "
-                "the run diverged and cannot be explained past this point"
-            )
+            self._raise_first_nonfinite(step)
         return flat
+
+    def _raise_first_nonfinite(self, step: int) -> None:
+        """Name the first step (≤ ``step``) and parameter that went NaN/inf: whichever θ a view reads
+        first, the user needs to know where the run diverged, not where the analysis noticed it."""
+        for s in range(step + 1):
+            params = self.trajectory.params(s, device=self.device, dtype=self.dtype)
+            bad = [n for n in self.layout.names if not bool(torch.isfinite(params[n]).all())]
+            if bad:
+                raise TrajectoryError(
+                    f"trajectory {self.trajectory.path!r}: parameter {bad[0]!r} is NaN or infinite at step {s}; "
+                    "the run diverged and cannot be explained past this point"
+                )
 
     def prepare_inputs(self, inputs: Any, additional_forward_args: Any = None, what: str = "inputs",
                        check: bool = True) -> Batch:
