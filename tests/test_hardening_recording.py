@@ -168,7 +168,7 @@ def test_second_recorder_of_the_same_directory_in_this_process_is_refused(tmp_pa
     o1, o2 = torch.optim.SGD(m1.parameters(), lr=0.1), torch.optim.SGD(m2.parameters(), lr=0.1)
     rec = TrajectoryRecorder(m1, o1, path)
     _step(m1, o1, rec, X, Y, 1)
-    with pytest.raises(TrajectoryLockError, match="already being recorded by another TrajectoryRecorder in this process"):
+    with pytest.raises(TrajectoryLockError, match="already being recorded by another TrajectoryRecorder in this"):
         TrajectoryRecorder(m2, o2, path, overwrite=True)
     with pytest.raises(TrajectoryLockError):
         TrajectoryRecorder(m2, o2, path, resume=True)
