@@ -133,7 +133,7 @@ def prune_filters_l1(model: nn.Module, amount: float, exclude: Iterable[Union[st
             prune.ln_structured(m, "weight", amount=amount, n=1, dim=0)
             previous = m
         elif isinstance(m, nn.BatchNorm2d) and previous is not None:
-            kept = previous.weight_mask.flatten(1).amax(dim=1)  # [out_channels]
+            kept = previous.get_buffer("weight_mask").flatten(1).amax(dim=1)  # [out_channels]
             if kept.numel() == m.num_features:
                 prune.custom_from_mask(m, "weight", kept.to(m.weight))
                 prune.custom_from_mask(m, "bias", kept.to(m.bias))
