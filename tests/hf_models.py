@@ -161,3 +161,105 @@ def outputs_at(model: nn.Module, traj, step: int, inputs: Dict[str, torch.Tensor
     m.load_state_dict(state, strict=False)
     with torch.no_grad():
         return m(**inputs).logits
+
+
+# ----------------------------------------------------------------------------- Trainer runs
+class AccessLog(DictDataset):
+    """A DictDataset that notes every row index it serves (in order): an independent record of
+    which rows the Trainer's loader fetched (num_workers=0, so fetch order = feed order)."""
+
+    def __init__(self, rows: Sequence[Dict[str, Any]]) -> None:
+        super().__init__(rows)
+        self.served: List[int] = []
+
+    def __getitem__(self, i: int) -> Dict[str, Any]:
+        self.served.append(int(i))
+        return self.rows[i]
+
+
+def training_args(out_dir, **overrides):
+    """TrainingArguments for tiny CPU runs: no reporting, no saving, seeded, single process."""
+    from transformers import TrainingArguments
+
+    base = dict(per_device_train_batch_size=4, num_train_epochs=1, learning_rate=5e-2, report_to=[],
+                use_cpu=True, save_strategy="no", logging_strategy="no", seed=0, data_seed=0,
+                dataloader_num_workers=0, disable_tqdm=True)
+    base.update(overrides)
+    return TrainingArguments(str(out_dir), **base)
+
+
+def trainer_run(model, dataset, collate, out_dir, callbacks=(), eval_dataset=None, **overrides):
+    """``Trainer(model, args, ...).train()``; returns the trainer."""
+    from transformers import Trainer
+
+    trainer = Trainer(model, training_args(out_dir, **overrides), train_dataset=dataset, eval_dataset=eval_dataset,
+                      data_collator=collate, callbacks=list(callbacks))
+    trainer.train()
+    return trainer
+
+
+def hand_loop(model, optimizer_like, scheduler_fn, dataset, collate, windows, path, max_grad_norm=0.0,
+              token_normalized=False):
+    """The same run written by hand: ``windows`` = per step, the micro-batches' dataset indices.
+
+    The loss is the model's own: a micro-batch mean (BERT's CrossEntropyLoss, which ignores
+    ``num_items_in_batch``), or, with ``token_normalized``, the token sum over the window's token
+    count (``num_items_in_batch``, as the Trainer passes it to GPT-2). Weights are logged by hand.
+    """
+    groups = [{**{k: v for k, v in g.items() if k != "params"},
+               "params": [dict(model.named_parameters())[n] for n in names]}
+              for g, names in optimizer_like]
+    opt_cls, defaults = optimizer_like.cls, optimizer_like.defaults
+    opt = opt_cls(groups, **defaults)
+    sched = scheduler_fn(opt)
+    rec = TrajectoryRecorder(model, opt, path, scheduler=sched)
+    model.train()
+    with rec:
+        for window in windows:
+            batches = [collate([dataset.rows[i] for i in idx]) for idx in window]
+            # The Trainer's count: every label that is not -100 (it counts labels[..., 1:] only for models
+            # whose loss_type maps to ForCausalLMLoss; GPT-2's loss_type is None, so position 0 counts too).
+            n_items = sum(int((b["labels"] != -100).sum()) for b in batches)
+            for idx, batch in zip(window, batches):
+                if token_normalized:
+                    loss = model(**batch, num_items_in_batch=torch.tensor(n_items)).loss
+                    rec.log_batch(idx, [1.0 / n_items] * len(idx))
+                else:
+                    loss = model(**batch).loss
+                    rec.log_batch(idx)
+                loss.backward()
+            if max_grad_norm > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
+            opt.step()
+            sched.step()
+            model.zero_grad()
+    model.eval()
+    return rec.trajectory
+
+
+class OptimizerLike(list):
+    """``[(group hyperparameters, parameter names), ...]`` plus ``cls``/``defaults`` of a live optimizer."""
+
+    def __init__(self, optimizer, model) -> None:
+        inner = getattr(optimizer, "optimizer", optimizer)
+        name_of = {id(p): n for n, p in model.named_parameters()}
+        super().__init__(({k: v for k, v in g.items() if k not in ("params", "lr", "initial_lr")},
+                          [name_of[id(p)] for p in g["params"]]) for g in inner.param_groups)
+        self.cls = type(inner)
+        import inspect
+
+        accepted = inspect.signature(type(inner).__init__).parameters
+        self.defaults = {k: v for k, v in inner.defaults.items() if k in accepted}
+
+
+def windows_from(served: Sequence[int], batch_sizes: Sequence[int], accumulation: Sequence[int]) -> List[List[List[int]]]:
+    """Cut the served row order into micro-batches of ``batch_sizes`` and steps of ``accumulation``."""
+    out, pos, b = [], 0, 0
+    for n_micro in accumulation:
+        window = []
+        for _ in range(n_micro):
+            window.append(list(served[pos : pos + batch_sizes[b]]))
+            pos += batch_sizes[b]
+            b += 1
+        out.append(window)
+    return out
