@@ -172,6 +172,7 @@ class TrajectoryCallback(TrainerCallback):
         except ValueError:
             self._loss = None
         self._note_batches(train_dataloader)
+        self._check_attention_replay(model)
         self._handles = [
             model.register_forward_pre_hook(self._before_forward, with_kwargs=True),
             model.register_forward_hook(self._after_forward, with_kwargs=True),
@@ -322,6 +323,20 @@ class TrajectoryCallback(TrainerCallback):
                               "will not be replayable (the data view reports the mismatch as its residual)")
             on = False
         return on
+
+    def _check_attention_replay(self, model: nn.Module) -> None:
+        """Fused attention kernels draw their dropout masks their own way: the analysis (math SDPA
+        or eager attention) cannot rebuild them, so say so before training rather than after."""
+        config = getattr(model, "config", None)
+        impl = getattr(config, "_attn_implementation", None)
+        p = max(float(getattr(config, k, 0.0) or 0.0) for k in ("attention_probs_dropout_prob", "attention_dropout",
+                                                                "attn_pdrop"))
+        device = next(model.parameters()).device
+        if self._rng and p > 0 and impl not in (None, "eager") and device.type != "cpu":
+            self._warn("attention", f"TrajectoryCallback: attention dropout (p={p}) runs in the fused "
+                                    f"attn_implementation={impl!r} kernels on {device.type}, whose masks the analysis "
+                                    "cannot replay; the data view's residual will show it. Train with "
+                                    "attn_implementation='eager' for exact replay")
 
     def _note_batches(self, loader: Any) -> None:
         sampler = getattr(loader, "batch_sampler", None)
