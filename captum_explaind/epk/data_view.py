@@ -40,6 +40,7 @@ from .integrands import VjpIntegrand
 from .results import DataDecomposition, SweepStats
 from .segment import Chunk, Segment
 from .target import Target
+from .train_jvp import loss_jvp_scores, use_train_jvp
 from .training_set import TrainingSet, measured_grad_scale, per_sample_loss_grads, sample_chunk, step_samples
 from .views import ViewBase
 
@@ -112,6 +113,11 @@ class DataView(ViewBase):
         self._phi: Optional[torch.Tensor] = None
         self._tiny = torch.finfo(dt).eps * 1e-3
         self.group_names = None if groups is None else list(groups)
+
+    @property
+    def per_input_vectors(self) -> int:
+        """Memory model: φ, T and the test directions, plus one accumulator per window."""
+        return 3 + 2 * len(self.windows)
 
     @property
     def integrate_steps(self) -> List[int]:
@@ -227,7 +233,25 @@ class DataView(ViewBase):
         windows = list(T)
         # σ enters every per-sample term: fold it into T once.
         Ts = torch.stack([T[w] * seg.coeffs.sign for w in windows])  # [Wa, n, P]
-        size = sample_chunk(self.train_batch_size, len(uniq), epk.layout.total, epk.dtype)
+        if use_train_jvp(epk.options.train_jvp, len(uniq), epk.layout.total, epk.dtype, epk.train_grad_bytes):
+            # forward mode (.train_jvp): ∇ℓ_k·T for the whole batch per direction, never [m, P] gradients
+            dots, g_rep = loss_jvp_scores(epk.functional, self.train, self.loss_fn, seg.theta0, uniq, weights, Ts,
+                                          self.group_slices, epk.train_chunk(self.train_batch_size))
+            raw = [dots * weights.view(1, 1, -1, 1)]
+        else:
+            g_rep, raw = self._per_sample_dots(seg, uniq, weights, Ts)
+        c = measured_grad_scale(rec, g_rep, seg.coeffs.active)
+        self.grad_scale[s] = c
+        contrib = -c * torch.cat(raw, dim=2)  # [Wa, n, M_step, G]
+        target_idx = uniq.to(self.scores.device)
+        for k, w in enumerate(windows):
+            self.scores[:, :, w, :].index_add_(1, target_idx, contrib[k])
+
+    def _per_sample_dots(self, seg: Segment, uniq: torch.Tensor, weights: torch.Tensor,
+                         Ts: torch.Tensor) -> "tuple[torch.Tensor, list[torch.Tensor]]":
+        """Per-sample gradients in chunks: the replayed batch gradient and the weighted dots [Wa, n, m, G]."""
+        epk = self.epk
+        size = sample_chunk(epk.train_chunk(self.train_batch_size), len(uniq), epk.layout.total, epk.dtype)
         g_rep = torch.zeros(epk.layout.total, dtype=epk.dtype, device=epk.device)
         raw = []
         for start in range(0, len(uniq), size):
@@ -240,9 +264,4 @@ class DataView(ViewBase):
                 dim=-1,
             )  # [Wa, n, m, G]
             raw.append(dots * weights[sl].view(1, 1, -1, 1))
-        c = measured_grad_scale(rec, g_rep, seg.coeffs.active)
-        self.grad_scale[s] = c
-        contrib = -c * torch.cat(raw, dim=2)  # [Wa, n, M_step, G]
-        target_idx = uniq.to(self.scores.device)
-        for k, w in enumerate(windows):
-            self.scores[:, :, w, :].index_add_(1, target_idx, contrib[k])
+        return g_rep, raw

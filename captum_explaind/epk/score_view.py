@@ -69,6 +69,11 @@ class ScoreView(ViewBase):
 
     shard_sum = ("acc", "exact")
 
+    @property
+    def gradient_payload(self) -> bool:
+        """Memory model: the vjp path's integrand rows are gradients."""
+        return self.method == "vjp"
+
     def __init__(
         self,
         epk: "ExactPathKernel",

@@ -40,6 +40,11 @@ class SimilarityView(ViewBase):
     shard_sum = ("gram", "exact")
     visit_every_step = True
 
+    @property
+    def per_input_vectors(self) -> int:
+        """Memory model: φ of every selected output (and its scaled copy)."""
+        return 2 * int(self.outputs.shape[1])
+
     def __init__(self, epk: "ExactPathKernel", n: int, outputs: torch.Tensor, train: TrainingSet, loss_fn: Callable,
                  subset: Optional[torch.Tensor], mask: Optional[torch.Tensor], integrate: List[int],
                  train_batch_size: Optional[int]) -> None:
@@ -92,7 +97,8 @@ class SimilarityView(ViewBase):
         """D_s = Σ_{k∈K} (Δ_s^{(k)})², updating every per-sample momentum buffer by one step."""
         co = seg.coeffs
         uniq, weights = step_samples(seg.record, "similarity view", self.epk.device, self.epk.dtype)
-        size = sample_chunk(self.train_batch_size, len(uniq), self.epk.layout.total, self.epk.dtype)
+        size = sample_chunk(self.epk.train_chunk(self.train_batch_size), len(uniq), self.epk.layout.total,
+                            self.epk.dtype)
         grads, g_rep = [], torch.zeros(self.epk.layout.total, dtype=self.epk.dtype, device=self.epk.device)
         for start in range(0, len(uniq), size):
             sl = slice(start, start + size)
