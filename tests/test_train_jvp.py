@@ -12,7 +12,7 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from captum_explaind import TrainingDataInfluence
-from captum_explaind.epk import data_view
+from captum_explaind.epk import train_grads
 from captum_explaind.epk.train_jvp import use_train_jvp
 
 from training import OPTIMIZERS, RunConfig, TanhMLP, TinyTransformer, make_data, outputs_at, record_run
@@ -45,7 +45,7 @@ def test_jvp_scores_equal_per_sample_scores(run, indexing, monkeypatch):
     ref = TrainingDataInfluence(model, traj, TensorDataset(X, Y), nll, train_jvp=False).explain(
         x, target=y, steps=steps, indexing=indexing)
     tdi = TrainingDataInfluence(model, traj, TensorDataset(X, Y), nll, train_jvp=True)
-    monkeypatch.setattr(data_view, "per_sample_loss_grads", _no_per_sample_grads)
+    monkeypatch.setattr(train_grads, "per_sample_loss_grads", _no_per_sample_grads)
     got = tdi.explain(x, target=y, steps=steps, indexing=indexing)
     scale = float(ref.scores.abs().max())
     assert scale > 1e-3
@@ -81,3 +81,30 @@ def test_train_jvp_option_is_validated():
         from captum_explaind import EPKOptions
 
         EPKOptions(train_jvp="yes")
+
+
+class BatchNormMLP(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(5, 6)
+        self.bn = nn.BatchNorm1d(6)
+        self.fc2 = nn.Linear(6, 3)
+
+    def forward(self, x):
+        return self.fc2(torch.tanh(self.bn(self.fc1(x)))).log_softmax(-1)
+
+
+def test_jvp_through_train_mode_batch_norm_equals_the_coupled_path(tmp_path, monkeypatch):
+    torch.manual_seed(0)
+    model = BatchNormMLP().double()  # trained in train mode: each sample's loss depends on its batch
+    X, Y = make_data("vector", 30)
+    traj, _ = record_run(model, X, Y, tmp_path / "t", RunConfig(OPTIMIZERS["sgd_momentum"], steps=5, micro=2))
+    args = (model, traj, TensorDataset(X, Y), nll)
+    ref = TrainingDataInfluence(*args, train_jvp=False).explain(X[:3], target=Y[:3])
+    assert ref.train_grads == "coupled"
+    monkeypatch.setattr(train_grads.CoupledGrads, "jacobian", _no_per_sample_grads)
+    got = TrainingDataInfluence(*args, train_jvp=True).explain(X[:3], target=Y[:3])
+    assert got.train_grads == "coupled+jvp"
+    scale = float(ref.scores.abs().max())
+    torch.testing.assert_close(got.scores, ref.scores, rtol=0, atol=1e-12 * scale)
+    torch.testing.assert_close(got.residual, ref.residual, rtol=0, atol=1e-12 * scale)

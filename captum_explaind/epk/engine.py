@@ -411,15 +411,18 @@ class ExactPathKernel:
                 rec = records[s - 1]
                 theta_prev = self.theta(s - 1)
                 seg = Segment(s, theta_prev, theta_next, theta_next - theta_prev, um.vectors(scalars[s - 1], rec), rec)
+                after: List[Optional[torch.Tensor]] = [None] * len(chunks)  # f(θ_s, b_s), from step s+1
                 if buffer_steps:
                     # The segment runs with the buffers in effect before the step.
                     fm.set_fixed(self._step_buffers(s - 1))
                     if s in buffer_steps:
-                        f_next = [None] * len(chunks)
+                        after, f_next = f_next, [None] * len(chunks)
                 integrated = s in todo
                 if integrated:
                     f0s = [fm.forward(theta_prev, ch.batch) for ch in chunks]
                     f1s = [f if f is not None else fm.forward(theta_next, ch.batch) for f, ch in zip(f_next, chunks)]
+                    if s in buffer_steps:
+                        self._buffer_jumps_after(s, theta_next, chunks, f1s, after, view)
                     self._integrate(seg, chunks, f0s, f1s, view, log)
                     f_next = list(f0s)
                 else:
@@ -444,6 +447,20 @@ class ExactPathKernel:
             return []
         lo, hi = rows[0], rows[-1] + 1
         return [Chunk(lo + off, b.n, b) for off, b in batch.slice(lo, hi).chunks(self.chunk_size)]
+
+    def _buffer_jumps_after(self, s: int, theta: torch.Tensor, chunks: List[Chunk], before: List[torch.Tensor],
+                            after: List[Optional[torch.Tensor]], view: SweepView) -> None:
+        """Reverse sweeps: hand ``view`` the jump ``f(θ_s, b_s) − f(θ_s, b_{s−1})`` of the buffers that
+        moved in step ``s`` (``before``: the outputs with ``b_{s−1}``, in effect on entry and exit;
+        ``after``: those with ``b_s`` where already known)."""
+        fm = self.functional
+        if any(a is None for a in after):
+            fm.set_fixed(self._step_buffers(s))
+            after = [a if a is not None else fm.forward(theta, ch.batch) for a, ch in zip(after, chunks)]
+            fm.set_fixed(self._step_buffers(s - 1))
+        for ch, a, b in zip(chunks, after, before):
+            assert a is not None  # filled above
+            view.buffer_jump(s, ch, a - b)
 
     # ------------------------------------------------------------------ reconstruction
     def reconstruct(self, inputs: Any, additional_forward_args: Any = None) -> Reconstruction:

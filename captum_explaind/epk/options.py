@@ -28,9 +28,11 @@ import torch
 from .memory import parse_bytes
 from .quadrature import RULES, quadrature_rule
 
-__all__ = ["EPKOptions", "PRESETS", "PER_SAMPLE", "resolve_options"]
+__all__ = ["EPKOptions", "PRESETS", "PER_SAMPLE", "TRAIN_GRADS", "resolve_options"]
 
 PER_SAMPLE = ("auto", "vmap", "loop")
+#: how per-sample *training* gradients are computed (see :mod:`captum_explaind.epk.train_grads`)
+TRAIN_GRADS = ("auto", "independent", "coupled")
 
 
 def _check_int(name: str, v: Any, low: int) -> None:
@@ -68,6 +70,12 @@ class EPKOptions:
         per_sample (str): per-example gradients by ``"vmap"``, by a ``"loop"`` over examples,
             or ``"auto"`` (vmap, falling back to the loop once — with one warning — for models
             vmap cannot handle, e.g. Hugging Face attention masks). Default: "auto"
+        train_grads (str): per-sample training gradients of the data and similarity views:
+            ``"independent"`` (each sample alone, evaluation-mode model), ``"coupled"`` (each
+            recorded micro-batch forwarded as training did — train-mode BatchNorm statistics,
+            replayed dropout — and differentiated per sample through them) or ``"auto"``
+            (coupled exactly when the recording shows train-mode normalization or replayable
+            dropout; see :mod:`~captum_explaind.epk.train_grads`). Default: "auto"
         show_progress (bool): tqdm progress bars over steps. Default: False
         max_memory (str, int or None): a memory budget for every sweep, e.g. ``"2GiB"``,
             ``"500MB"`` or bytes: the test inputs per chunk, the rows per refinement call and the
@@ -92,6 +100,7 @@ class EPKOptions:
     batch_size: Optional[int] = None
     train_batch_size: Optional[int] = None
     per_sample: str = "auto"
+    train_grads: str = "auto"
     show_progress: bool = False
     max_memory: Union[str, int, None] = None
     train_jvp: Optional[bool] = None
@@ -121,6 +130,8 @@ class EPKOptions:
                 raise ValueError(f"device {self.device!r} is not a torch device: {err}") from None
         if self.per_sample not in PER_SAMPLE:
             raise ValueError(f"per_sample must be one of {PER_SAMPLE}, got {self.per_sample!r}")
+        if self.train_grads not in TRAIN_GRADS:
+            raise ValueError(f"train_grads must be one of {TRAIN_GRADS}, got {self.train_grads!r}")
         if not isinstance(self.show_progress, bool):
             raise TypeError(f"show_progress must be a bool, got {self.show_progress!r}")
         if self.train_jvp is not None and not isinstance(self.train_jvp, bool):
