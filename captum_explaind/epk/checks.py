@@ -34,6 +34,7 @@ from ..errors import (
     ModelMismatchWarning,
     NonFiniteError,
     ResidualWarning,
+    TrajectoryError,
 )
 
 if TYPE_CHECKING:
@@ -57,6 +58,7 @@ __all__ = [
     "check_model_state",
     "note_replay",
     "check_data_result",
+    "named_errors",
 ]
 
 #: The data view warns when ``|residual| > RESIDUAL_WARN_RATIO · |change|`` for a test input. A
@@ -131,7 +133,7 @@ def check_inputs_finite(batch: "Batch", what: str = "inputs") -> None:
         else:
             where = "a tensor held fixed for all examples"
         kind = "NaN" if bool(torch.isnan(v).any()) else "infinite values"
-        if len(named) == 1:
+        if len(named) == 1 and not batch.kwargs:
             name = what
         raise NonFiniteError(
             f"{name} holds {kind} in {where}: no exact decomposition of a non-finite output exists (and refinement "
@@ -168,9 +170,18 @@ def probe_inputs(epk: "ExactPathKernel", batch: "Batch", what: str = "inputs") -
     for step, label in ((0, "θ_0 (the start of training)"), (epk.num_steps, f"θ_{epk.num_steps} (the end)")):
         try:
             out = epk._forward_all(step, batch)
+        except TrajectoryError:
+            if step == 0:
+                raise
+            return  # θ_N diverged: the sweep names the first step that did, when it reaches it
         except ExplaindError:
             raise
         except Exception as err:
+            if isinstance(err, ValueError) and "one row per example" in str(err):
+                raise InvalidInputError(
+                    f"{what}: {err}. If {what} is a single example, give it its example axis (e.g. "
+                    f"x.unsqueeze(0)); otherwise output_fn drops the example axis"
+                ) from err
             if _raised_by_library(err):
                 raise
             raise InvalidInputError(
@@ -422,7 +433,35 @@ def check_data_result(view: Any, result: "DataDecomposition") -> None:
     warnings.warn(
         f"the data view's residual is large relative to the prediction's change ({nums}"
         f"{f' … ({len(bad)} inputs)' if len(bad) > _SHOW else ''}; threshold {RESIDUAL_WARN_RATIO:g} of the "
-        f"change): the per-sample scores do not explain the recorded updates and are not trustworthy. {cause}",
+        f"change): the per-sample scores do not explain the recorded updates and are not trustworthy. "
+        f"{cause[0].upper()}{cause[1:]}",
         ResidualWarning,
         stacklevel=4,
     )
+
+
+class named_errors:
+    """Context manager: errors raised by user code (a dataset, collate_fn, loss_fn or the model)
+    inside it become :class:`InvalidInputError` naming ``what``; the library's own errors pass.
+
+    Examples::
+
+        >>> with named_errors("train_dataset / loss_fn"):
+        ...     loss_fn = check_loss_fn(loss_fn, fm, theta, train)
+    """
+
+    def __init__(self, what: str) -> None:
+        self.what = what
+
+    def __enter__(self) -> "named_errors":
+        return self
+
+    def __exit__(self, kind: Any, err: Any, tb: Any) -> bool:
+        if err is None or isinstance(err, ExplaindError) or not isinstance(err, Exception):
+            return False
+        if _raised_by_library(err):
+            return False
+        raise InvalidInputError(
+            f"{self.what}: {type(err).__name__}: {str(err).strip()[:400]} — check that the training data, labels "
+            "and loss_fn are those of the recorded run (feature dimension, label dtype, one loss per sample)"
+        ) from err
