@@ -20,6 +20,7 @@ never a silent wrong number. The call sites in the engine and the views are one 
 from __future__ import annotations
 
 import os
+import sys
 import warnings
 from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple
 
@@ -59,6 +60,7 @@ __all__ = [
     "note_replay",
     "check_data_result",
     "named_errors",
+    "warn",
 ]
 
 #: The data view warns when ``|residual| > RESIDUAL_WARN_RATIO · |change|`` for a test input. A
@@ -67,6 +69,17 @@ __all__ = [
 RESIDUAL_WARN_RATIO = 1e-2
 
 _PKG_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_CAPTUM_DIR = os.path.dirname(os.path.abspath(getattr(sys.modules.get("captum"), "__file__", None) or "/nonexistent/x"))
+
+
+def warn(message: str, category: type) -> None:
+    """``warnings.warn`` pointing at the user's call: the first frame outside this package and
+    Captum (whose ``log_usage`` decorator wraps the public methods)."""
+    level, frame = 2, sys._getframe(1)  # stacklevel 2 is the caller of warn()
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith((_PKG_DIR, _CAPTUM_DIR)):
+        frame = frame.f_back  # type: ignore[assignment]
+        level += 1
+    warnings.warn(message, category, stacklevel=level)
 _SHOW = 8  # how many indices a message lists
 
 
@@ -295,7 +308,9 @@ def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
         return float("inf")
     if not (a.is_floating_point() or b.is_floating_point()):
         return 0.0 if torch.equal(a.cpu(), b.cpu()) else float("inf")
-    d = (a.detach().to("cpu", torch.float64) - b.detach().to("cpu", torch.float64)).abs()
+    a64, b64 = a.detach().to("cpu", torch.float64), b.detach().to("cpu", torch.float64)
+    same = (a64 == b64) | (torch.isnan(a64) & torch.isnan(b64))  # equal infinities and NaNs: no difference
+    d = torch.where(same, torch.zeros_like(a64), (a64 - b64).abs().nan_to_num(nan=float("inf")))
     return float(d.max()) if d.numel() else 0.0
 
 
@@ -306,6 +321,17 @@ def _tol(live: torch.Tensor, rec: torch.Tensor) -> float:
     low = min((live.dtype, rec.dtype), key=lambda d: torch.finfo(d).bits if d.is_floating_point else 64)
     scale = float(rec.detach().abs().max()) if rec.numel() else 0.0
     return torch.finfo(low).eps * max(scale, 1.0)
+
+
+def _moved(live: Dict[str, torch.Tensor], recorded: Dict[str, torch.Tensor]) -> Dict[str, float]:
+    """Tensors of ``live`` that differ from ``recorded`` beyond rounding, with the max |difference|."""
+    out = {}
+    for n, r in recorded.items():
+        if n in live:
+            d = _max_diff(live[n], r)
+            if d > _tol(live[n], r):
+                out[n] = d
+    return out
 
 
 def check_model_state(model: nn.Module, traj: "Trajectory") -> None:
@@ -321,35 +347,32 @@ def check_model_state(model: nn.Module, traj: "Trajectory") -> None:
     live_b = {n: b for n, b in model.named_buffers()}
     unrecorded = [n for n in live_b if n not in set(traj.buffer_names)]
     if unrecorded:
-        warnings.warn(
+        warn(
             f"the model has buffer(s) {unrecorded[:_SHOW]} that trajectory {traj.path!r} does not hold: their "
             "current values are used at every step; record with this model (the recorder stores every buffer)",
             ModelMismatchWarning,
-            stacklevel=4,
         )
     names = [n for n in traj.trainable if n in live_p]
     final = traj.params(traj.num_steps, names)
-    diffs = {n: _max_diff(live_p[n], final[n]) for n in names}
-    moved = {n: d for n, d in diffs.items() if d > _tol(live_p[n], final[n])}
+    final.update({n: t for n, t in traj.frozen_params().items() if n in live_p})  # stored once, with θ_0
+    moved = _moved(live_p, final)
     bufs = traj.buffers(traj.num_steps) if traj.buffer_names else {}
-    moved_b = {n: _max_diff(live_b[n], b) for n, b in bufs.items() if n in live_b}
-    moved_b = {n: d for n, d in moved_b.items() if d > _tol(live_b[n], bufs[n])}
+    moved_b = _moved(live_b, bufs)
     if not moved and not moved_b:
         return
-    if moved and not moved_b:
-        initial = traj.params(0, list(moved))
-        if all(_max_diff(live_p[n], initial[n]) <= _tol(live_p[n], initial[n]) for n in moved):
-            return  # an untrained instance of the architecture: its weights are not used
+    initial = traj.params(0, names)
+    initial.update({n: t for n, t in traj.frozen_params().items() if n in live_p})
+    if not _moved(live_p, initial) and not _moved(live_b, traj.buffers(0) if traj.buffer_names else {}):
+        return  # an untrained instance of the architecture (at θ_0): its weights are not used
     worst = sorted({**moved, **moved_b}.items(), key=lambda kv: -kv[1])
     listed = ", ".join(f"{n} (max |diff| {d:.3g})" for n, d in worst[:_SHOW])
-    warnings.warn(
+    warn(
         f"the model's current {'parameters' if moved else 'buffers'}{' and buffers' if moved and moved_b else ''} "
         f"differ from the last recorded step θ_{traj.num_steps} of {traj.path!r}: {listed}"
         f"{f' … ({len(worst)} tensors in all)' if len(worst) > _SHOW else ''}. The model was trained after the "
         "recording ended (an optimizer.step() or a train-mode forward outside the `with recorder:` block?) or is "
         "another instance; the explanation is of the recorded run θ_0..θ_N, not of these weights",
         ModelMismatchWarning,
-        stacklevel=4,
     )
 
 
@@ -430,13 +453,12 @@ def check_data_result(view: Any, result: "DataDecomposition") -> None:
     else:
         cause = ("most likely train_dataset is not the recorded training data (samples, labels, order) or "
                  "loss_fn is not the training loss")
-    warnings.warn(
+    warn(
         f"the data view's residual is large relative to the prediction's change ({nums}"
         f"{f' … ({len(bad)} inputs)' if len(bad) > _SHOW else ''}; threshold {RESIDUAL_WARN_RATIO:g} of the "
         f"change): the per-sample scores do not explain the recorded updates and are not trustworthy. "
         f"{cause[0].upper()}{cause[1:]}",
         ResidualWarning,
-        stacklevel=4,
     )
 
 
