@@ -14,7 +14,6 @@ import warnings
 
 import pytest
 import torch
-from torch import nn
 from torch.utils.data import TensorDataset
 
 from captum_explaind import (

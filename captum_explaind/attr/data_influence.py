@@ -137,6 +137,7 @@ class TrainingDataInfluence(EPKAttribution, DataInfluence):
         self.train = TrainingSet(train_dataset, self.epk.functional, collate_fn, label_keys)
         self._check_indices()
         with checks.named_errors("train_dataset / loss_fn"):  # the user's data and loss, probed on 2 samples
+            checks.check_loss_arg(loss_fn)
             self.loss_fn = check_loss_fn(loss_fn, self.epk.functional, self.epk.theta(0), self.train)
 
     @property

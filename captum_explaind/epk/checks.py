@@ -22,7 +22,7 @@ from __future__ import annotations
 import os
 import sys
 import warnings
-from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Dict, List, Literal, Mapping, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -37,6 +37,7 @@ from ..errors import (
     ResidualWarning,
     TrajectoryError,
 )
+from .outputs import default_output_fn
 
 if TYPE_CHECKING:
     from ..recording.format import StepRecord
@@ -60,6 +61,7 @@ __all__ = [
     "note_replay",
     "check_data_result",
     "named_errors",
+    "check_loss_arg",
     "warn",
 ]
 
@@ -199,7 +201,8 @@ def probe_inputs(epk: "ExactPathKernel", batch: "Batch", what: str = "inputs") -
                 raise
             raise InvalidInputError(
                 f"{what} do not fit the model: calling {type(epk.model).__name__} on {what} ({_shapes(batch)}) "
-                f"raised {type(err).__name__}: {str(err).strip()[:400]} — check the feature dimension, shape, "
+                f"{'' if epk.output_fn is default_output_fn else '(then output_fn) '}raised "
+                f"{type(err).__name__}: {str(err).strip()[:400]} — check the feature dimension, shape, "
                 f"dtype and keys of {what} (the example axis comes first)"
             ) from err
         _check_rows(out, f"the model's output at {label}", what)
@@ -323,7 +326,7 @@ def _tol(live: torch.Tensor, rec: torch.Tensor) -> float:
     return torch.finfo(low).eps * max(scale, 1.0)
 
 
-def _moved(live: Dict[str, torch.Tensor], recorded: Dict[str, torch.Tensor]) -> Dict[str, float]:
+def _moved(live: Mapping[str, torch.Tensor], recorded: Mapping[str, torch.Tensor]) -> Dict[str, float]:
     """Tensors of ``live`` that differ from ``recorded`` beyond rounding, with the max |difference|."""
     out = {}
     for n, r in recorded.items():
@@ -462,6 +465,15 @@ def check_data_result(view: Any, result: "DataDecomposition") -> None:
     )
 
 
+def check_loss_arg(loss_fn: Any) -> None:
+    """A loss *class* (``nn.CrossEntropyLoss`` instead of ``nn.CrossEntropyLoss()``) is named."""
+    if isinstance(loss_fn, type):
+        raise TypeError(
+            f"loss_fn is the class {loss_fn.__name__}, not a loss: pass an instance, e.g. "
+            f"{loss_fn.__name__}(reduction='none'), or a function (outputs, labels) -> per-sample losses"
+        )
+
+
 class named_errors:
     """Context manager: errors raised by user code (a dataset, collate_fn, loss_fn or the model)
     inside it become :class:`InvalidInputError` naming ``what``; the library's own errors pass.
@@ -478,7 +490,7 @@ class named_errors:
     def __enter__(self) -> "named_errors":
         return self
 
-    def __exit__(self, kind: Any, err: Any, tb: Any) -> bool:
+    def __exit__(self, kind: Any, err: Any, tb: Any) -> Literal[False]:
         if err is None or isinstance(err, ExplaindError) or not isinstance(err, Exception):
             return False
         if _raised_by_library(err):
