@@ -1,6 +1,7 @@
 """Property tests (hypothesis): random small models × optimizers × schedules × batch plans.
 
-Each example draws a smooth MLP (width, depth, output kind and loss), an optimizer (SGD with or
+Each example draws a smooth MLP (width, depth, output kind and loss, a learned 0-dim temperature,
+a frozen parameter), an optimizer (SGD with or
 without momentum, dampening, Nesterov and weight decay; Adam with L2 and AMSGrad; AdamW, with
 two parameter groups), a learning-rate schedule, gradient clipping, gradient accumulation over
 micro-batches and a batch plan (sizes, duplicates), trains it for real with a recorder, and
@@ -49,17 +50,21 @@ PROFILE = settings(max_examples=5, derandomize=True, deadline=None, database=Non
 class DeepTanh(nn.Module):
     """A tanh MLP of ``depth`` hidden layers (smooth: fixed-node quadrature is exact to round-off)."""
 
-    def __init__(self, hidden: int, depth: int, d_out: int, log_softmax: bool) -> None:
+    def __init__(self, hidden: int, depth: int, d_out: int, log_softmax: bool, temperature: bool) -> None:
         super().__init__()
         dims = [5] + [hidden] * depth
         self.hidden = nn.ModuleList(nn.Linear(a, b) for a, b in zip(dims[:-1], dims[1:]))
         self.head = nn.Linear(dims[-1], d_out)
         self.log_softmax = log_softmax
+        # a learned 0-dim parameter (a temperature), as many models have one
+        self.temperature = nn.Parameter(torch.tensor(1.0)) if temperature else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for lin in self.hidden:
             x = torch.tanh(lin(x))
         out = self.head(x)
+        if self.temperature is not None:
+            out = out * self.temperature
         return out.log_softmax(-1) if self.log_softmax else out
 
 
@@ -119,7 +124,7 @@ class Example:
 def examples(draw) -> Tuple[dict, str]:
     loss = draw(st.sampled_from(["nll", "ce", "mse"]))
     net = dict(hidden=draw(st.integers(3, 6)), depth=draw(st.integers(1, 2)), d_out=draw(st.integers(2, 3)),
-               log_softmax=loss == "nll")
+               log_softmax=loss == "nll", temperature=draw(st.booleans()))
     freeze = draw(st.booleans())  # a frozen parameter (not owned by the optimizer, stored once)
     opt_label, opt = draw(optimizers())
     sched = draw(st.sampled_from(list(SCHEDULES)))
