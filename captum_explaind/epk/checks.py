@@ -20,8 +20,9 @@ never a silent wrong number. The call sites in the engine and the views are one 
 from __future__ import annotations
 
 import os
+import sys
 import warnings
-from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Dict, List, Literal, Mapping, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -34,7 +35,9 @@ from ..errors import (
     ModelMismatchWarning,
     NonFiniteError,
     ResidualWarning,
+    TrajectoryError,
 )
+from .outputs import default_output_fn
 
 if TYPE_CHECKING:
     from ..recording.format import StepRecord
@@ -57,6 +60,9 @@ __all__ = [
     "check_model_state",
     "note_replay",
     "check_data_result",
+    "named_errors",
+    "check_loss_arg",
+    "warn",
 ]
 
 #: The data view warns when ``|residual| > RESIDUAL_WARN_RATIO · |change|`` for a test input. A
@@ -65,6 +71,17 @@ __all__ = [
 RESIDUAL_WARN_RATIO = 1e-2
 
 _PKG_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_CAPTUM_DIR = os.path.dirname(os.path.abspath(getattr(sys.modules.get("captum"), "__file__", None) or "/nonexistent/x"))
+
+
+def warn(message: str, category: type) -> None:
+    """``warnings.warn`` pointing at the user's call: the first frame outside this package and
+    Captum (whose ``log_usage`` decorator wraps the public methods)."""
+    level, frame = 2, sys._getframe(1)  # stacklevel 2 is the caller of warn()
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith((_PKG_DIR, _CAPTUM_DIR)):
+        frame = frame.f_back  # type: ignore[assignment]
+        level += 1
+    warnings.warn(message, category, stacklevel=level)
 _SHOW = 8  # how many indices a message lists
 
 
@@ -131,7 +148,7 @@ def check_inputs_finite(batch: "Batch", what: str = "inputs") -> None:
         else:
             where = "a tensor held fixed for all examples"
         kind = "NaN" if bool(torch.isnan(v).any()) else "infinite values"
-        if len(named) == 1:
+        if len(named) == 1 and not batch.kwargs:
             name = what
         raise NonFiniteError(
             f"{name} holds {kind} in {where}: no exact decomposition of a non-finite output exists (and refinement "
@@ -168,14 +185,24 @@ def probe_inputs(epk: "ExactPathKernel", batch: "Batch", what: str = "inputs") -
     for step, label in ((0, "θ_0 (the start of training)"), (epk.num_steps, f"θ_{epk.num_steps} (the end)")):
         try:
             out = epk._forward_all(step, batch)
+        except TrajectoryError:
+            if step == 0:
+                raise
+            return  # θ_N diverged: the sweep names the first step that did, when it reaches it
         except ExplaindError:
             raise
         except Exception as err:
+            if isinstance(err, ValueError) and "one row per example" in str(err):
+                raise InvalidInputError(
+                    f"{what}: {err}. If {what} is a single example, give it its example axis (e.g. "
+                    f"x.unsqueeze(0)); otherwise output_fn drops the example axis"
+                ) from err
             if _raised_by_library(err):
                 raise
             raise InvalidInputError(
                 f"{what} do not fit the model: calling {type(epk.model).__name__} on {what} ({_shapes(batch)}) "
-                f"raised {type(err).__name__}: {str(err).strip()[:400]} — check the feature dimension, shape, "
+                f"{'' if epk.output_fn is default_output_fn else '(then output_fn) '}raised "
+                f"{type(err).__name__}: {str(err).strip()[:400]} — check the feature dimension, shape, "
                 f"dtype and keys of {what} (the example axis comes first)"
             ) from err
         _check_rows(out, f"the model's output at {label}", what)
@@ -284,7 +311,9 @@ def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
         return float("inf")
     if not (a.is_floating_point() or b.is_floating_point()):
         return 0.0 if torch.equal(a.cpu(), b.cpu()) else float("inf")
-    d = (a.detach().to("cpu", torch.float64) - b.detach().to("cpu", torch.float64)).abs()
+    a64, b64 = a.detach().to("cpu", torch.float64), b.detach().to("cpu", torch.float64)
+    same = (a64 == b64) | (torch.isnan(a64) & torch.isnan(b64))  # equal infinities and NaNs: no difference
+    d = torch.where(same, torch.zeros_like(a64), (a64 - b64).abs().nan_to_num(nan=float("inf")))
     return float(d.max()) if d.numel() else 0.0
 
 
@@ -295,6 +324,17 @@ def _tol(live: torch.Tensor, rec: torch.Tensor) -> float:
     low = min((live.dtype, rec.dtype), key=lambda d: torch.finfo(d).bits if d.is_floating_point else 64)
     scale = float(rec.detach().abs().max()) if rec.numel() else 0.0
     return torch.finfo(low).eps * max(scale, 1.0)
+
+
+def _moved(live: Mapping[str, torch.Tensor], recorded: Mapping[str, torch.Tensor]) -> Dict[str, float]:
+    """Tensors of ``live`` that differ from ``recorded`` beyond rounding, with the max |difference|."""
+    out = {}
+    for n, r in recorded.items():
+        if n in live:
+            d = _max_diff(live[n], r)
+            if d > _tol(live[n], r):
+                out[n] = d
+    return out
 
 
 def check_model_state(model: nn.Module, traj: "Trajectory") -> None:
@@ -310,35 +350,32 @@ def check_model_state(model: nn.Module, traj: "Trajectory") -> None:
     live_b = {n: b for n, b in model.named_buffers()}
     unrecorded = [n for n in live_b if n not in set(traj.buffer_names)]
     if unrecorded:
-        warnings.warn(
+        warn(
             f"the model has buffer(s) {unrecorded[:_SHOW]} that trajectory {traj.path!r} does not hold: their "
             "current values are used at every step; record with this model (the recorder stores every buffer)",
             ModelMismatchWarning,
-            stacklevel=4,
         )
     names = [n for n in traj.trainable if n in live_p]
     final = traj.params(traj.num_steps, names)
-    diffs = {n: _max_diff(live_p[n], final[n]) for n in names}
-    moved = {n: d for n, d in diffs.items() if d > _tol(live_p[n], final[n])}
+    final.update({n: t for n, t in traj.frozen_params().items() if n in live_p})  # stored once, with θ_0
+    moved = _moved(live_p, final)
     bufs = traj.buffers(traj.num_steps) if traj.buffer_names else {}
-    moved_b = {n: _max_diff(live_b[n], b) for n, b in bufs.items() if n in live_b}
-    moved_b = {n: d for n, d in moved_b.items() if d > _tol(live_b[n], bufs[n])}
+    moved_b = _moved(live_b, bufs)
     if not moved and not moved_b:
         return
-    if moved and not moved_b:
-        initial = traj.params(0, list(moved))
-        if all(_max_diff(live_p[n], initial[n]) <= _tol(live_p[n], initial[n]) for n in moved):
-            return  # an untrained instance of the architecture: its weights are not used
+    initial = traj.params(0, names)
+    initial.update({n: t for n, t in traj.frozen_params().items() if n in live_p})
+    if not _moved(live_p, initial) and not _moved(live_b, traj.buffers(0) if traj.buffer_names else {}):
+        return  # an untrained instance of the architecture (at θ_0): its weights are not used
     worst = sorted({**moved, **moved_b}.items(), key=lambda kv: -kv[1])
     listed = ", ".join(f"{n} (max |diff| {d:.3g})" for n, d in worst[:_SHOW])
-    warnings.warn(
+    warn(
         f"the model's current {'parameters' if moved else 'buffers'}{' and buffers' if moved and moved_b else ''} "
         f"differ from the last recorded step θ_{traj.num_steps} of {traj.path!r}: {listed}"
         f"{f' … ({len(worst)} tensors in all)' if len(worst) > _SHOW else ''}. The model was trained after the "
         "recording ended (an optimizer.step() or a train-mode forward outside the `with recorder:` block?) or is "
         "another instance; the explanation is of the recorded run θ_0..θ_N, not of these weights",
         ModelMismatchWarning,
-        stacklevel=4,
     )
 
 
@@ -419,10 +456,46 @@ def check_data_result(view: Any, result: "DataDecomposition") -> None:
     else:
         cause = ("most likely train_dataset is not the recorded training data (samples, labels, order) or "
                  "loss_fn is not the training loss")
-    warnings.warn(
+    warn(
         f"the data view's residual is large relative to the prediction's change ({nums}"
         f"{f' … ({len(bad)} inputs)' if len(bad) > _SHOW else ''}; threshold {RESIDUAL_WARN_RATIO:g} of the "
-        f"change): the per-sample scores do not explain the recorded updates and are not trustworthy. {cause}",
+        f"change): the per-sample scores do not explain the recorded updates and are not trustworthy. "
+        f"{cause[0].upper()}{cause[1:]}",
         ResidualWarning,
-        stacklevel=4,
     )
+
+
+def check_loss_arg(loss_fn: Any) -> None:
+    """A loss *class* (``nn.CrossEntropyLoss`` instead of ``nn.CrossEntropyLoss()``) is named."""
+    if isinstance(loss_fn, type):
+        raise TypeError(
+            f"loss_fn is the class {loss_fn.__name__}, not a loss: pass an instance, e.g. "
+            f"{loss_fn.__name__}(reduction='none'), or a function (outputs, labels) -> per-sample losses"
+        )
+
+
+class named_errors:
+    """Context manager: errors raised by user code (a dataset, collate_fn, loss_fn or the model)
+    inside it become :class:`InvalidInputError` naming ``what``; the library's own errors pass.
+
+    Examples::
+
+        >>> with named_errors("train_dataset / loss_fn"):
+        ...     loss_fn = check_loss_fn(loss_fn, fm, theta, train)
+    """
+
+    def __init__(self, what: str) -> None:
+        self.what = what
+
+    def __enter__(self) -> "named_errors":
+        return self
+
+    def __exit__(self, kind: Any, err: Any, tb: Any) -> Literal[False]:
+        if err is None or isinstance(err, ExplaindError) or not isinstance(err, Exception):
+            return False
+        if _raised_by_library(err):
+            return False
+        raise InvalidInputError(
+            f"{self.what}: {type(err).__name__}: {str(err).strip()[:400]} — check that the training data, labels "
+            "and loss_fn are those of the recorded run (feature dimension, label dtype, one loss per sample)"
+        ) from err

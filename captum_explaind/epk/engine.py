@@ -80,7 +80,7 @@ class _SweepLog:
         if self.unconverged:
             msg, category = checks.unconverged_message(self.unconverged_rows, self.errors, self.unconverged,
                                                        max_depth, max_evaluations)
-            warnings.warn(msg, category, stacklevel=4)
+            checks.warn(msg, category)
         return SweepStats(list(self.steps), err, self.evaluations, self.unconverged, self.depth)
 
 
