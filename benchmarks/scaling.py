@@ -234,7 +234,10 @@ def rank_worker(args: argparse.Namespace) -> None:
         X, Y, x, y = torch.load(os.path.join(path, "..", "data.pt"))
         result: Dict[str, float] = {}
         for job in ("reconstruct", "training view", "data view"):
-            run_job(job, model, traj, X, Y, x[:1], y[:1], "cpu")  # warm-up
+            # warm-up on one input per rank (a rank with no input would import torch's lazy modules
+            # inside the timed call, and the others would wait for it)
+            w = distributed.world_size()
+            run_job(job, model, traj, X, Y, x[:w], y[:w], "cpu")
             distributed.barrier()
             t0 = time.perf_counter()
             run_job(job, model, traj, X, Y, x, y, "cpu")

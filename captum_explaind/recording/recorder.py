@@ -157,6 +157,11 @@ class TrajectoryRecorder:
             not wait for the disk; a step counts (``num_steps``) once its file is durably in
             place, :meth:`close` waits for every pending write, and a failed write is raised at
             the next step or at close. Default: False
+        ddp (bool, optional): record a ``DistributedDataParallel`` run: every rank creates a
+            recorder (same ``path``) and logs its own micro-batches; rank 0 writes, with the
+            micro-batches of all ranks gathered at each step (weights ÷ world size, as DDP averages
+            the ranks' gradients). ``None``: on inside an initialized process group of more than one
+            rank; ``False`` records this process alone (e.g. only on rank 0). Default: None
 
     Any failed write stops the recording (fail closed): later ``optimizer.step()`` calls raise
     :class:`TrajectoryWriteError` naming the first failure, and the manifest marks the run
@@ -178,6 +183,7 @@ class TrajectoryRecorder:
         check_finite: bool = True,
         record_rng: Union[str, bool] = "auto",
         background: bool = False,
+        ddp: Optional[bool] = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -225,7 +231,8 @@ class TrajectoryRecorder:
 
         self._lock: Union[DirectoryLock, _FollowerLock] = DirectoryLock(self.path)
         # Under DDP (torchrun) rank 0 writes; the other ranks only hand it their micro-batches.
-        self._follower = distributed.active() and not distributed.is_writer()
+        self._ddp = distributed.active() if ddp is None else bool(ddp) and distributed.active()
+        self._follower = self._ddp and not distributed.is_writer()
         if self._follower:
             self._writer, self._lock = _FollowerWriter(), _FollowerLock()
         created = False if self._follower else self._open_directory(overwrite, resume)
@@ -248,7 +255,8 @@ class TrajectoryRecorder:
         ]
         if self.record_rng:
             self._handles.append(model.register_forward_pre_hook(self._capture_rng))
-        distributed.barrier()  # θ_0 and the manifest are on disk before any rank trains
+        if self._ddp:
+            distributed.barrier()  # θ_0 and the manifest are on disk before any rank trains
 
     # ------------------------------------------------------------------ set-up
     def _name_parameters(self) -> Dict[int, str]:
@@ -697,7 +705,7 @@ class TrajectoryRecorder:
         if self._closed or self._pre is None:
             return
         step = self._step + 1
-        if distributed.active():
+        if self._ddp:
             self._pending = _gathered(self._pending)
         if not self._pending:
             self._warn_unbatched(step)
@@ -810,7 +818,8 @@ class TrajectoryRecorder:
             self._finish(status, extra)
         finally:
             self._lock.release()
-        distributed.barrier()  # every rank's trajectory is rank 0's, complete
+        if self._ddp:
+            distributed.barrier()  # every rank's trajectory is rank 0's, complete
 
     def _finish(self, status: str, extra: Optional[Dict[str, Any]]) -> None:
         """Warnings and the final manifest of a recording that stops now."""
