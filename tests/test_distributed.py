@@ -175,3 +175,6 @@ def test_ddp_recorder_records_every_rank_and_the_data_view_replays_it(recorded, 
         got = torch.load(launched / f"out.ddp_data.rank{r}.pt")
         assert_equal_results({f"data.{k}": v for k, v in got.items()},
                              {f"data.{k}": getattr(one, k) for k in got})
+    # a recorder created on rank 0 only (ddp=False) recorded that process alone
+    alone = Trajectory.open(launched / "out.alone")
+    assert alone.num_steps == 3 and [mb.indices.tolist() for mb in alone.record(3).batches] == [[2, 3]]
