@@ -122,6 +122,15 @@ def main(argv) -> None:
         ExactPathKernel._integrate = counted
         out = all_views(model, Trajectory.open(traj_path), X, Y)
         out["work"] = torch.tensor(sum(calls))
+        # ranks asking different questions: a named error on every rank, or each alone by option
+        r = distributed.rank()
+        traj = Trajectory.open(traj_path)
+        try:
+            ExactPathKernel(model, traj).reconstruct(X[r : r + 2])
+            out["mismatch"] = torch.tensor(0)
+        except ValueError as err:
+            out["mismatch"] = torch.tensor(1 if "rank(s) [1] differ" in str(err) else 2)
+        out["alone"] = ExactPathKernel(model, traj, distributed=False).reconstruct(X[r : r + 2]).kernel
         out["world_size"] = torch.tensor(distributed.world_size())
         torch.save(out, f"{prefix}.rank{distributed.rank()}.pt")
         ExactPathKernel._integrate = original

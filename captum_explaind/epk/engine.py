@@ -23,6 +23,7 @@ from typing import Any, Iterable, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
+from torch.utils._pytree import tree_flatten
 from tqdm.auto import tqdm
 
 from .. import distributed
@@ -334,7 +335,7 @@ class ExactPathKernel:
         todo = chosen if integrate is None else chosen & set(int(s) for s in integrate)
         all_todo = sorted(todo)
         self._plan = self._memory_plan(batch, view)
-        sharded = _shardable(view)
+        sharded = self._shardable(batch, view, selected)
         if sharded:
             selected, todo = _shard_steps(view, selected, todo)
             chosen = set(selected)
@@ -394,7 +395,7 @@ class ExactPathKernel:
         scalars = [um.scalars(rec) for rec in records]
         buffer_steps = set(traj.buffer_steps())
         self._plan = self._memory_plan(batch, view)
-        sharded = _shardable(view)
+        sharded = self._shardable(batch, view, sorted(todo))
         # In a process group each rank takes a contiguous block of the inputs: the accumulators
         # are per input, so the blocks never interact and the results add up.
         chunks = self._rank_chunks(batch) if sharded else self.chunks(batch)
@@ -439,6 +440,15 @@ class ExactPathKernel:
         if sharded:
             _reduce_view(view, log)
         return log.finish(self.options.max_depth, self.options.max_evaluations)
+
+    def _shardable(self, batch: Batch, view: SweepView, steps: List[int]) -> bool:
+        """Whether a sweep of ``view`` is split over the ranks: inside a process group (unless
+        ``options.distributed`` is off), for views that name the accumulators to sum
+        (``shard_sum``); the others run whole on every rank. The ranks' requests must agree."""
+        if not (self.options.distributed and distributed.active() and bool(getattr(view, "shard_sum", None))):
+            return False
+        distributed.check_same(_fingerprint(batch, view, steps), "inputs, target and steps")
+        return True
 
     def _rank_chunks(self, batch: Batch) -> List[Chunk]:
         """This rank's contiguous block of the inputs, cut into chunks of ``options.batch_size``."""
@@ -501,10 +511,17 @@ class ExactPathKernel:
         return torch.stack(rows), names
 
 
-def _shardable(view: SweepView) -> bool:
-    """Whether a sweep of ``view`` is split over the ranks: inside a process group, for views
-    that name the accumulators to sum (``shard_sum``). Others run whole on every rank."""
-    return distributed.active() and bool(getattr(view, "shard_sum", ()))
+def _fingerprint(batch: Batch, view: SweepView, steps: List[int]) -> Tuple[Any, ...]:
+    """What must be equal on every rank for a split sweep: the inputs, the view and its target, the steps."""
+    def leaf(v: Any) -> Any:
+        if isinstance(v, torch.Tensor):
+            t = v.detach().double() if v.is_floating_point() or v.dtype == torch.bool else v.detach().long()
+            return (tuple(v.shape), str(v.dtype), float(t.sum()), float(t.abs().sum()))
+        return repr(v)[:200]
+
+    target = getattr(getattr(view, "target", None), "index", None)
+    leaves = tree_flatten((batch.args, batch.kwargs, target))[0]
+    return (type(view).__name__, batch.n, tuple(steps), tuple(leaf(v) for v in leaves))
 
 
 def _shard_steps(view: SweepView, selected: List[int], todo: set) -> Tuple[List[int], set]:
