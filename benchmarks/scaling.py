@@ -172,7 +172,7 @@ def sweeps(quick: bool) -> List[Any]:
     out: List[Any] = [("P", Setting(p, 4, b["n_train"], b["batch"], 2), {}, "") for p in P]
     out += [("N", Setting(b["P"], n, b["n_train"], b["batch"], b["n_test"]), {}, "") for n in Ns]
     out += [("n_train", Setting(b["P"], b["N"], m, b["batch"], b["n_test"]), {}, "") for m in trains]
-    for extra, note in (({}, "defaults"), ({"max_memory": "512MiB"}, "max_memory='512MiB'"),
+    for extra, note in (({}, "defaults"), ({"max_memory": "2GiB"}, "max_memory='2GiB'"),
                         ({"train_jvp": True}, "train_jvp=True")):
         out += [("batch", Setting(b["P"], b["N"], 1024, m, b["n_test"]), extra, note) for m in batches]
     out += [("n_test", Setting(b["P"], b["N"], b["n_train"], b["batch"], n), {}, "") for n in tests]
@@ -379,7 +379,11 @@ def main() -> None:
             for sweep, s, extra, note in sweeps(args.quick):
                 # the ≥ 10M data view is the "big" row below (under a memory budget)
                 jobs = [j for j in JOBS_OF[sweep] if not (s.P >= 10_000_000 and j == "data view")]
-                rows += measure_rows(sweep, jobs, s, args.device, tmp, note, **extra)
+                try:
+                    rows += measure_rows(sweep, jobs, s, args.device, tmp, note, **extra)
+                except MemoryError as err:  # a budget below the plan's need: say so, keep the other rows
+                    print(f"  {sweep} {s} {note}: {err}", flush=True)
+                _save_json(args.out, rows, None, [])
         if "big" in parts:
             s = Setting(10_000_000, 3, 64, 16, 2)
             big = measure_rows("big", ["data view"], s, args.device, tmp, max_memory="4GiB", max_evaluations=16,
@@ -389,10 +393,14 @@ def main() -> None:
     if rows:
         plot(rows, str(Path(args.out).with_suffix(".png")))
     write_report(rows, big, ranks, args, args.out, load_note)
-    with open(Path(args.out).with_suffix(".json"), "w", encoding="utf-8") as fh:
+    _save_json(args.out, rows, big, ranks)
+    print(f"wrote {args.out}", flush=True)
+
+
+def _save_json(out: str, rows: List[Row], big: Optional[Row], ranks: List[Dict[str, Any]]) -> None:
+    with open(Path(out).with_suffix(".json"), "w", encoding="utf-8") as fh:
         json.dump({"rows": [asdict(r) for r in rows], "big": None if big is None else asdict(big), "ranks": ranks},
                   fh, indent=1)
-    print(f"wrote {args.out}", flush=True)
 
 
 if __name__ == "__main__":
