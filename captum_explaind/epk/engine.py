@@ -334,6 +334,7 @@ class ExactPathKernel:
         chosen = set(selected)
         todo = chosen if integrate is None else chosen & set(int(s) for s in integrate)
         all_todo = sorted(todo)
+        self._check_every_step(view)
         self._plan = self._memory_plan(batch, view)
         sharded = self._shardable(batch, view, selected)
         if sharded:
@@ -383,6 +384,7 @@ class ExactPathKernel:
             *SweepStats*
         """
         traj, fm = self.trajectory, self.functional
+        self._check_every_step(view)
         N = traj.num_steps
         last = N if last is None else int(last)
         if not 1 <= last <= N:
@@ -449,6 +451,29 @@ class ExactPathKernel:
             return False
         distributed.check_same(_fingerprint(batch, view, steps), "inputs, target and steps")
         return True
+
+    def _polyline_regularization(self, step: int, coeffs: Any) -> Any:
+        """keep_every: a stored step is a macro-step, whose regularization part is the recorded sum
+        over its optimizer steps (not the one-step model's, which would need the unstored θs)."""
+        reg = self.trajectory.regularization(step, device=self.device, dtype=self.dtype)
+        if reg is None:
+            return coeffs
+        flat = torch.zeros(self.layout.total, dtype=self.dtype, device=self.device)
+        for name, r in reg.items():
+            if name in self.layout:
+                flat[self.layout.slice(name)] = r.reshape(-1)
+        coeffs.reg = flat if reg else None
+        return coeffs
+
+    def _check_every_step(self, view: SweepView) -> None:
+        """Views that replay the training samples step by step need every optimizer step."""
+        k = self.trajectory.keep_every
+        if k > 1 and getattr(view, "replays_training", False):
+            raise TrajectoryError(
+                f"trajectory {self.trajectory.path!r} keeps every {k}-th checkpoint (keep_every={k}): the "
+                f"{getattr(view, 'label', 'view')} replays each optimizer step's training samples and needs every "
+                "step; the reconstruction, model and training views are exact on it (along the kept checkpoints)"
+            )
 
     def _rank_chunks(self, batch: Batch) -> List[Chunk]:
         """This rank's contiguous block of the inputs, cut into chunks of ``options.batch_size``."""
@@ -580,7 +605,7 @@ class _ForwardState:
         if self.theta_prev is None:
             self.theta_prev = epk.theta(s - 1)
         theta = epk.theta(s)
-        coeffs = self.um.advance(rec, self.theta_prev)
+        coeffs = epk._polyline_regularization(s, self.um.advance(rec, self.theta_prev))
         if not selected:
             self.f_prev = [None] * len(self.chunks)
             self._buffers_after(s)
