@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 
 __all__ = ["active", "rank", "world_size", "is_writer", "shard", "all_reduce_sum_", "all_reduce_max",
-           "all_gather_objects", "gather_indices", "broadcast_object", "barrier"]
+           "all_gather_objects", "gather_indices", "broadcast_object", "barrier", "check_same"]
 
 T = TypeVar("T")
 
@@ -127,6 +127,25 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
     box = [obj]
     dist.broadcast_object_list(box, src=src)
     return box[0]
+
+
+def check_same(fingerprint: Any, what: str) -> None:
+    """Raise ``ValueError`` on every rank unless all ranks passed an equal ``fingerprint``.
+
+    A split computation is only the full result when every rank asked the same question; ranks
+    that explain different inputs must say so (``EPKOptions(distributed=False)``) instead of
+    silently summing unrelated parts.
+    """
+    if not active():
+        return
+    prints = all_gather_objects(fingerprint)
+    differ = [r for r, p in enumerate(prints) if p != prints[0]]
+    if differ:
+        raise ValueError(
+            f"inside a process group of {len(prints)} ranks the work is split over the ranks, so every rank must "
+            f"call with the same {what}; rank(s) {differ} differ from rank 0. To compute on each rank alone, "
+            "pass distributed=False"
+        )
 
 
 def barrier() -> None:

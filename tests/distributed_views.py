@@ -102,7 +102,7 @@ def ddp_train_and_record(path: str, X: torch.Tensor, Y: torch.Tensor, epochs: in
 
 
 def main(argv) -> None:
-    from captum_explaind import Trajectory, distributed
+    from captum_explaind import Trajectory, TrajectoryRecorder, distributed
 
     from training import TanhMLP
 
@@ -122,6 +122,15 @@ def main(argv) -> None:
         ExactPathKernel._integrate = counted
         out = all_views(model, Trajectory.open(traj_path), X, Y)
         out["work"] = torch.tensor(sum(calls))
+        # ranks asking different questions: a named error on every rank, or each alone by option
+        r = distributed.rank()
+        traj = Trajectory.open(traj_path)
+        try:
+            ExactPathKernel(model, traj).reconstruct(X[r : r + 2])
+            out["mismatch"] = torch.tensor(0)
+        except ValueError as err:
+            out["mismatch"] = torch.tensor(1 if "rank(s) [1] differ" in str(err) else 2)
+        out["alone"] = ExactPathKernel(model, traj, distributed=False).reconstruct(X[r : r + 2]).kernel
         out["world_size"] = torch.tensor(distributed.world_size())
         torch.save(out, f"{prefix}.rank{distributed.rank()}.pt")
         ExactPathKernel._integrate = original
@@ -134,6 +143,16 @@ def main(argv) -> None:
         torch.save({"scores": d.scores, "residual": d.residual, "delta": d.delta, "change": d.change,
                     "regularization": d.regularization},
                    f"{prefix}.ddp_data.rank{distributed.rank()}.pt")
+        if distributed.rank() == 0:  # one process recording alone inside the group: no waiting for others
+            m = TanhMLP().double()
+            opt = torch.optim.SGD(m.parameters(), lr=0.1)
+            with TrajectoryRecorder(m, opt, f"{prefix}.alone", ddp=False) as rec:
+                for i in range(3):
+                    opt.zero_grad()
+                    nll(m(X[i : i + 2]), Y[i : i + 2]).mean().backward()
+                    rec.log_batch(torch.arange(i, i + 2))
+                    opt.step()
+        distributed.barrier()
     finally:
         torch.distributed.destroy_process_group()
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from captum_explaind import distributed
+from captum_explaind import ExactPathKernel, distributed
 
 from distributed_views import all_views
 from training import OPTIMIZERS, RunConfig, TanhMLP, make_data, record_run
@@ -96,8 +96,6 @@ def test_shard_parts_are_contiguous_balanced_and_cover_everything():
 
 def _views_in_one_process(model, traj, X, Y):
     """Every view in this process, and how many (step, input) pairs it integrated."""
-    from captum_explaind import ExactPathKernel
-
     calls = []
     original = ExactPathKernel._integrate
 
@@ -134,6 +132,9 @@ def test_every_view_under_torchrun_equals_one_process(recorded, launched):
         got = torch.load(tmp_path / f"out.rank{r}.pt")
         assert int(got.pop("world_size")) == 2
         work.append(int(got.pop("work")))
+        assert int(got.pop("mismatch")) == 1  # different inputs per rank: the named error, on every rank
+        alone = ExactPathKernel(model, traj).reconstruct(X[r : r + 2]).kernel
+        assert_equal_results({"alone.kernel": got.pop("alone")}, {"alone.kernel": alone})
         assert_equal_results(got, want)
     # each rank integrated its own part: (step, input) pairs add up to one process's, split ~evenly
     assert sum(work) == total and max(work) <= 0.6 * total, (work, total)
@@ -175,3 +176,6 @@ def test_ddp_recorder_records_every_rank_and_the_data_view_replays_it(recorded, 
         got = torch.load(launched / f"out.ddp_data.rank{r}.pt")
         assert_equal_results({f"data.{k}": v for k, v in got.items()},
                              {f"data.{k}": getattr(one, k) for k in got})
+    # a recorder created on rank 0 only (ddp=False) recorded that process alone
+    alone = Trajectory.open(launched / "out.alone")
+    assert alone.num_steps == 3 and [mb.indices.tolist() for mb in alone.record(3).batches] == [[2, 3]]

@@ -75,6 +75,8 @@ class DataView(ViewBase):
     # measured gradient scales are the same on every rank.
     shard_sum = ("scores", "regularization", "path", "exact", "buffers")
     shard_copy = ("grad_scale",)
+    replays_training = True  # needs every optimizer step (no keep_every)
+    label = "data view"
 
     def __init__(
         self,

@@ -23,6 +23,7 @@ from typing import Any, Iterable, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
+from torch.utils._pytree import tree_flatten
 from tqdm.auto import tqdm
 
 from .. import distributed
@@ -361,8 +362,9 @@ class ExactPathKernel:
         chosen = set(selected)
         todo = chosen if integrate is None else chosen & set(int(s) for s in integrate)
         all_todo = sorted(todo)
+        self._check_every_step(view)
         self._plan = self._memory_plan(batch, view)
-        sharded = _shardable(view)
+        sharded = self._shardable(batch, view, selected)
         if sharded:
             selected, todo = _shard_steps(view, selected, todo)
             chosen = set(selected)
@@ -410,6 +412,7 @@ class ExactPathKernel:
             *SweepStats*
         """
         traj, fm = self.trajectory, self.functional
+        self._check_every_step(view)
         N = traj.num_steps
         last = N if last is None else int(last)
         if not 1 <= last <= N:
@@ -422,7 +425,7 @@ class ExactPathKernel:
         scalars = [um.scalars(rec) for rec in records]
         buffer_steps = set(traj.buffer_steps())
         self._plan = self._memory_plan(batch, view)
-        sharded = _shardable(view)
+        sharded = self._shardable(batch, view, sorted(todo))
         # In a process group each rank takes a contiguous block of the inputs: the accumulators
         # are per input, so the blocks never interact and the results add up.
         chunks = self._rank_chunks(batch) if sharded else self.chunks(batch)
@@ -467,6 +470,38 @@ class ExactPathKernel:
         if sharded:
             _reduce_view(view, log)
         return log.finish(self.options.max_depth, self.options.max_evaluations)
+
+    def _shardable(self, batch: Batch, view: SweepView, steps: List[int]) -> bool:
+        """Whether a sweep of ``view`` is split over the ranks: inside a process group (unless
+        ``options.distributed`` is off), for views that name the accumulators to sum
+        (``shard_sum``); the others run whole on every rank. The ranks' requests must agree."""
+        if not (self.options.distributed and distributed.active() and bool(getattr(view, "shard_sum", None))):
+            return False
+        distributed.check_same(_fingerprint(batch, view, steps), "inputs, target and steps")
+        return True
+
+    def _polyline_regularization(self, step: int, coeffs: Any) -> Any:
+        """keep_every: a stored step is a macro-step, whose regularization part is the recorded sum
+        over its optimizer steps (not the one-step model's, which would need the unstored θs)."""
+        reg = self.trajectory.regularization(step, device=self.device, dtype=self.dtype)
+        if reg is None:
+            return coeffs
+        flat = torch.zeros(self.layout.total, dtype=self.dtype, device=self.device)
+        for name, r in reg.items():
+            if name in self.layout:
+                flat[self.layout.slice(name)] = r.reshape(-1)
+        coeffs.reg = flat if reg else None
+        return coeffs
+
+    def _check_every_step(self, view: SweepView) -> None:
+        """Views that replay the training samples step by step need every optimizer step."""
+        k = self.trajectory.keep_every
+        if k > 1 and getattr(view, "replays_training", False):
+            raise TrajectoryError(
+                f"trajectory {self.trajectory.path!r} keeps every {k}-th checkpoint (keep_every={k}): the "
+                f"{getattr(view, 'label', 'view')} replays each optimizer step's training samples and needs every "
+                "step; the reconstruction, model and training views are exact on it (along the kept checkpoints)"
+            )
 
     def _rank_chunks(self, batch: Batch) -> List[Chunk]:
         """This rank's contiguous block of the inputs, cut into chunks of ``options.batch_size``."""
@@ -529,10 +564,17 @@ class ExactPathKernel:
         return torch.stack(rows), names
 
 
-def _shardable(view: SweepView) -> bool:
-    """Whether a sweep of ``view`` is split over the ranks: inside a process group, for views
-    that name the accumulators to sum (``shard_sum``). Others run whole on every rank."""
-    return distributed.active() and bool(getattr(view, "shard_sum", ()))
+def _fingerprint(batch: Batch, view: SweepView, steps: List[int]) -> Tuple[Any, ...]:
+    """What must be equal on every rank for a split sweep: the inputs, the view and its target, the steps."""
+    def leaf(v: Any) -> Any:
+        if isinstance(v, torch.Tensor):
+            t = v.detach().double() if v.is_floating_point() or v.dtype == torch.bool else v.detach().long()
+            return (tuple(v.shape), str(v.dtype), float(t.sum()), float(t.abs().sum()))
+        return repr(v)[:200]
+
+    target = getattr(getattr(view, "target", None), "index", None)
+    leaves = tree_flatten((batch.args, batch.kwargs, target))[0]
+    return (type(view).__name__, batch.n, tuple(steps), tuple(leaf(v) for v in leaves))
 
 
 def _shard_steps(view: SweepView, selected: List[int], todo: set) -> Tuple[List[int], set]:
@@ -591,7 +633,7 @@ class _ForwardState:
         if self.theta_prev is None:
             self.theta_prev = epk.theta(s - 1)
         theta = epk.theta(s)
-        coeffs = self.um.advance(rec, self.theta_prev)
+        coeffs = epk._polyline_regularization(s, self.um.advance(rec, self.theta_prev))
         if not selected:
             self.f_prev = [None] * len(self.chunks)
             self._buffers_after(s)

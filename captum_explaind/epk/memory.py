@@ -17,6 +17,10 @@ then a quarter of the rest for the training side, a quarter for one batched refi
 the rest for the chunk's held payloads, from which the test inputs per chunk follow. The result
 does not depend on the chunking (every input is integrated on its own), so it equals the
 unbatched one.
+
+It is a model, not a hard bound: a refinement level is computed whole before the work budget is
+checked, and a ReLU network's first level can cut a step at many kinks at once, so an input may
+briefly hold more than its share (``benchmarks/scaling.py`` measures the peak against the budget).
 """
 
 from __future__ import annotations

@@ -86,6 +86,9 @@ class EPKOptions:
             (:mod:`.train_jvp`: ``∇ℓ_k·T`` as a jvp of the batch's per-sample losses, never the
             ``[m, P]`` per-sample gradients); ``None``: only when a step's per-sample gradients
             do not fit (the 256 MiB chunk, or the ``max_memory`` plan). Default: None
+        distributed (bool): inside an initialized ``torch.distributed`` process group, split the
+            work over the ranks and give every rank the full result (the ranks must then ask the
+            same question, which is checked); ``False``: each rank computes alone. Default: True
     """
 
     quadrature: str = "gauss"
@@ -104,6 +107,7 @@ class EPKOptions:
     show_progress: bool = False
     max_memory: Union[str, int, None] = None
     train_jvp: Optional[bool] = None
+    distributed: bool = True
 
     def __post_init__(self) -> None:
         if self.quadrature not in RULES:
@@ -134,6 +138,8 @@ class EPKOptions:
             raise ValueError(f"train_grads must be one of {TRAIN_GRADS}, got {self.train_grads!r}")
         if not isinstance(self.show_progress, bool):
             raise TypeError(f"show_progress must be a bool, got {self.show_progress!r}")
+        if not isinstance(self.distributed, bool):
+            raise TypeError(f"distributed must be a bool, got {self.distributed!r}")
         if self.train_jvp is not None and not isinstance(self.train_jvp, bool):
             raise TypeError(f"train_jvp must be a bool or None, got {self.train_jvp!r}")
         object.__setattr__(self, "max_memory", parse_bytes(self.max_memory))

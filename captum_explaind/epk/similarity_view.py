@@ -41,6 +41,8 @@ class SimilarityView(ViewBase):
     # every earlier step's training side, so each rank visits the steps before its own too.
     shard_sum = ("gram", "exact", "buffer_change")
     visit_every_step = True
+    replays_training = True  # needs every optimizer step (no keep_every)
+    label = "similarity view"
 
     @property
     def per_input_vectors(self) -> int:

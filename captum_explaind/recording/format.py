@@ -52,6 +52,8 @@ CHECKSUM = "crc32"
 PARAM_PREFIX = "param/"
 BUFFER_PREFIX = "buffer/"
 STATE_PREFIX = "state/"
+#: keep_every: summed regularization part of a macro-step's updates, by parameter
+REG_PREFIX = "reg/"
 BATCH_INDEX = "batch/index"
 BATCH_WEIGHT = "batch/weight"
 BATCH_MICRO = "batch/micro"

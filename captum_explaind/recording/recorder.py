@@ -157,6 +157,19 @@ class TrajectoryRecorder:
             not wait for the disk; a step counts (``num_steps``) once its file is durably in
             place, :meth:`close` waits for every pending write, and a failed write is raised at
             the next step or at close. Default: False
+        ddp (bool, optional): record a ``DistributedDataParallel`` run: every rank creates a
+            recorder (same ``path``) and logs its own micro-batches; rank 0 writes, with the
+            micro-batches of all ranks gathered at each step (weights ÷ world size, as DDP averages
+            the ranks' gradients). ``None``: on inside an initialized process group of more than one
+            rank; ``False`` records this process alone (e.g. only on rank 0). Default: None
+        keep_every (int, optional): store the parameters of every ``keep_every``-th optimizer
+            step only (and of the last one, at close): each stored "step" of the trajectory is then
+            a macro-step through ``keep_every`` optimizer steps, holding all their micro-batches and
+            the summed regularization part of their updates, so the model and training views stay
+            exact along the polyline through the kept checkpoints. The data view needs every step
+            and refuses such a trajectory. Supported for decoupled weight decay (AdamW) and coupled
+            decay without momentum (plain SGD); Adam's L2 decay and SGD momentum with decay carry
+            the regularization through momentum and are refused. Default: 1
 
     Any failed write stops the recording (fail closed): later ``optimizer.step()`` calls raise
     :class:`TrajectoryWriteError` naming the first failure, and the manifest marks the run
@@ -178,6 +191,8 @@ class TrajectoryRecorder:
         check_finite: bool = True,
         record_rng: Union[str, bool] = "auto",
         background: bool = False,
+        ddp: Optional[bool] = None,
+        keep_every: int = 1,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -225,7 +240,14 @@ class TrajectoryRecorder:
 
         self._lock: Union[DirectoryLock, _FollowerLock] = DirectoryLock(self.path)
         # Under DDP (torchrun) rank 0 writes; the other ranks only hand it their micro-batches.
-        self._follower = distributed.active() and not distributed.is_writer()
+        self._ddp = distributed.active() if ddp is None else bool(ddp) and distributed.active()
+        self._keep = _check_keep_every(keep_every, self.optimizer, self.family)
+        self._inner = 0  # optimizer steps folded into the macro-step being collected
+        self._macro_reg: Dict[str, torch.Tensor] = {}  # summed regularization part R of those steps
+        self._held_pre: Optional[Dict[str, Any]] = None
+        if self._keep > 1:
+            self._history["keep_every"] = self._keep
+        self._follower = self._ddp and not distributed.is_writer()
         if self._follower:
             self._writer, self._lock = _FollowerWriter(), _FollowerLock()
         created = False if self._follower else self._open_directory(overwrite, resume)
@@ -248,7 +270,8 @@ class TrajectoryRecorder:
         ]
         if self.record_rng:
             self._handles.append(model.register_forward_pre_hook(self._capture_rng))
-        distributed.barrier()  # θ_0 and the manifest are on disk before any rank trains
+        if self._ddp:
+            distributed.barrier()  # θ_0 and the manifest are on disk before any rank trains
 
     # ------------------------------------------------------------------ set-up
     def _name_parameters(self) -> Dict[int, str]:
@@ -648,6 +671,8 @@ class TrajectoryRecorder:
         hyper = group_hyperparameters(optimizer)
         lrs = [float(h.pop("lr")) for h in hyper]
         self._pre = {"lr": lrs, "groups": hyper, "inactive": inactive, "grad_sq": grad_sq}
+        if self._keep > 1:
+            self._add_regularization(optimizer, lrs, set(inactive))
 
     def _collect_step(
         self, step: int, optimizer: torch.optim.Optimizer
@@ -681,6 +706,9 @@ class TrajectoryRecorder:
                 tensors[fmt.BUFFER_PREFIX + name] = self._stored(buf)
         record = fmt.StepRecord(step=step, state_step=state_step, batches=self._pending, **self._pre)
         tensors.update(fmt.pack_batches(self._pending))
+        for name, reg in self._macro_reg.items():
+            tensors[fmt.REG_PREFIX + name] = self._stored(reg)
+        self._macro_reg = {}
         obj = record.to_json()
         obj["family"] = self.family
         if nonfinite is not None and not self._nonfinite_warned:
@@ -696,8 +724,10 @@ class TrajectoryRecorder:
     def _post_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         if self._closed or self._pre is None:
             return
+        if self._keep > 1 and not self._end_of_macro_step():
+            return
         step = self._step + 1
-        if distributed.active():
+        if self._ddp:
             self._pending = _gathered(self._pending)
         if not self._pending:
             self._warn_unbatched(step)
@@ -724,6 +754,34 @@ class TrajectoryRecorder:
     def _step_written(self) -> None:
         """Called (possibly by the writer thread) once a step file is durably in place."""
         self._durable += 1
+
+    def _add_regularization(self, optimizer: torch.optim.Optimizer, lrs: List[float], inactive: set) -> None:
+        """keep_every: add this step's regularization part ``R_s = −η_s λ θ_{s−1}`` (decoupled decay,
+        or coupled decay without momentum; θ_{s−1} is live before the step)."""
+        for gi, group in enumerate(optimizer.param_groups):
+            wd = float(group.get("weight_decay", 0.0) or 0.0)
+            if not wd:
+                continue
+            for p in group["params"]:
+                name = self._names.get(id(p))
+                if name is None or name in inactive or name not in self.trainable:
+                    continue  # torch skips a parameter without gradient: no decay either
+                r = (-lrs[gi] * wd) * p.detach().to("cpu", torch.float64)
+                prev = self._macro_reg.get(name)
+                self._macro_reg[name] = r if prev is None else prev + r
+
+    def _end_of_macro_step(self) -> bool:
+        """keep_every: whether this optimizer step closes a macro-step; otherwise it is folded into
+        the next one (its micro-batches stay pending, its parameters are not stored)."""
+        self._inner += 1
+        if self._inner >= self._keep:
+            self._inner, self._held_pre = 0, None
+            return True
+        self._held_pre, self._pre = self._pre, None
+        self._versions = self._param_versions()
+        self._awaiting_rng = False
+        self._unclaimed_rng = None
+        return False
 
     def _warn_unbatched(self, step: int) -> None:
         self._unbatched.append(step)
@@ -796,6 +854,10 @@ class TrajectoryRecorder:
             )
 
     def _close(self, status: str, extra: Optional[Dict[str, Any]] = None) -> None:
+        if self._keep > 1 and self._held_pre is not None and self._failure is None:
+            # the optimizer steps since the last kept checkpoint end in the live parameters: keep them
+            self._pre, self._held_pre, self._inner = self._held_pre, None, self._keep
+            self._post_step(self.optimizer, (), {})
         for h in self._handles:
             h.remove()
         self._closed = True
@@ -810,7 +872,8 @@ class TrajectoryRecorder:
             self._finish(status, extra)
         finally:
             self._lock.release()
-        distributed.barrier()  # every rank's trajectory is rank 0's, complete
+        if self._ddp:
+            distributed.barrier()  # every rank's trajectory is rank 0's, complete
 
     def _finish(self, status: str, extra: Optional[Dict[str, Any]]) -> None:
         """Warnings and the final manifest of a recording that stops now."""
@@ -957,3 +1020,22 @@ class _FollowerLock:
 
     def check(self) -> None:
         return None
+
+
+# ---------------------------------------------------------------------- keep_every (macro-steps)
+def _check_keep_every(k: Any, optimizer: Any, family: str) -> int:
+    """``keep_every`` validated against what can be summed exactly over a macro-step."""
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ValueError(f"keep_every must be an int >= 1, got {k!r}")
+    if k == 1:
+        return k
+    for g in optimizer.param_groups:
+        wd = float(g.get("weight_decay", 0.0) or 0.0)
+        if wd and (family == "adam" or (family == "sgd" and float(g.get("momentum", 0.0) or 0.0))):
+            raise ValueError(
+                f"keep_every={k} with {type(optimizer).__name__}(weight_decay={wd}"
+                + (f", momentum={g.get('momentum')}" if family == "sgd" else "")
+                + "): this decay rides the momentum buffer, so its share of a macro-step cannot be summed from the "
+                "kept checkpoints; use AdamW-style decoupled decay, no momentum, or keep_every=1"
+            )
+    return k

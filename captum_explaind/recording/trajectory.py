@@ -597,6 +597,22 @@ class Trajectory:
         with self._open(step) as fh:
             return self._read_state(fh, step, key, names, set(fh.keys()), device, dtype)
 
+    @property
+    def keep_every(self) -> int:
+        """Optimizer steps per stored step (``TrajectoryRecorder(keep_every=k)``; 1: every step)."""
+        return int(self.manifest.get("keep_every", 1))
+
+    def regularization(self, step: int, *, device: Any = None,
+                       dtype: Optional[torch.dtype] = None) -> Optional[Dict[str, torch.Tensor]]:
+        """The summed regularization part of macro-step ``step``'s updates, by parameter (recorded
+        with ``keep_every > 1``); ``None`` for a trajectory of single steps."""
+        if self.keep_every == 1:
+            return None
+        self._check_step(step, allow_zero=False)
+        with self._open(step) as fh:
+            return {k[len(fmt.REG_PREFIX):]: self._cast(fh.get_tensor(k), device, dtype)
+                    for k in fh.keys() if k.startswith(fmt.REG_PREFIX)}
+
     def _check_state_key(self, key: str) -> None:
         """Raise :class:`MissingOptimizerStateError` unless optimizer state ``key`` was recorded."""
         if key not in self.state_keys:

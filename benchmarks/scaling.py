@@ -1,0 +1,407 @@
+"""Scaling benchmark: time and peak memory against P, N, n_train and n_test; 1 vs 2 ranks.
+
+Runs this library only (the peers are in ``data_view.py``, ``reconstruct.py`` and ``views.py``),
+on one recorded run per setting of a tanh MLP ``d_in → h → h → classes`` (SGD with momentum,
+float64), for three jobs: reconstruction (``ExactPathKernel.reconstruct``), the per-layer
+training view (``StepInfluence(..., layers=...)``) and the data view
+(``TrainingDataInfluence.explain``). Every row passes its options explicitly. Peak memory is the
+peak resident-set-size increase of the process during the call (``VmHWM`` reset through
+``/proc/self/clear_refs``), the same measurement as the other benchmarks.
+
+Sweeps (each varies one quantity, the others at their base value): P ≈ 1e4 … 1e7 (hidden width),
+N steps, n_train (fixed batch size) and the training batch size (fixed n_train) for the data
+view, n_test. Growth exponents are least-squares slopes of log(time) and log(memory) against
+log(x). Then the ≥ 10M-parameter data view under ``max_memory="4GiB"`` (forward-mode training
+side, chosen automatically), and the same job under ``torchrun`` with 1 and 2 ranks at one
+thread each (``--ranks``).
+
+Usage::
+
+    python benchmarks/scaling.py                 # everything, writes benchmarks/results/scaling.{md,png}
+    python benchmarks/scaling.py --quick         # smaller sweeps (a smoke run)
+    python benchmarks/scaling.py --device cuda   # GPU rows (not run on the CPU-only machine)
+    python benchmarks/scaling.py --only ranks    # only the 1 vs 2 ranks rows
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+from torch.utils.data import TensorDataset  # noqa: E402
+
+from benchmarks.peers.explaind_peer import foreign_load, measure  # noqa: E402
+from benchmarks.reconstruct import environment, fmt_mem  # noqa: E402
+from captum_explaind import ExactPathKernel, StepInfluence, TrainingDataInfluence, TrajectoryRecorder  # noqa: E402
+
+D_IN, CLASSES = 32, 10
+BASE = dict(P=100_000, N=8, n_train=256, batch=16, n_test=4)
+
+
+# ----------------------------------------------------------------------------- workload
+class MLP(nn.Module):
+    def __init__(self, hidden: int) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(D_IN, hidden)
+        self.fc2 = nn.Linear(hidden, hidden)
+        self.out = nn.Linear(hidden, CLASSES)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(torch.tanh(self.fc2(torch.tanh(self.fc1(x))))).log_softmax(-1)
+
+
+def hidden_for(P: int) -> int:
+    """Hidden width whose parameter count is closest to P (P = h² + (D_IN + CLASSES + 2) h + CLASSES)."""
+    b = D_IN + CLASSES + 2
+    return max(2, round((-b + math.sqrt(b * b + 4 * max(P - CLASSES, 1))) / 2))
+
+
+def nll(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return nn.functional.nll_loss(out, y, reduction="none")
+
+
+@dataclass
+class Setting:
+    P: int
+    N: int
+    n_train: int
+    batch: int
+    n_test: int
+
+
+def record(s: Setting, path: str, seed: int = 0):
+    """Train and record: N steps of SGD (momentum 0.9) on random batches; returns (model, traj, X, Y)."""
+    torch.manual_seed(seed)
+    model = MLP(hidden_for(s.P)).double()
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(s.n_train + s.n_test, D_IN, generator=g, dtype=torch.float64)
+    Y = torch.randint(0, CLASSES, (s.n_train + s.n_test,), generator=g)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    with TrajectoryRecorder(model, opt, path, overwrite=True) as rec:
+        for _ in range(s.N):
+            idx = torch.randperm(s.n_train, generator=g)[: s.batch]
+            opt.zero_grad()
+            nll(model(X[idx]), Y[idx]).mean().backward()
+            rec.log_batch(idx)
+            opt.step()
+    return model, rec.trajectory, X[: s.n_train], Y[: s.n_train], X[s.n_train :], Y[s.n_train :]
+
+
+def options(device: str, **extra: Any) -> Dict[str, Any]:
+    """Every row's options, explicit: float64, GL-4 with error control (the 'exact' preset)."""
+    return dict(options="exact", dtype=torch.float64, device=device, **extra)
+
+
+def run_job(job: str, model, traj, X, Y, x, y, device: str, **extra: Any) -> "tuple[float, str]":
+    """One call of ``job``; returns max |delta| (what the result misses of the true change) and, for the
+    data view, the training-gradient computer that ran."""
+    o = options(device, **extra)
+    if job == "reconstruct":
+        return ExactPathKernel(model, traj, **o).reconstruct(x).max_abs_delta(), ""
+    if job == "training view":
+        res = StepInfluence(model, traj, **o).explain(x, target=y, window=1, layers=["fc1", "fc2", "out"])
+        return float(res.delta.abs().max()), ""
+    if job == "data view":
+        data = TrainingDataInfluence(model, traj, TensorDataset(X, Y), nll, **o).explain(x, target=y)
+        return float(data.delta.abs().max()), f"train_grads={data.train_grads}"
+    raise ValueError(job)
+
+
+@dataclass
+class Row:
+    sweep: str
+    job: str
+    P: int
+    N: int
+    n_train: int
+    batch: int
+    n_test: int
+    seconds: float
+    peak: Optional[int]
+    delta: float
+    foreign: Optional[float]
+    note: str = ""
+    info: str = ""
+
+
+def measure_rows(sweep: str, jobs: Sequence[str], s: Setting, device: str, workdir: str, note: str = "",
+                 **extra: Any) -> List[Row]:
+    """Record the setting's run once, then time each job on it (after a one-input warm-up)."""
+    path = os.path.join(workdir, "traj")
+    model, traj, X, Y, x, y = record(s, path)
+    model = model.to(device)
+    x, y = x.to(device), y.to(device)
+    real_P = sum(p.numel() for p in model.parameters())
+    rows = []
+    for job in jobs:
+        run_job(job, model, traj, X, Y, x[:1], y[:1], device, **extra)  # warm-up (imports, vmap decisions)
+        with measure() as u:
+            delta, info = run_job(job, model, traj, X, Y, x, y, device, **extra)
+        rows.append(Row(sweep, job, real_P, s.N, s.n_train, s.batch, s.n_test, u.seconds, u.peak_rss_bytes, delta,
+                        u.foreign_cpu, note, info))
+        print(f"  {sweep:>8} {job:<14} P={real_P:>10,} N={s.N:<3} n_train={s.n_train:<5} batch={s.batch:<4} "
+              f"n_test={s.n_test:<3} {u.seconds:8.2f} s  {fmt_mem(u.peak_rss_bytes):>9}  |delta| {delta:.1e}  "
+              f"others' CPU {0 if u.foreign_cpu is None else 100 * u.foreign_cpu:.0f}% {info}", flush=True)
+    return rows
+
+
+# ----------------------------------------------------------------------------- sweeps
+def sweeps(quick: bool) -> List[Any]:
+    """``(sweep, setting, jobs' extra options, note)`` for every measured setting."""
+    b = BASE
+    P = [10_000, 100_000, 1_000_000] + ([] if quick else [10_000_000])
+    Ns = [4, 8, 16] if quick else [4, 8, 16, 32]
+    trains = [64, 256, 1024] if quick else [64, 256, 1024, 4096]
+    batches = [8, 32, 128] if quick else [8, 32, 128, 512]
+    tests = [2, 4, 8] if quick else [2, 4, 8, 16]
+    out: List[Any] = [("P", Setting(p, 4, b["n_train"], b["batch"], 2), {}, "") for p in P]
+    out += [("N", Setting(b["P"], n, b["n_train"], b["batch"], b["n_test"]), {}, "") for n in Ns]
+    out += [("n_train", Setting(b["P"], b["N"], m, b["batch"], b["n_test"]), {}, "") for m in trains]
+    for extra, note in (({}, "defaults"), ({"max_memory": "2GiB"}, "max_memory='2GiB'"),
+                        ({"train_jvp": True}, "train_jvp=True")):
+        out += [("batch", Setting(b["P"], b["N"], 1024, m, b["n_test"]), extra, note) for m in batches]
+    out += [("n_test", Setting(b["P"], b["N"], b["n_train"], b["batch"], n), {}, "") for n in tests]
+    return out
+
+
+JOBS_OF = {"P": ["reconstruct", "training view", "data view"], "N": ["reconstruct", "training view", "data view"],
+           "n_train": ["data view"], "batch": ["data view"], "n_test": ["reconstruct", "training view", "data view"]}
+
+
+def slope(xs: Sequence[float], ys: Sequence[Optional[float]]) -> Optional[float]:
+    """Least-squares slope of log y against log x (None with fewer than 2 usable points)."""
+    pts = [(math.log(x), math.log(y)) for x, y in zip(xs, ys) if y is not None and y > 0 and x > 0]
+    if len(pts) < 2:
+        return None
+    mx = sum(p[0] for p in pts) / len(pts)
+    my = sum(p[1] for p in pts) / len(pts)
+    den = sum((p[0] - mx) ** 2 for p in pts)
+    return sum((p[0] - mx) * (p[1] - my) for p in pts) / den if den > 0 else None
+
+
+def exponents(rows: List[Row]) -> List[Dict[str, Any]]:
+    out = []
+    for sweep, job, note in _series(rows):
+        rs = [r for r in rows if (r.sweep, r.job, r.note) == (sweep, job, note)]
+        if len(rs) < 2:
+            continue
+        xs = [float(getattr(r, sweep)) for r in rs]
+        out.append({"sweep": sweep, "job": job + (f" ({note})" if note else ""),
+                    "time": slope(xs, [r.seconds for r in rs]),
+                    "memory": slope(xs, [None if r.peak is None else float(r.peak) for r in rs])})
+    return out
+
+
+def _series(rows: List[Row]) -> List[Any]:
+    seen: List[Any] = []
+    for r in rows:
+        if r.sweep in JOBS_OF and (r.sweep, r.job, r.note) not in seen:
+            seen.append((r.sweep, r.job, r.note))
+    return seen
+
+
+# ----------------------------------------------------------------------------- ranks
+def rank_worker(args: argparse.Namespace) -> None:
+    """Under torchrun: the same job on every rank count; rank 0 writes its timing to --out."""
+    from captum_explaind import distributed
+
+    torch.distributed.init_process_group("gloo")
+    try:
+        s = Setting(args.rank_P, args.rank_N, 256, 16, args.rank_n_test)
+        path = args.traj
+        if distributed.is_writer() and not os.path.exists(os.path.join(path, "manifest.json")):
+            raise SystemExit(f"no trajectory at {path}")
+        from captum_explaind import Trajectory
+
+        traj = Trajectory.open(path)
+        torch.manual_seed(0)
+        model = MLP(hidden_for(s.P)).double()
+        X, Y, x, y = torch.load(os.path.join(path, "..", "data.pt"))
+        result: Dict[str, float] = {}
+        for job in ("reconstruct", "training view", "data view"):
+            # warm-up on one input per rank (a rank with no input would import torch's lazy modules
+            # inside the timed call, and the others would wait for it)
+            w = distributed.world_size()
+            run_job(job, model, traj, X, Y, x[:w], y[:w], "cpu")
+            distributed.barrier()
+            t0 = time.perf_counter()
+            run_job(job, model, traj, X, Y, x, y, "cpu")
+            distributed.barrier()
+            result[job] = time.perf_counter() - t0
+        if distributed.is_writer():
+            with open(args.out, "w", encoding="utf-8") as fh:
+                json.dump(result, fh)
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def ranks_rows(workdir: str, P: int, N: int, n_test: int) -> List[Dict[str, Any]]:
+    s = Setting(P, N, 256, 16, n_test)
+    path = os.path.join(workdir, "ranks", "traj")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    model, traj, X, Y, x, y = record(s, path)
+    torch.save((X, Y, x, y), os.path.join(workdir, "ranks", "data.pt"))
+    rows = []
+    for nproc in (1, 2):
+        import socket
+
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        out = os.path.join(workdir, f"ranks{nproc}.json")
+        env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+        load0 = foreign_load(1.0)
+        t0 = time.perf_counter()
+        subprocess.run([sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+                        "--master_addr=127.0.0.1", f"--master_port={port}", __file__, "--rank-worker",
+                        "--traj", path, "--out", out, "--rank-P", str(P), "--rank-N", str(N),
+                        "--rank-n-test", str(n_test)], env=env, check=True)
+        wall = time.perf_counter() - t0
+        times = json.load(open(out, encoding="utf-8"))
+        rows.append({"ranks": nproc, "launch_wall": wall, "load_before": load0, **times})
+        print(f"  ranks={nproc}: {times} (launch wall {wall:.1f} s, others' CPU before {load0})", flush=True)
+    return rows
+
+
+# ----------------------------------------------------------------------------- report
+def plot(rows: List[Row], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sweeps_ = [s for s in JOBS_OF if any(r.sweep == s for r in rows)]
+    fig, axes = plt.subplots(2, len(sweeps_), figsize=(3.6 * len(sweeps_), 6.4), squeeze=False)
+    for c, sweep in enumerate(sweeps_):
+        for sw, job, note in _series(rows):
+            if sw != sweep:
+                continue
+            rs = [r for r in rows if (r.sweep, r.job, r.note) == (sw, job, note)]
+            xs = [getattr(r, sweep) for r in rs]
+            label = job + (f" ({note})" if note else "")
+            axes[0][c].loglog(xs, [r.seconds for r in rs], "o-", label=label)
+            axes[1][c].loglog(xs, [max(r.peak or 1, 1) / 2**20 for r in rs], "o-", label=label)
+        axes[0][c].legend(fontsize=6)
+        axes[0][c].set_title(f"vs {sweep}")
+        axes[1][c].set_xlabel(sweep)
+        axes[0][c].set_ylabel("time (s)") if c == 0 else None
+        axes[1][c].set_ylabel("peak RSS increase (MiB)") if c == 0 else None
+        axes[0][c].grid(True, which="both", alpha=0.3)
+        axes[1][c].grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def write_report(rows: List[Row], big: Optional[Row], ranks: List[Dict[str, Any]], args: argparse.Namespace,
+                 path: str, load_note: str) -> None:
+    lines = ["# Scaling benchmark", "", f"Command: `python benchmarks/scaling.py {' '.join(sys.argv[1:])}`".rstrip(),
+             "", "## Environment", ""] + [f"- {e}" for e in environment()] + [f"- {load_note}", ""]
+    lines += ["## Time and peak memory", "",
+              "Tanh MLP 32 → h → h → 10, SGD (momentum 0.9), float64, GL-4 with error control (the 'exact' preset; "
+              "explicit options on every row). Base setting: "
+              + ", ".join(f"{k}={v}" for k, v in BASE.items()) + " (the P sweep: N=4, n_test=2). Peak = peak RSS "
+              "increase during the call. Last column: CPU other processes used meanwhile (this machine is shared; "
+              "above ~10% the time is inflated).", "",
+              "| sweep | job | options | P | N | n_train | batch | n_test | time (s) | peak mem | max\\|delta\\| | "
+              "others' CPU |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        opts = ", ".join(v for v in (r.note or "defaults", r.info) if v)
+        lines.append(f"| {r.sweep} | {r.job} | {opts} | {r.P:,} | {r.N} | {r.n_train} | {r.batch} | "
+                     f"{r.n_test} | "
+                     f"{r.seconds:.2f} | {fmt_mem(r.peak)} | {r.delta:.1e} | "
+                     f"{'n/a' if r.foreign is None else f'{100 * r.foreign:.0f}%'} |")
+    lines += ["", "### Fitted growth exponents (slope of log y against log x)", "",
+              "| sweep | job | time exponent | memory exponent |", "|---|---|---|---|"]
+    for e in exponents(rows):
+        def f(v: Optional[float]) -> str:
+            return "–" if v is None else f"{v:.2f}"
+
+        lines.append(f"| {e['sweep']} | {e['job']} | {f(e['time'])} | {f(e['memory'])} |")
+    lines += ["", "![scaling](scaling.png)", ""]
+    if big is not None:
+        lines += ["## ≥ 10M parameters: the data view under `max_memory=\"4GiB\"`", "",
+                  f"P = {big.P:,}, N = {big.N}, n_train = {big.n_train}, batch = {big.batch}, n_test = {big.n_test}: "
+                  f"{big.seconds:.1f} s, peak RSS increase {fmt_mem(big.peak)} (budget 4096 MiB), max|delta| "
+                  f"{big.delta:.1e}; {big.info}. Options: {big.note}.", ""]
+    if ranks:
+        lines += ["## 1 vs 2 ranks (torchrun, gloo, one thread per rank, same job)", "",
+                  "Time of each call between barriers on rank 0 (start-up excluded).", "",
+                  "| job | 1 rank (s) | 2 ranks (s) | speed-up |", "|---|---|---|---|"]
+        one, two = ranks[0], ranks[1]
+        for job in ("reconstruct", "training view", "data view"):
+            lines.append(f"| {job} | {one[job]:.2f} | {two[job]:.2f} | {one[job] / two[job]:.2f}× |")
+        lines += ["", f"Others' CPU load right before the launches: 1 rank {ranks[0]['load_before']}, "
+                  f"2 ranks {ranks[1]['load_before']} (fraction of the machine).", ""]
+    Path(path).write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--only", choices=["sweeps", "big", "ranks"], action="append")
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "scaling.md"))
+    ap.add_argument("--rank-worker", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--traj", help=argparse.SUPPRESS)
+    ap.add_argument("--rank-P", type=int, default=100_000, help="P of the 1 vs 2 ranks job")
+    ap.add_argument("--rank-N", type=int, default=16, help="steps of the 1 vs 2 ranks job")
+    ap.add_argument("--rank-n-test", type=int, default=8, help="test inputs of the 1 vs 2 ranks job")
+    args = ap.parse_args()
+    if args.rank_worker:
+        rank_worker(args)
+        return
+    torch.set_num_threads(1)
+    parts = set(args.only or ["sweeps", "big", "ranks"])
+    load = foreign_load(2.0)
+    load_note = f"others' CPU load at start: {'n/a' if load is None else f'{100 * load:.0f}%'} of the machine"
+    print(load_note, flush=True)
+    rows: List[Row] = []
+    big = None
+    ranks: List[Dict[str, Any]] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        if "sweeps" in parts:
+            for sweep, s, extra, note in sweeps(args.quick):
+                # the ≥ 10M data view is the "big" row below (under a memory budget)
+                jobs = [j for j in JOBS_OF[sweep] if not (s.P >= 10_000_000 and j == "data view")]
+                try:
+                    rows += measure_rows(sweep, jobs, s, args.device, tmp, note, **extra)
+                except MemoryError as err:  # a budget below the plan's need: say so, keep the other rows
+                    print(f"  {sweep} {s} {note}: {err}", flush=True)
+                _save_json(args.out, rows, None, [])
+        if "big" in parts:
+            s = Setting(10_000_000, 3, 64, 16, 2)
+            big = measure_rows("big", ["data view"], s, args.device, tmp, max_memory="4GiB", max_evaluations=16,
+                               note="max_memory='4GiB', max_evaluations=16, train_jvp left automatic")[0]
+        if "ranks" in parts:
+            ranks = ranks_rows(tmp, args.rank_P, args.rank_N, args.rank_n_test)
+    if rows:
+        plot(rows, str(Path(args.out).with_suffix(".png")))
+    write_report(rows, big, ranks, args, args.out, load_note)
+    _save_json(args.out, rows, big, ranks)
+    print(f"wrote {args.out}", flush=True)
+
+
+def _save_json(out: str, rows: List[Row], big: Optional[Row], ranks: List[Dict[str, Any]]) -> None:
+    with open(Path(out).with_suffix(".json"), "w", encoding="utf-8") as fh:
+        json.dump({"rows": [asdict(r) for r in rows], "big": None if big is None else asdict(big), "ranks": ranks},
+                  fh, indent=1)
+
+
+if __name__ == "__main__":
+    main()
