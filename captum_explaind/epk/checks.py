@@ -206,7 +206,8 @@ def probe_inputs(epk: "ExactPathKernel", batch: "Batch", what: str = "inputs") -
                 f"{type(err).__name__}: {str(err).strip()[:400]} — check the feature dimension, shape, "
                 f"dtype and keys of {what} (the example axis comes first)"
             ) from err
-        _check_rows(out, f"the model's output at {label}", what)
+        low = "" if epk.dtype == torch.float64 else f" (computed in {str(epk.dtype).replace('torch.', '')})"
+        _check_rows(out, f"the model's output at {label}{low}", what)
 
 
 def _check_rows(out: torch.Tensor, where: str, what: str, offset: int = 0) -> None:
