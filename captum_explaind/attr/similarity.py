@@ -131,7 +131,9 @@ class PredictionSimilarity(EPKAttribution):
         cos = cosine_from_gram(view.gram)
         sim = cos if others is None else cos[:n_self, n_self:]
         return SimilarityResult(similarity=sim, gram=view.gram, window=window, layers=names, train_subset=subset,
-                                stats=stats, options=self.epk.options.to_dict())
+                                stats=stats, options=self.epk.options.to_dict(),
+                                change=view.exact + view.buffer_change, buffers=view.buffer_change,
+                                train_grads=view.grads.name)
 
     @log_usage()
     def attribute(  # type: ignore[override]

@@ -35,7 +35,6 @@ from ..errors import (
     ModelMismatchWarning,
     NonFiniteError,
     ResidualWarning,
-    TrajectoryError,
 )
 from .outputs import default_output_fn
 
@@ -186,11 +185,7 @@ def probe_inputs(epk: "ExactPathKernel", batch: "Batch", what: str = "inputs") -
     for step, label in ((0, "θ_0 (the start of training)"), (epk.num_steps, f"θ_{epk.num_steps} (the end)")):
         try:
             out = epk._forward_all(step, batch)
-        except TrajectoryError:
-            if step == 0:
-                raise
-            return  # θ_N diverged: the sweep names the first step that did, when it reaches it
-        except ExplaindError:
+        except ExplaindError:  # a diverged θ names its first non-finite step itself
             raise
         except Exception as err:
             if isinstance(err, ValueError) and "one row per example" in str(err):

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .. import distributed
 from ..errors import TrajectoryError
 from ..recording.format import StepRecord
 from ..recording.trajectory import Trajectory
@@ -61,6 +62,16 @@ class _SweepLog:
             rows = (stats.unconverged_rows.cpu() + chunk.offset).tolist()
             self.unconverged_rows.setdefault(step, []).extend(rows)
         self.depth = max(self.depth, stats.depth)
+
+    def reduce(self) -> None:
+        """Combine the logs of all ranks (each (step, input) pair was integrated by one rank)."""
+        if not distributed.active():
+            return
+        errs = [self.errors[s] for s in self.steps]
+        counts = torch.tensor([self.evaluations, self.unconverged], dtype=torch.int64)
+        distributed.all_reduce_sum_(errs + [counts])
+        self.evaluations, self.unconverged = int(counts[0]), int(counts[1])
+        self.depth = distributed.all_reduce_max(self.depth)
 
     def finish(self, max_depth: int, max_evaluations: Optional[int] = None) -> SweepStats:
         n = next(iter(self.errors.values())).shape[0] if self.errors else 0
@@ -178,12 +189,20 @@ class ExactPathKernel:
         params = self.trajectory.params(step, device=self.device, dtype=self.dtype)
         flat = self.layout.flatten(params)
         if not bool(torch.isfinite(flat).all()):
-            bad = next(n for n in self.layout.names if not bool(torch.isfinite(params[n]).all()))
-            raise TrajectoryError(
-                f"trajectory {self.trajectory.path!r}: parameter {bad!r} is NaN or infinite at step {step}; "
-                "the run diverged and cannot be explained past this point"
-            )
+            self._raise_first_nonfinite(step)
         return flat
+
+    def _raise_first_nonfinite(self, step: int) -> None:
+        """Name the first step (≤ ``step``) and parameter that went NaN/inf: whichever θ a view reads
+        first, the user needs to know where the run diverged, not where the analysis noticed it."""
+        for s in range(step + 1):
+            params = self.trajectory.params(s, device=self.device, dtype=self.dtype)
+            bad = [n for n in self.layout.names if not bool(torch.isfinite(params[n]).all())]
+            if bad:
+                raise TrajectoryError(
+                    f"trajectory {self.trajectory.path!r}: parameter {bad[0]!r} is NaN or infinite at step {s}; "
+                    "the run diverged and cannot be explained past this point"
+                )
 
     def prepare_inputs(self, inputs: Any, additional_forward_args: Any = None, what: str = "inputs",
                        check: bool = True) -> Batch:
@@ -306,7 +325,12 @@ class ExactPathKernel:
                 raise TrajectoryError(f"step {s} is outside the trajectory (valid: 1..{N})")
         chosen = set(selected)
         todo = chosen if integrate is None else chosen & set(int(s) for s in integrate)
-        state = _ForwardState(self, batch, view, need_precond, sorted(todo))
+        all_todo = sorted(todo)
+        sharded = _shardable(view)
+        if sharded:
+            selected, todo = _shard_steps(view, selected, todo)
+            chosen = set(selected)
+        state = _ForwardState(self, batch, view, need_precond, all_todo)
         bar = self._bar(len(selected), view, desc, show_progress)
         try:
             for s in range(1, (selected[-1] if selected else 0) + 1):
@@ -316,6 +340,8 @@ class ExactPathKernel:
         finally:
             bar.close()
             self.functional.set_fixed(self._initial_buffers)
+        if sharded:
+            _reduce_view(view, state.log)
         return state.log.finish(self.options.max_depth, self.options.max_evaluations)
 
     def sweep_reverse(
@@ -358,8 +384,14 @@ class ExactPathKernel:
         records = [traj.record(s) for s in range(1, last + 1)]
         scalars = [um.scalars(rec) for rec in records]
         buffer_steps = set(traj.buffer_steps())
-        chunks = self.chunks(batch)
+        sharded = _shardable(view)
+        # In a process group each rank takes a contiguous block of the inputs: the accumulators
+        # are per input, so the blocks never interact and the results add up.
+        chunks = self._rank_chunks(batch) if sharded else self.chunks(batch)
         log = _SweepLog(sorted(todo), batch.n, self.dtype)
+        if sharded and not chunks:
+            _reduce_view(view, log)
+            return log.finish(self.options.max_depth, self.options.max_evaluations)
         theta_next = self.theta(last)
         f_next: List[Optional[torch.Tensor]] = [None] * len(chunks)
         bar = self._bar(last, view, desc, show_progress)
@@ -368,15 +400,18 @@ class ExactPathKernel:
                 rec = records[s - 1]
                 theta_prev = self.theta(s - 1)
                 seg = Segment(s, theta_prev, theta_next, theta_next - theta_prev, um.vectors(scalars[s - 1], rec), rec)
+                after: List[Optional[torch.Tensor]] = [None] * len(chunks)  # f(θ_s, b_s), from step s+1
                 if buffer_steps:
                     # The segment runs with the buffers in effect before the step.
                     fm.set_fixed(self._step_buffers(s - 1))
                     if s in buffer_steps:
-                        f_next = [None] * len(chunks)
+                        after, f_next = f_next, [None] * len(chunks)
                 integrated = s in todo
                 if integrated:
                     f0s = [fm.forward(theta_prev, ch.batch) for ch in chunks]
                     f1s = [f if f is not None else fm.forward(theta_next, ch.batch) for f, ch in zip(f_next, chunks)]
+                    if s in buffer_steps:
+                        self._buffer_jumps_after(s, theta_next, chunks, f1s, after, view)
                     self._integrate(seg, chunks, f0s, f1s, view, log)
                     f_next = list(f0s)
                 else:
@@ -389,7 +424,31 @@ class ExactPathKernel:
         finally:
             bar.close()
             fm.set_fixed(self._initial_buffers)
+        if sharded:
+            _reduce_view(view, log)
         return log.finish(self.options.max_depth, self.options.max_evaluations)
+
+    def _buffer_jumps_after(self, s: int, theta: torch.Tensor, chunks: List[Chunk], before: List[torch.Tensor],
+                            after: List[Optional[torch.Tensor]], view: SweepView) -> None:
+        """Reverse sweeps: hand ``view`` the jump ``f(θ_s, b_s) − f(θ_s, b_{s−1})`` of the buffers that
+        moved in step ``s`` (``before``: the outputs with ``b_{s−1}``, in effect on entry and exit;
+        ``after``: those with ``b_s`` where already known)."""
+        fm = self.functional
+        if any(a is None for a in after):
+            fm.set_fixed(self._step_buffers(s))
+            after = [a if a is not None else fm.forward(theta, ch.batch) for a, ch in zip(after, chunks)]
+            fm.set_fixed(self._step_buffers(s - 1))
+        for ch, a, b in zip(chunks, after, before):
+            assert a is not None  # filled above
+            view.buffer_jump(s, ch, a - b)
+
+    def _rank_chunks(self, batch: Batch) -> List[Chunk]:
+        """This rank's contiguous block of the inputs, cut into chunks of ``options.batch_size``."""
+        rows = distributed.shard(range(batch.n))
+        if not rows:
+            return []
+        lo, hi = rows[0], rows[-1] + 1
+        return [Chunk(lo + off, b.n, b) for off, b in batch.slice(lo, hi).chunks(self.options.batch_size)]
 
     # ------------------------------------------------------------------ reconstruction
     def reconstruct(self, inputs: Any, additional_forward_args: Any = None) -> Reconstruction:
@@ -428,6 +487,34 @@ class ExactPathKernel:
             rows.append(seg.delta * (1.0 - self._subset))
             names.append("other")
         return torch.stack(rows), names
+
+
+def _shardable(view: SweepView) -> bool:
+    """Whether a sweep of ``view`` is split over the ranks: inside a process group, for views
+    that name the accumulators to sum (``shard_sum``). Others run whole on every rank."""
+    return distributed.active() and bool(getattr(view, "shard_sum", ()))
+
+
+def _shard_steps(view: SweepView, selected: List[int], todo: set) -> Tuple[List[int], set]:
+    """This rank's part of a forward sweep: a contiguous block of the integrated steps.
+
+    Only this rank's steps are visited, unless the view does work at every visited step
+    (``visit_every_step``: the similarity view's per-sample momentum buffers); the sweep then
+    stops at this rank's last step.
+    """
+    own = set(distributed.shard(sorted(todo)))
+    if getattr(view, "visit_every_step", False):
+        last = max(own) if own else 0
+        return [s for s in selected if s <= last], own
+    return [s for s in selected if s in own], own
+
+
+def _reduce_view(view: SweepView, log: _SweepLog) -> None:
+    """Sum the view's accumulators and the sweep log over the ranks; copy rank 0's replicated state."""
+    distributed.all_reduce_sum_([getattr(view, name) for name in getattr(view, "shard_sum", ())])
+    for name in getattr(view, "shard_copy", ()):
+        setattr(view, name, distributed.broadcast_object(getattr(view, name)))
+    log.reduce()
 
 
 class _ForwardState:

@@ -27,9 +27,11 @@ import torch
 
 from .quadrature import RULES, quadrature_rule
 
-__all__ = ["EPKOptions", "PRESETS", "PER_SAMPLE", "resolve_options"]
+__all__ = ["EPKOptions", "PRESETS", "PER_SAMPLE", "TRAIN_GRADS", "resolve_options"]
 
 PER_SAMPLE = ("auto", "vmap", "loop")
+#: how per-sample *training* gradients are computed (see :mod:`captum_explaind.epk.train_grads`)
+TRAIN_GRADS = ("auto", "independent", "coupled")
 
 
 def _check_int(name: str, v: Any, low: int) -> None:
@@ -67,6 +69,12 @@ class EPKOptions:
         per_sample (str): per-example gradients by ``"vmap"``, by a ``"loop"`` over examples,
             or ``"auto"`` (vmap, falling back to the loop once — with one warning — for models
             vmap cannot handle, e.g. Hugging Face attention masks). Default: "auto"
+        train_grads (str): per-sample training gradients of the data and similarity views:
+            ``"independent"`` (each sample alone, evaluation-mode model), ``"coupled"`` (each
+            recorded micro-batch forwarded as training did — train-mode BatchNorm statistics,
+            replayed dropout — and differentiated per sample through them) or ``"auto"``
+            (coupled exactly when the recording shows train-mode normalization or replayable
+            dropout; see :mod:`~captum_explaind.epk.train_grads`). Default: "auto"
         show_progress (bool): tqdm progress bars over steps. Default: False
     """
 
@@ -82,6 +90,7 @@ class EPKOptions:
     batch_size: Optional[int] = None
     train_batch_size: Optional[int] = None
     per_sample: str = "auto"
+    train_grads: str = "auto"
     show_progress: bool = False
 
     def __post_init__(self) -> None:
@@ -109,6 +118,8 @@ class EPKOptions:
                 raise ValueError(f"device {self.device!r} is not a torch device: {err}") from None
         if self.per_sample not in PER_SAMPLE:
             raise ValueError(f"per_sample must be one of {PER_SAMPLE}, got {self.per_sample!r}")
+        if self.train_grads not in TRAIN_GRADS:
+            raise ValueError(f"train_grads must be one of {TRAIN_GRADS}, got {self.train_grads!r}")
         if not isinstance(self.show_progress, bool):
             raise TypeError(f"show_progress must be a bool, got {self.show_progress!r}")
 

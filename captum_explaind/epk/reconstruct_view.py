@@ -28,6 +28,7 @@ class ReconstructView(ViewBase):
     """
 
     label = "reconstruct"
+    shard_sum = ("parts", "buffers")
 
     def __init__(self, epk: "ExactPathKernel", n: int, out_shape: torch.Size) -> None:
         self.epk = epk

@@ -41,6 +41,8 @@ STATE_PREFIX = "state/"
 BATCH_INDEX = "batch/index"
 BATCH_WEIGHT = "batch/weight"
 BATCH_MICRO = "batch/micro"
+BATCH_RNG = "batch/rng_state/"  # + micro-batch number: torch.get_rng_state() before its forward
+BATCH_CUDA_RNG = "batch/cuda_rng_state/"  # + micro-batch number: torch.cuda.get_rng_state(device)
 
 __all__ = [
     "FORMAT_NAME",
@@ -141,10 +143,16 @@ class MicroBatch:
         indices (Tensor): dataset indices (int64, may repeat).
         weights (Tensor): each entry's weight ``a`` in the loss whose gradient was taken, so that
             the step's gradient is ``Σ a_k ∇L_k`` up to the global scale measured at replay.
+        rng_state (Tensor, optional): ``torch.get_rng_state()`` (uint8, CPU) taken right before the
+            micro-batch's training forward, so that its dropout masks can be replayed.
+        cuda_rng_state (Tensor, optional): ``torch.cuda.get_rng_state(device)`` likewise, when
+            the model was on CUDA.
     """
 
     indices: torch.Tensor
     weights: torch.Tensor
+    rng_state: Optional[torch.Tensor] = None
+    cuda_rng_state: Optional[torch.Tensor] = None
 
 
 @dataclass
@@ -200,25 +208,48 @@ class StepRecord:
 
 
 def pack_batches(batches: List[MicroBatch]) -> Dict[str, torch.Tensor]:
-    """Concatenate micro-batches into the three flat tensors stored in a step file."""
+    """Concatenate micro-batches into the flat tensors stored in a step file (three, plus one
+    per recorded RNG state)."""
     if not batches:
         return {
             BATCH_INDEX: torch.zeros(0, dtype=torch.int64),
             BATCH_WEIGHT: torch.zeros(0, dtype=torch.float64),
             BATCH_MICRO: torch.zeros(0, dtype=torch.int32),
         }
-    return {
+    out = {
         BATCH_INDEX: torch.cat([b.indices.to(torch.int64) for b in batches]),
         BATCH_WEIGHT: torch.cat([b.weights.to(torch.float64) for b in batches]),
         BATCH_MICRO: torch.cat(
             [torch.full((len(b.indices),), i, dtype=torch.int32) for i, b in enumerate(batches)]
         ),
     }
+    for i, b in enumerate(batches):
+        if b.rng_state is not None:
+            out[f"{BATCH_RNG}{i}"] = b.rng_state
+        if b.cuda_rng_state is not None:
+            out[f"{BATCH_CUDA_RNG}{i}"] = b.cuda_rng_state
+    return out
 
 
-def unpack_batches(index: torch.Tensor, weight: torch.Tensor, micro: torch.Tensor, n_micro: int) -> List[MicroBatch]:
+def unpack_batches(
+    index: torch.Tensor,
+    weight: torch.Tensor,
+    micro: torch.Tensor,
+    n_micro: int,
+    rng: Optional[Mapping[int, torch.Tensor]] = None,
+    cuda_rng: Optional[Mapping[int, torch.Tensor]] = None,
+) -> List[MicroBatch]:
+    """Inverse of :func:`pack_batches`; ``rng``/``cuda_rng`` map micro-batch numbers to states."""
+    rng, cuda_rng = rng or {}, cuda_rng or {}
     out = []
     for i in range(n_micro):
         sel = micro == i
-        out.append(MicroBatch(indices=index[sel].clone(), weights=weight[sel].clone()))
+        out.append(
+            MicroBatch(
+                indices=index[sel].clone(),
+                weights=weight[sel].clone(),
+                rng_state=rng.get(i),
+                cuda_rng_state=cuda_rng.get(i),
+            )
+        )
     return out

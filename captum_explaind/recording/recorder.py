@@ -20,7 +20,7 @@ import json
 import os
 import shutil
 import warnings
-from typing import Any, Dict, List, Optional, Union
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 import numpy as np
 import torch
@@ -48,6 +48,36 @@ def _is_trajectory_dir(path: str) -> bool:
         return False
 
 
+def training_modes(model: nn.Module) -> Dict[str, List[str]]:
+    """Modules whose training-mode forward couples samples or draws random numbers.
+
+    Returns:
+        *dict*: ``"batch_norm"``: qualified names of batch-normalization modules that normalize
+        with batch statistics (in train mode, or without running statistics); ``"dropout"``:
+        dropout modules with ``p > 0`` in train mode.
+    """
+    bn, drop = [], []
+    for name, m in model.named_modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and (m.training or not m.track_running_stats):
+            bn.append(name)
+        elif isinstance(m, nn.modules.dropout._DropoutNd) and m.training and float(m.p) > 0:
+            drop.append(name)
+    return {"batch_norm": bn, "dropout": drop}
+
+
+def _has_dropout(model: nn.Module) -> bool:
+    return any(isinstance(m, nn.modules.dropout._DropoutNd) and float(m.p) > 0 for m in model.modules())
+
+
+def _rng_states(model: nn.Module) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """``torch.get_rng_state()`` and, for a model on CUDA, the state of its device's generator."""
+    cuda = None
+    p = next(model.parameters(), None)
+    if p is not None and p.device.type == "cuda":
+        cuda = torch.cuda.get_rng_state(p.device)
+    return torch.get_rng_state(), cuda
+
+
 def _library_version() -> str:
     try:
         from .. import __version__
@@ -55,6 +85,12 @@ def _library_version() -> str:
         return __version__
     except Exception:  # pragma: no cover
         return "unknown"
+
+
+def _as_rng_state(state: Any, name: str) -> torch.Tensor:
+    if not isinstance(state, torch.Tensor) or state.dtype != torch.uint8 or state.dim() != 1:
+        raise TypeError(f"{name} must be a 1-D uint8 tensor as returned by torch.get_rng_state(), got {state!r:.80}")
+    return state.detach().to("cpu", copy=True)
 
 
 class TrajectoryRecorder:
@@ -95,6 +131,12 @@ class TrajectoryRecorder:
             measured at replay and needs no weights. Default: "mean"
         check_finite (bool, optional): warn as soon as a step produces NaN/inf parameters.
             Default: True
+        record_rng ("auto", True or False, optional): store the RNG state(s) right before each
+            micro-batch's training forward (``MicroBatch.rng_state``/``cuda_rng_state``), so that
+            dropout masks can be replayed exactly. ``"auto"``: when the model has a dropout module
+            with ``p > 0``. A forward pre-hook on the model captures the state at the first
+            training-mode forward of each logged micro-batch (whether ``log_batch`` is called
+            before or after it), unless ``log_batch`` was given ``rng_state``. Default: "auto"
     """
 
     def __init__(
@@ -109,6 +151,7 @@ class TrajectoryRecorder:
         record_optimizer_state: bool = True,
         reduction: str = "mean",
         check_finite: bool = True,
+        record_rng: Union[str, bool] = "auto",
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -116,6 +159,8 @@ class TrajectoryRecorder:
             raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
         if store_dtype is not None and not (isinstance(store_dtype, torch.dtype) and store_dtype.is_floating_point):
             raise ValueError(f"store_dtype must be a floating torch.dtype or None, got {store_dtype!r}")
+        if record_rng not in ("auto", True, False):
+            raise ValueError(f"record_rng must be 'auto', True or False, got {record_rng!r}")
         self.model = model
         self.optimizer = unwrap_optimizer(optimizer)
         self.path = os.fspath(path)
@@ -126,15 +171,19 @@ class TrajectoryRecorder:
         self.family = optimizer_family(self.optimizer)
         self.state_keys = _STATE_KEYS.get(self.family, ()) if record_optimizer_state else ()
 
+        # "auto": any dropout with p > 0, whatever the mode now (models often start in eval mode)
+        self.record_rng = _has_dropout(model) if record_rng == "auto" else bool(record_rng)
         self._names = self._name_parameters()
         self._buffers = dict(model.named_buffers())
         self._prepare_directory(overwrite)
 
         self._step = 0
         self._pending: List[fmt.MicroBatch] = []
+        self._awaiting_rng = False  # the last logged micro-batch waits for its forward's RNG state
         self._pre: Optional[Dict[str, Any]] = None
         self._closed = False
         self._nonfinite_warned = False
+        self._training_modes: Optional[Dict[str, List[str]]] = None
         self._last_buffers = {k: v.detach().to("cpu", copy=True) for k, v in self._buffers.items()}
         self._write_initial()
         self._write_manifest(status="recording")
@@ -142,6 +191,9 @@ class TrajectoryRecorder:
             self.optimizer.register_step_pre_hook(self._pre_step),
             self.optimizer.register_step_post_hook(self._post_step),
         ]
+        self._unclaimed_rng: Optional[Tuple[torch.Tensor, Optional[torch.Tensor]]] = None
+        if self.record_rng:
+            self._handles.append(model.register_forward_pre_hook(self._capture_rng))
 
     # ------------------------------------------------------------------ set-up
     def _name_parameters(self) -> Dict[int, str]:
@@ -255,9 +307,12 @@ class TrajectoryRecorder:
                 "store_dtype": None if self.store_dtype is None else fmt.dtype_to_str(self.store_dtype),
                 "reduction": self.reduction,
                 "optimizer_state": bool(self.state_keys),
+                "rng": self.record_rng,
             },
         }
         self._created = manifest["created_utc"]
+        if self._training_modes is not None:
+            manifest["training_modes"] = self._training_modes
         if extra:
             manifest.update(extra)
         return manifest
@@ -266,7 +321,14 @@ class TrajectoryRecorder:
         fmt.atomic_write_json(os.path.join(self.path, fmt.MANIFEST), self._manifest(status, extra))
 
     # ------------------------------------------------------------------ batches
-    def log_batch(self, indices: Any, weights: Any = None) -> None:
+    def log_batch(
+        self,
+        indices: Any,
+        weights: Any = None,
+        *,
+        rng_state: Optional[torch.Tensor] = None,
+        cuda_rng_state: Optional[torch.Tensor] = None,
+    ) -> None:
         """Log one (micro-)batch whose gradient feeds the next ``optimizer.step()``.
 
         Call it once per backward pass; with gradient accumulation, once per micro-batch.
@@ -278,6 +340,9 @@ class TrajectoryRecorder:
                 the loss that was differentiated, so that the gradient is Σ w_k ∇L_k up to one
                 global factor per step (which is measured at replay). ``None`` uses the
                 recorder's ``reduction`` (mean: 1/len(indices)). Default: None
+            rng_state (Tensor, optional): ``torch.get_rng_state()`` taken right before this
+                micro-batch's forward; ``None`` lets the recorder capture it (``record_rng``).
+            cuda_rng_state (Tensor, optional): ``torch.cuda.get_rng_state(device)`` likewise.
         """
         if self._closed:
             raise RuntimeError("this recorder is closed")
@@ -301,7 +366,28 @@ class TrajectoryRecorder:
                 raise ValueError(f"got {w.numel()} weights for {idx.numel()} indices")
             if not torch.isfinite(w).all():
                 raise ValueError("batch weights must be finite")
-        self._pending.append(fmt.MicroBatch(indices=idx.clone(), weights=w.clone()))
+        mb = fmt.MicroBatch(indices=idx.clone(), weights=w.clone())
+        if rng_state is not None or cuda_rng_state is not None:
+            mb.rng_state = None if rng_state is None else _as_rng_state(rng_state, "rng_state")
+            mb.cuda_rng_state = None if cuda_rng_state is None else _as_rng_state(cuda_rng_state, "cuda_rng_state")
+        elif self.record_rng and self._unclaimed_rng is not None:
+            # its forward already ran (log_batch called after backward): that forward's state
+            mb.rng_state, mb.cuda_rng_state = self._unclaimed_rng
+            self._unclaimed_rng = None
+        else:
+            self._awaiting_rng = self.record_rng
+        self._pending.append(mb)
+
+    def _capture_rng(self, module: nn.Module, args: Any) -> None:
+        """Forward pre-hook: the RNG state(s) right before a training forward, for its micro-batch."""
+        if self._closed or not module.training:
+            return
+        if self._awaiting_rng and self._pending:
+            self._pending[-1].rng_state, self._pending[-1].cuda_rng_state = _rng_states(module)
+            self._awaiting_rng = False
+        elif self._unclaimed_rng is None:
+            # log_batch comes after this forward: keep the state for it
+            self._unclaimed_rng = _rng_states(module)
 
     def discard_batches(self) -> None:
         """Forget the micro-batches logged since the last step.
@@ -311,6 +397,8 @@ class TrajectoryRecorder:
         the next step.
         """
         self._pending = []
+        self._awaiting_rng = False
+        self._unclaimed_rng = None
 
     def track(self, loader: torch.utils.data.DataLoader) -> TrackedDataLoader:
         """Wrap ``loader`` so that the dataset indices of each yielded batch are logged.
@@ -353,6 +441,8 @@ class TrajectoryRecorder:
             grad_sq = {n: float(v) ** 2 for n, v in zip(names, norms.cpu().tolist())}
         else:
             grad_sq = {}
+        if self._step == 0:
+            self._first_modes = training_modes(self.model)
         hyper = group_hyperparameters(optimizer)
         lrs = [float(h.pop("lr")) for h in hyper]
         self._pre = {"lr": lrs, "groups": hyper, "inactive": inactive, "grad_sq": grad_sq}
@@ -395,6 +485,12 @@ class TrajectoryRecorder:
         self._last_buffers.update(changed_buffers)
         self._pending = []
         self._pre = None
+        self._awaiting_rng = False
+        self._unclaimed_rng = None
+        if step == 1:
+            # how the model normalized and dropped out while training (read at the first step)
+            self._training_modes = self._first_modes
+            self._write_manifest(status="recording")
         if nonfinite is not None and not self._nonfinite_warned:
             self._nonfinite_warned = True
             warnings.warn(

@@ -485,11 +485,17 @@ class Trajectory:
             raise TrajectoryCorruptError(f"{where}: step record is not valid JSON ({err})") from err
         n_micro = int(obj.get("n_micro", 0))
         if n_micro and fmt.BATCH_INDEX in keys:
+            rng = {i: self._get(fh, f"{fmt.BATCH_RNG}{i}", where) for i in range(n_micro)
+                   if f"{fmt.BATCH_RNG}{i}" in keys}
+            cuda_rng = {i: self._get(fh, f"{fmt.BATCH_CUDA_RNG}{i}", where) for i in range(n_micro)
+                        if f"{fmt.BATCH_CUDA_RNG}{i}" in keys}
             batches = fmt.unpack_batches(
                 self._get(fh, fmt.BATCH_INDEX, where),
                 self._get(fh, fmt.BATCH_WEIGHT, where),
                 self._get(fh, fmt.BATCH_MICRO, where),
                 n_micro,
+                rng,
+                cuda_rng,
             )
         else:
             batches = []
