@@ -31,8 +31,15 @@ from .epk import (  # noqa: E402
     SweepStats,
 )
 from .errors import (  # noqa: E402
+    ConvergenceWarning,
     ExplaindError,
+    ExplaindWarning,
+    InvalidInputError,
     MissingOptimizerStateError,
+    ModelMismatchWarning,
+    NonFiniteError,
+    ResidualWarning,
+    SelectorError,
     TrajectoryCorruptError,
     TrajectoryError,
     TrajectoryMismatchError,
@@ -62,4 +69,11 @@ __all__ = [
     "TrajectoryMismatchError",
     "UnsupportedOptimizerError",
     "MissingOptimizerStateError",
+    "InvalidInputError",
+    "NonFiniteError",
+    "SelectorError",
+    "ExplaindWarning",
+    "ConvergenceWarning",
+    "ModelMismatchWarning",
+    "ResidualWarning",
 ]

@@ -173,7 +173,7 @@ def test_residual_warning_names_a_mismatched_training_set(tmp_path):
     assert not caught and float(res.residual.abs().max()) < 1e-10  # the faithful replay: silent
     perm = Y[torch.randperm(len(Y), generator=torch.Generator().manual_seed(3))]
     res, caught = _residual_warnings(model, traj, TensorDataset(X, perm), NLL, X[:4], Y[:4])
-    assert len(caught) == 1
+    assert len(caught) == 1 and caught[0].filename == __file__  # points at the user's call
     msg = str(caught[0].message)
     assert "residual" in msg and "train_dataset is not the data" in msg and "permuted" in msg
     worst = int(res.residual.abs().argmax())
@@ -188,3 +188,4 @@ def test_residual_warning_names_nll_on_logits(tmp_path):
     res, caught = _residual_warnings(model, traj, TensorDataset(X, Y), NLL, X[:4], Y[:4])
     assert len(caught) == 1
     assert "negative losses" in str(caught[0].message) and "nll_loss on" in str(caught[0].message)
+    assert caught[0].filename == __file__

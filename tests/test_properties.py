@@ -89,7 +89,10 @@ def optimizers(draw) -> Tuple[str, Callable[[nn.Module], torch.optim.Optimizer]]
     else:
         lr = draw(st.sampled_from([0.005, 0.02]))
         kw = dict(amsgrad=draw(st.booleans())) if kind == "adam" else {}
+        kw["betas"] = draw(st.sampled_from([(0.9, 0.999), (0.5, 0.9)]))
         cls = torch.optim.Adam if kind == "adam" else torch.optim.AdamW
+    if draw(st.booleans()):
+        kw["maximize"] = True  # ascent on the negated loss: the same run, signs flipped inside
     label = f"{kind}(lr={lr}, wd={wd}, groups={grouped}, {kw})"
 
     def make(model: nn.Module) -> torch.optim.Optimizer:

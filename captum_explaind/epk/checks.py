@@ -35,7 +35,6 @@ from ..errors import (
     ModelMismatchWarning,
     NonFiniteError,
     ResidualWarning,
-    TrajectoryError,
 )
 from .outputs import default_output_fn
 
@@ -71,14 +70,15 @@ __all__ = [
 RESIDUAL_WARN_RATIO = 1e-2
 
 _PKG_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-_CAPTUM_DIR = os.path.dirname(os.path.abspath(getattr(sys.modules.get("captum"), "__file__", None) or "/nonexistent/x"))
 
 
 def warn(message: str, category: type) -> None:
     """``warnings.warn`` pointing at the user's call: the first frame outside this package and
     Captum (whose ``log_usage`` decorator wraps the public methods)."""
+    captum = getattr(sys.modules.get("captum"), "__file__", None)  # looked up now: imported after us
+    skip = (_PKG_DIR, os.path.dirname(os.path.abspath(captum))) if captum else (_PKG_DIR,)
     level, frame = 2, sys._getframe(1)  # stacklevel 2 is the caller of warn()
-    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith((_PKG_DIR, _CAPTUM_DIR)):
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(skip):
         frame = frame.f_back  # type: ignore[assignment]
         level += 1
     warnings.warn(message, category, stacklevel=level)
@@ -185,11 +185,7 @@ def probe_inputs(epk: "ExactPathKernel", batch: "Batch", what: str = "inputs") -
     for step, label in ((0, "θ_0 (the start of training)"), (epk.num_steps, f"θ_{epk.num_steps} (the end)")):
         try:
             out = epk._forward_all(step, batch)
-        except TrajectoryError:
-            if step == 0:
-                raise
-            return  # θ_N diverged: the sweep names the first step that did, when it reaches it
-        except ExplaindError:
+        except ExplaindError:  # a diverged θ names its first non-finite step itself
             raise
         except Exception as err:
             if isinstance(err, ValueError) and "one row per example" in str(err):
@@ -205,7 +201,8 @@ def probe_inputs(epk: "ExactPathKernel", batch: "Batch", what: str = "inputs") -
                 f"{type(err).__name__}: {str(err).strip()[:400]} — check the feature dimension, shape, "
                 f"dtype and keys of {what} (the example axis comes first)"
             ) from err
-        _check_rows(out, f"the model's output at {label}", what)
+        low = "" if epk.dtype == torch.float64 else f" (computed in {str(epk.dtype).replace('torch.', '')})"
+        _check_rows(out, f"the model's output at {label}{low}", what)
 
 
 def _check_rows(out: torch.Tensor, where: str, what: str, offset: int = 0) -> None:
@@ -440,13 +437,13 @@ def check_data_result(view: Any, result: "DataDecomposition") -> None:
     grads_off = bool(worst) and worst[0][1] > 1e-3
     neg = _negative_loss(view)
     if neg is not None:
-        cause = (f"loss_fn returns negative losses (as low as {neg:.3g}) on training samples: most likely a "
+        cause = (f"The loss_fn returns negative losses (as low as {neg:.3g}) on training samples: most likely a "
                  "negative log-likelihood of raw logits (nll_loss on a model trained with cross_entropy) — pass "
                  "the loss training used")
     elif grads_off:
         steps = ", ".join(f"step {s}: {100 * v:.3g}%" for s, v in worst)
         cause = (f"the replayed training gradients disagree with the recorded per-parameter gradient norms ({steps}):"
-                 " most likely train_dataset is not the data the recorder's indices refer to (other samples, "
+                 " most likely, train_dataset is not the data the recorder's indices refer to (other samples, "
                  "permuted or changed labels, another order), or loss_fn is not the training loss (or its "
                  "log_batch weights differ from the loss normalization)")
     elif mismatch:
