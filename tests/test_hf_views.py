@@ -182,3 +182,20 @@ def test_lora_records_and_analyses_only_the_adapter(lora):
                                              lambda out, b: torch.nn.functional.cross_entropy(
                                                  out.logits, b["labels"], reduction="none"))
     assert torch.allclose(res.scores, ref, atol=1e-10 * float(ref.abs().max()), rtol=0)
+
+
+def test_bfloat16_storage_reports_its_rounding_in_the_residual(tmp_path):
+    tok = hf.make_tokenizer()
+    rows = hf.classification_rows(tok, hf.sentences(10, seed=5))
+    model = hf.tiny_bert()
+    cb = TrajectoryCallback(tmp_path / "traj", store_dtype=torch.bfloat16)
+    hf.trainer_run(model, hf.DictDataset(rows), hf.PadCollate(), tmp_path / "out", callbacks=[cb], **ARGS)
+    traj = cb.trajectory
+    assert traj.spec[traj.trainable[0]].dtype == torch.bfloat16
+    enc = tok(hf.sentences(2, seed=8), padding=True, return_tensors="pt")
+    target = torch.tensor([0, 1])
+    res = TrainingDataInfluence(model, traj, hf.DictDataset(rows), collate_fn=hf.PadCollate()).explain(
+        enc, target=target)
+    # complete on the stored (rounded) path; the rounding of the updates is the residual, not in the scores
+    assert (res.scores.sum(1) + res.regularization + res.residual + res.delta - res.change).abs().max() <= TOL
+    assert res.residual.abs().max() > 1e-6 * res.change.abs().max()
