@@ -199,3 +199,25 @@ def test_bfloat16_storage_reports_its_rounding_in_the_residual(tmp_path):
     # complete on the stored (rounded) path; the rounding of the updates is the residual, not in the scores
     assert (res.scores.sum(1) + res.regularization + res.residual + res.delta - res.change).abs().max() <= TOL
     assert res.residual.abs().max() > 1e-6 * res.change.abs().max()
+
+
+def test_sdpa_attention_is_analysed_on_a_copy_and_the_model_keeps_its_implementation(tmp_path):
+    from transformers import BertConfig, BertForSequenceClassification
+
+    tok = hf.make_tokenizer()
+    rows = hf.classification_rows(tok, hf.sentences(8, seed=5))
+    cfg = BertConfig(vocab_size=32, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=24,
+                     max_position_embeddings=32, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    torch.manual_seed(0)
+    model = BertForSequenceClassification(cfg).double()
+    assert model.config._attn_implementation == "sdpa"  # the default
+    traj = _train(model, rows, hf.PadCollate(), tmp_path, num_train_epochs=1)
+    enc = tok(hf.sentences(2, seed=8), padding=True, return_tensors="pt")
+    target = torch.tensor([1, 0])
+    parts = ExactPathKernel(model, traj).reconstruct(enc)   # forward-mode AD through attention
+    assert parts.delta.abs().max() <= TOL
+    res = TrainingDataInfluence(model, traj, hf.DictDataset(rows), collate_fn=hf.PadCollate()).explain(
+        enc, target=target)
+    assert (res.scores.sum(1) + res.regularization + res.residual + res.delta - res.change).abs().max() <= TOL
+    assert res.residual.abs().max() <= 1e-10 * res.change.abs().max()
+    assert model.config._attn_implementation == "sdpa"
