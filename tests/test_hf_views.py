@@ -31,8 +31,9 @@ ARGS = dict(per_device_train_batch_size=4, gradient_accumulation_steps=2, num_tr
 
 
 def _train(model, rows, collate, tmp, **extra):
+    data = rows if hasattr(rows, "column_names") else hf.DictDataset(rows)
     cb = TrajectoryCallback(tmp / "traj")
-    hf.trainer_run(model, hf.DictDataset(rows), collate, tmp / "out", callbacks=[cb], **{**ARGS, **extra})
+    hf.trainer_run(model, data, collate, tmp / "out", callbacks=[cb], **{**ARGS, **extra})
     return cb.trajectory
 
 
@@ -221,3 +222,23 @@ def test_sdpa_attention_is_analysed_on_a_copy_and_the_model_keeps_its_implementa
     assert (res.scores.sum(1) + res.regularization + res.residual + res.delta - res.change).abs().max() <= TOL
     assert res.residual.abs().max() <= 1e-10 * res.change.abs().max()
     assert model.config._attn_implementation == "sdpa"
+
+
+def test_a_datasets_dataset_with_text_columns_is_used_as_the_trainer_fed_it(tmp_path):
+    """The Trainer drops the columns the model's forward does not take (``text``); so does the data view."""
+    datasets = pytest.importorskip("datasets")
+    from transformers import DataCollatorWithPadding
+
+    tok = hf.make_tokenizer()
+    texts = hf.sentences(10, seed=5)
+    raw = datasets.Dataset.from_dict({"text": texts, "label": [hf.label_of(t) for t in texts]})
+    ds = raw.map(lambda b: tok(b["text"]), batched=True)  # keeps "text"
+    collator = DataCollatorWithPadding(tok)
+    model = hf.tiny_bert()
+    traj = _train(model, ds, collator, tmp_path, num_train_epochs=1)
+    enc = tok(hf.sentences(2, seed=8), padding=True, return_tensors="pt")
+    res = TrainingDataInfluence(model, traj, ds, collate_fn=collator).explain(enc, target=torch.tensor([0, 1]))
+    assert (res.scores.sum(1) + res.regularization + res.residual + res.delta - res.change).abs().max() <= TOL
+    assert res.residual.abs().max() <= 1e-10 * res.change.abs().max()  # rows, weights and loss as in training
+    top = training_rows(res, raw, k=2)
+    assert top[0][0]["text"] == texts[top[0][0]["index"]]

@@ -40,7 +40,9 @@ from .losses import ModelLoss
 try:
     from transformers import TrainerCallback
 except ImportError as err:  # pragma: no cover - transformers missing
-    raise ImportError("captum_explaind.adapters.huggingface needs transformers: pip install 'captum-explaind[hf]'") from err
+    raise ImportError(
+        "captum_explaind.adapters.huggingface needs transformers: pip install 'captum-explaind[hf]'"
+    ) from err
 
 __all__ = ["TrajectoryCallback"]
 
@@ -302,7 +304,8 @@ class TrajectoryCallback(TrainerCallback):
         else:
             self._warn(
                 "normalization",
-                f"TrajectoryCallback: the loss {self._loss.model_class} returned ({value:.6g}) is neither the mean nor the num_items_in_batch-normalized sum of its per-sample "
+                f"TrajectoryCallback: the loss {self._loss.model_class} returned ({value:.6g}) is neither the mean "
+                "nor the num_items_in_batch-normalized sum of its per-sample "
                 f"losses (sum {total:.6g}, {mb.count} items, num_items_in_batch={mb.num_items}); the recorded weights "
                 "are the micro-batch mean, and the data view's residual will show the mismatch",
             )
