@@ -15,7 +15,8 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from torch import nn
 
-__all__ = ["register_default_loss", "default_loss_for", "ADAPTER_MODULES"]
+__all__ = ["register_default_loss", "default_loss_for", "register_training_view", "training_view_for",
+           "ADAPTER_MODULES"]
 
 #: top-level package of a model class → the adapter module that registers its entries.
 ADAPTER_MODULES: Dict[str, str] = {
@@ -25,6 +26,8 @@ ADAPTER_MODULES: Dict[str, str] = {
 
 #: (predicate on the model, factory model → per-sample loss_fn(outputs, target) → [n])
 _DEFAULT_LOSSES: List[Tuple[Callable[[nn.Module], bool], Callable[[nn.Module], Callable]]] = []
+#: (predicate on the model, view(model, dataset) -> dataset with the same rows)
+_TRAINING_VIEWS: List[Tuple[Callable[[nn.Module], bool], Callable[[nn.Module, Any], Any]]] = []
 _LOADED: Dict[str, bool] = {}
 
 
@@ -63,3 +66,24 @@ def default_loss_for(model: nn.Module) -> Optional[Callable[..., Any]]:
         if predicate(model):
             return factory(model)
     return None
+
+
+def register_training_view(predicate: Callable[[nn.Module], bool], view: Callable[[nn.Module, Any], Any]) -> None:
+    """Register how the training set is seen by the models ``predicate`` accepts.
+
+    Args:
+        predicate (Callable): ``predicate(model) -> bool``.
+        view (Callable): ``view(model, dataset) -> dataset`` whose row ``i`` is the dataset's row ``i``
+            as training fed it (e.g. without the columns the model's ``forward`` does not take, as the
+            Hugging Face ``Trainer`` drops them).
+    """
+    _TRAINING_VIEWS.append((predicate, view))
+
+
+def training_view_for(model: nn.Module, dataset: Any) -> Any:
+    """``dataset`` as the registered view for ``model`` shows it (unchanged when none applies)."""
+    _load_adapter_for(model)
+    for predicate, view in reversed(_TRAINING_VIEWS):
+        if predicate(model):
+            return view(model, dataset)
+    return dataset

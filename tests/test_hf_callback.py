@@ -118,17 +118,55 @@ def test_eval_logging_and_saving_are_unaffected(tmp_path):
         assert torch.equal(p, q), n
 
 
-def test_resume_from_checkpoint_is_refused_clearly(tmp_path):
+class _StopAt:
+    """A plain TrainerCallback that interrupts training after ``step`` optimizer steps."""
+
+    def __new__(cls, step):
+        from transformers import TrainerCallback
+
+        class Stop(TrainerCallback):
+            def on_step_end(self, args, state, control, **kwargs):
+                if state.global_step == step:
+                    control.should_training_stop = True
+                return control
+
+        return Stop()
+
+
+def test_resume_from_checkpoint_appends_to_the_recording(tmp_path):
+    tok = hf.make_tokenizer()
+    rows = hf.classification_rows(tok, hf.sentences(N_TRAIN, seed=3))
+    kw = dict(_args(), save_strategy="steps", save_steps=1)
+    whole = TrajectoryCallback(tmp_path / "whole")
+    hf.trainer_run(hf.tiny_bert(), hf.DictDataset(rows), hf.PadCollate(), tmp_path / "a", callbacks=[whole], **kw)
+    # the same run, interrupted after 3 steps (the second epoch's first step) and resumed from checkpoint-3
+    first = TrajectoryCallback(tmp_path / "parts")
+    hf.trainer_run(hf.tiny_bert(), hf.DictDataset(rows), hf.PadCollate(), tmp_path / "b",
+                   callbacks=[first, _StopAt(3)], **kw)
+    assert first.trajectory.num_steps == 3
+    from transformers import Trainer
+
+    second = TrajectoryCallback(tmp_path / "parts")
+    trainer = Trainer(hf.tiny_bert(), hf.training_args(tmp_path / "b", **kw), train_dataset=hf.DictDataset(rows),
+                      data_collator=hf.PadCollate(), callbacks=[second])
+    trainer.train(resume_from_checkpoint=str(tmp_path / "b" / "checkpoint-3"))
+    _assert_same_recording(second.trajectory, whole.trajectory)
+
+
+def test_resume_from_an_earlier_checkpoint_is_refused_clearly(tmp_path):
     tok = hf.make_tokenizer()
     rows = hf.classification_rows(tok, hf.sentences(N_TRAIN, seed=3))
     kw = dict(per_device_train_batch_size=BATCH, num_train_epochs=2, save_strategy="steps", save_steps=2)
-    hf.trainer_run(hf.tiny_bert(), hf.DictDataset(rows), hf.PadCollate(), tmp_path / "out", **kw)
+    cb = TrajectoryCallback(tmp_path / "traj")
+    hf.trainer_run(hf.tiny_bert(), hf.DictDataset(rows), hf.PadCollate(), tmp_path / "out", callbacks=[cb], **kw)
     from transformers import Trainer
 
-    trainer = Trainer(hf.tiny_bert(), hf.training_args(tmp_path / "out", **kw), train_dataset=hf.DictDataset(rows),
-                      data_collator=hf.PadCollate(), callbacks=[TrajectoryCallback(tmp_path / "traj")])
-    with pytest.raises(TrajectoryError, match="resumes from a checkpoint at step 2"):
-        trainer.train(resume_from_checkpoint=str(tmp_path / "out" / "checkpoint-2"))
+    for path in (tmp_path / "traj", tmp_path / "new"):
+        trainer = Trainer(hf.tiny_bert(), hf.training_args(tmp_path / "out", **kw),
+                          train_dataset=hf.DictDataset(rows), data_collator=hf.PadCollate(),
+                          callbacks=[TrajectoryCallback(path)])
+        with pytest.raises(TrajectoryError, match="resumes from a checkpoint at step 2"):
+            trainer.train(resume_from_checkpoint=str(tmp_path / "out" / "checkpoint-2"))
 
 
 def test_trajectory_before_training_is_a_clear_error(tmp_path):

@@ -31,8 +31,9 @@ ARGS = dict(per_device_train_batch_size=4, gradient_accumulation_steps=2, num_tr
 
 
 def _train(model, rows, collate, tmp, **extra):
+    data = rows if hasattr(rows, "column_names") else hf.DictDataset(rows)
     cb = TrajectoryCallback(tmp / "traj")
-    hf.trainer_run(model, hf.DictDataset(rows), collate, tmp / "out", callbacks=[cb], **{**ARGS, **extra})
+    hf.trainer_run(model, data, collate, tmp / "out", callbacks=[cb], **{**ARGS, **extra})
     return cb.trajectory
 
 
@@ -182,3 +183,62 @@ def test_lora_records_and_analyses_only_the_adapter(lora):
                                              lambda out, b: torch.nn.functional.cross_entropy(
                                                  out.logits, b["labels"], reduction="none"))
     assert torch.allclose(res.scores, ref, atol=1e-10 * float(ref.abs().max()), rtol=0)
+
+
+def test_bfloat16_storage_reports_its_rounding_in_the_residual(tmp_path):
+    tok = hf.make_tokenizer()
+    rows = hf.classification_rows(tok, hf.sentences(10, seed=5))
+    model = hf.tiny_bert()
+    cb = TrajectoryCallback(tmp_path / "traj", store_dtype=torch.bfloat16)
+    hf.trainer_run(model, hf.DictDataset(rows), hf.PadCollate(), tmp_path / "out", callbacks=[cb], **ARGS)
+    traj = cb.trajectory
+    assert traj.spec[traj.trainable[0]].dtype == torch.bfloat16
+    enc = tok(hf.sentences(2, seed=8), padding=True, return_tensors="pt")
+    target = torch.tensor([0, 1])
+    res = TrainingDataInfluence(model, traj, hf.DictDataset(rows), collate_fn=hf.PadCollate()).explain(
+        enc, target=target)
+    # complete on the stored (rounded) path; the rounding of the updates is the residual, not in the scores
+    assert (res.scores.sum(1) + res.regularization + res.residual + res.delta - res.change).abs().max() <= TOL
+    assert res.residual.abs().max() > 1e-6 * res.change.abs().max()
+
+
+def test_sdpa_attention_is_analysed_on_a_copy_and_the_model_keeps_its_implementation(tmp_path):
+    from transformers import BertConfig, BertForSequenceClassification
+
+    tok = hf.make_tokenizer()
+    rows = hf.classification_rows(tok, hf.sentences(8, seed=5))
+    cfg = BertConfig(vocab_size=32, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=24,
+                     max_position_embeddings=32, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    torch.manual_seed(0)
+    model = BertForSequenceClassification(cfg).double()
+    assert model.config._attn_implementation == "sdpa"  # the default
+    traj = _train(model, rows, hf.PadCollate(), tmp_path, num_train_epochs=1)
+    enc = tok(hf.sentences(2, seed=8), padding=True, return_tensors="pt")
+    target = torch.tensor([1, 0])
+    parts = ExactPathKernel(model, traj).reconstruct(enc)   # forward-mode AD through attention
+    assert parts.delta.abs().max() <= TOL
+    res = TrainingDataInfluence(model, traj, hf.DictDataset(rows), collate_fn=hf.PadCollate()).explain(
+        enc, target=target)
+    assert (res.scores.sum(1) + res.regularization + res.residual + res.delta - res.change).abs().max() <= TOL
+    assert res.residual.abs().max() <= 1e-10 * res.change.abs().max()
+    assert model.config._attn_implementation == "sdpa"
+
+
+def test_a_datasets_dataset_with_text_columns_is_used_as_the_trainer_fed_it(tmp_path):
+    """The Trainer drops the columns the model's forward does not take (``text``); so does the data view."""
+    datasets = pytest.importorskip("datasets")
+    from transformers import DataCollatorWithPadding
+
+    tok = hf.make_tokenizer()
+    texts = hf.sentences(10, seed=5)
+    raw = datasets.Dataset.from_dict({"text": texts, "label": [hf.label_of(t) for t in texts]})
+    ds = raw.map(lambda b: tok(b["text"]), batched=True)  # keeps "text"
+    collator = DataCollatorWithPadding(tok)
+    model = hf.tiny_bert()
+    traj = _train(model, ds, collator, tmp_path, num_train_epochs=1)
+    enc = tok(hf.sentences(2, seed=8), padding=True, return_tensors="pt")
+    res = TrainingDataInfluence(model, traj, ds, collate_fn=collator).explain(enc, target=torch.tensor([0, 1]))
+    assert (res.scores.sum(1) + res.regularization + res.residual + res.delta - res.change).abs().max() <= TOL
+    assert res.residual.abs().max() <= 1e-10 * res.change.abs().max()  # rows, weights and loss as in training
+    top = training_rows(res, raw, k=2)
+    assert top[0][0]["text"] == texts[top[0][0]["index"]]

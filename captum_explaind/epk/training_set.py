@@ -126,6 +126,10 @@ class TrainingSet:
                 f"train_dataset must be a map-style dataset (with __getitem__ and __len__) or a DataLoader "
                 f"over one, got {type(data).__name__}: samples are fetched by the indices the recorder logged"
             )
+        from ..extensions import training_view_for
+
+        # e.g. a Hugging Face model: only the columns its forward takes, as the Trainer fed them
+        data = training_view_for(fm.module, data)
         self.dataset: Dataset = data
         self.collate = collate
         self.custom_collate = collate_fn is not None

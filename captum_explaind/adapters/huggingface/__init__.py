@@ -15,9 +15,9 @@ Everything here only translates; the mathematics is the core's.
 
 from __future__ import annotations
 
-from ...extensions import register_default_loss
+from ...extensions import register_default_loss, register_training_view
 from .callback import TrajectoryCallback, has_active_dropout
-from .data import ModelColumns, training_rows
+from .data import ModelColumns, model_columns_view, training_rows
 from .layers import find_blocks, layer_groups
 from .losses import ModelLoss, is_hf_model, loss_kind
 
@@ -30,3 +30,4 @@ def _has_model_loss(model) -> bool:  # type: ignore[no-untyped-def]
 
 
 register_default_loss(_has_model_loss, ModelLoss)
+register_training_view(is_hf_model, model_columns_view)

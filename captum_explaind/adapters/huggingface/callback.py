@@ -40,7 +40,9 @@ from .losses import ModelLoss
 try:
     from transformers import TrainerCallback
 except ImportError as err:  # pragma: no cover - transformers missing
-    raise ImportError("captum_explaind.adapters.huggingface needs transformers: pip install 'captum-explaind[hf]'") from err
+    raise ImportError(
+        "captum_explaind.adapters.huggingface needs transformers: pip install 'captum-explaind[hf]'"
+    ) from err
 
 __all__ = ["TrajectoryCallback"]
 
@@ -103,13 +105,17 @@ class TrajectoryCallback(TrainerCallback):
         path (str or os.PathLike): directory of the trajectory (see
             :class:`~captum_explaind.TrajectoryRecorder`).
         **recorder_options: passed to :class:`~captum_explaind.TrajectoryRecorder`
-            (``store_dtype=torch.bfloat16``, ``overwrite=True``, ``record_rng=...``, ...).
+            (``store_dtype=torch.bfloat16``, ``overwrite=True``, ``record_rng=...``, ...). Unlike the
+            recorder's, the callback's default is ``background=True`` (steps are written by a
+            background thread; each completed step is still durable on its own).
 
     After ``trainer.train()``, ``cb.trajectory`` is the recorded
     :class:`~captum_explaind.Trajectory`; ``cb.loss_normalization`` says how the Trainer normalized
     the loss (``"num_items_in_batch"``, ``"mean"``, ``"outside the model"``). Evaluation, logging and
-    checkpointing are unaffected. Resuming from a checkpoint is refused with a clear error (the
-    optimizer's state and the data order before the checkpoint are not in the recording).
+    checkpointing are unaffected. ``trainer.train(resume_from_checkpoint=...)`` appends to the
+    recording at ``path`` when it ends exactly at the checkpoint's step (the recorder checks that the
+    loaded model and optimizer state equal its last step); otherwise it is refused with a clear error
+    (the recording must start at θ_0 with the optimizer's initial state).
 
     Example::
 
@@ -135,6 +141,7 @@ class TrajectoryCallback(TrainerCallback):
         self._honours_num_items: Optional[bool] = None
         self._rng = False
         self._steps_before = 0
+        self._skip = 0
         self._warned: set = set()
 
     # ------------------------------------------------------------------ public
@@ -154,19 +161,25 @@ class TrajectoryCallback(TrainerCallback):
             raise TrajectoryError(
                 f"TrajectoryCallback records single-process training only (world_size={args.world_size})"
             )
-        if state.global_step > 0:
-            raise TrajectoryError(
-                f"TrajectoryCallback: training resumes from a checkpoint at step {state.global_step}; the recording "
-                "must start at θ_0 with the optimizer's initial state (its momentum and the data order before the "
-                "checkpoint are not known to it). Re-run from the start with the callback, or train without resuming"
-            )
+        resume = state.global_step > 0
+        if resume:
+            self._check_resume(state.global_step)
         if model is None or optimizer is None:
             raise TrajectoryError("TrajectoryCallback: the Trainer passed no model/optimizer to on_train_begin")
         self._reset()
         options = dict(self.recorder_options)
+        if "background" in inspect.signature(TrajectoryRecorder.__init__).parameters:
+            # Training should not wait for the disk; every completed step is still durable on its own.
+            options.setdefault("background", True)
         self._rng = self._resolve_rng(model, options)
+        if resume:
+            options["resume"] = True
+            options.pop("overwrite", None)
         self.recorder = TrajectoryRecorder(model, optimizer, self.path, scheduler=lr_scheduler, **options)
-        self._steps_before = 0
+        self._steps_before = self.recorder.num_steps
+        # The Trainer skips the batches of the resumed epoch that were already trained on; they are
+        # still drawn from the batch sampler (and so noted), but never reach the model.
+        self._skip = self._skipped_batches(args, state, train_dataloader) if resume else 0
         try:
             self._loss = ModelLoss(model)
         except ValueError:
@@ -226,6 +239,9 @@ class TrajectoryCallback(TrainerCallback):
                 "TrajectoryCallback: a training-mode forward of the model ran without a batch from the Trainer's "
                 "train loader (no sampled indices left); call model.eval() for extra forwards during training"
             )
+        while self._skip and self._queue:
+            self._queue.popleft()
+            self._skip -= 1
         mb = _MicroBatch(self._queue.popleft())
         n = _rows(args, kwargs)
         if n is not None and n != len(mb.indices):
@@ -288,7 +304,8 @@ class TrajectoryCallback(TrainerCallback):
         else:
             self._warn(
                 "normalization",
-                f"TrajectoryCallback: the loss {self._loss.model_class} returned ({value:.6g}) is neither the mean nor the num_items_in_batch-normalized sum of its per-sample "
+                f"TrajectoryCallback: the loss {self._loss.model_class} returned ({value:.6g}) is neither the mean "
+                "nor the num_items_in_batch-normalized sum of its per-sample "
                 f"losses (sum {total:.6g}, {mb.count} items, num_items_in_batch={mb.num_items}); the recorded weights "
                 "are the micro-batch mean, and the data view's residual will show the mismatch",
             )
@@ -323,6 +340,36 @@ class TrajectoryCallback(TrainerCallback):
                               "will not be replayable (the data view reports the mismatch as its residual)")
             on = False
         return on
+
+    def _check_resume(self, global_step: int) -> None:
+        """Resuming appends only to a recording that ends exactly at the checkpoint's step."""
+        try:
+            done = Trajectory.open(self.path).num_steps
+        except Exception as err:  # noqa: BLE001 - any unreadable/missing recording means: cannot append
+            raise TrajectoryError(
+                f"TrajectoryCallback: training resumes from a checkpoint at step {global_step}, but {self.path!r} "
+                f"holds no readable recording of the steps before it ({type(err).__name__}: {err}); the recording "
+                "must start at θ_0 with the optimizer's initial state. Re-run from the start with the callback"
+            ) from err
+        if done != global_step:
+            raise TrajectoryError(
+                f"TrajectoryCallback: training resumes from a checkpoint at step {global_step}, but the recording at "
+                f"{self.path!r} has {done} steps; it can only be continued from a checkpoint at its last step "
+                f"({done}). Resume from checkpoint-{done}, or record the run again from the start"
+            )
+
+    @staticmethod
+    def _skipped_batches(args: Any, state: Any, loader: Any) -> int:
+        """Micro-batches of the resumed epoch the Trainer skips (its ``steps_trained_in_current_epoch``)."""
+        if getattr(args, "ignore_data_skip", False):
+            return 0
+        try:
+            n = len(loader)
+        except TypeError:
+            return 0
+        accum = max(1, int(args.gradient_accumulation_steps))
+        per_epoch = max(1, n // accum + int(n % accum > 0))
+        return (state.global_step % per_epoch) * accum
 
     def _check_attention_replay(self, model: nn.Module) -> None:
         """Fused attention kernels draw their dropout masks their own way: the analysis (math SDPA

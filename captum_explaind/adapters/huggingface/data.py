@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+from collections.abc import Mapping
 from typing import Any, Dict, List, Optional, Sequence
 
 import torch
@@ -10,7 +11,7 @@ from torch import nn
 
 from .losses import unwrap_model
 
-__all__ = ["ModelColumns", "training_rows"]
+__all__ = ["ModelColumns", "training_rows", "model_columns_view"]
 
 _LABELS = ("labels", "label", "label_ids", "shift_labels")
 
@@ -37,6 +38,19 @@ class ModelColumns(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> Dict[str, Any]:
         row = self.dataset[int(i)]
         return {k: v for k, v in row.items() if k in self.columns}
+
+
+def model_columns_view(model: nn.Module, dataset: Any) -> Any:
+    """``dataset`` as a :class:`ModelColumns` view when its rows are Mappings with columns the model's
+    ``forward`` does not take (the data view's default for Hugging Face models); otherwise unchanged."""
+    try:
+        row = dataset[0]
+    except Exception:  # noqa: BLE001 - not indexable this way: leave it to the core's checks
+        return dataset
+    if not isinstance(row, Mapping):
+        return dataset
+    view = ModelColumns(dataset, model)
+    return dataset if set(row) <= view.columns else view
 
 
 def training_rows(result: Any, dataset: Any, k: int = 5, columns: Optional[Sequence[str]] = None,

@@ -40,7 +40,8 @@ def _part(relative: str) -> str:
     return "norm"
 
 
-def layer_groups(model: nn.Module, sublayers: bool = False, trainable_only: bool = True) -> "OrderedDict[str, List[str]]":
+def layer_groups(model: nn.Module, sublayers: bool = False,
+                 trainable_only: bool = True) -> "OrderedDict[str, List[str]]":
     """Groups of parameter names that partition a transformer: ``embeddings``, ``block.0`` …
     ``block.{L-1}`` (or, with ``sublayers``, ``block.i.attention`` / ``block.i.mlp`` /
     ``block.i.norm``), ``final`` (the base model's parts after the blocks: pooler, final norm) and

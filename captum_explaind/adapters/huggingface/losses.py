@@ -62,7 +62,7 @@ def loss_kind(model: nn.Module) -> Optional[str]:
         ("token_classification", "ForTokenClassification", "MODEL_FOR_TOKEN_CLASSIFICATION_MAPPING_NAMES"),
         ("masked_lm", "ForMaskedLM", "MODEL_FOR_MASKED_LM_MAPPING_NAMES"),
     ]
-    for kind, ltype, names in table:
+    for kind, ltype, _ in table:
         if loss_type == ltype:
             return kind
     for kind, _, names in table:
