@@ -110,6 +110,7 @@ class RetrainResult:
             ``level`` (``None``: not within the budget).
         histories (list[History]): the training curves.
         level (float): the test accuracy counted as generalized. frozen (bool): kept layers fixed.
+        models (list[nn.Module]): the retrained models.
     """
 
     variants: List[str]
@@ -118,6 +119,7 @@ class RetrainResult:
     histories: List[History]
     level: float
     frozen: bool
+    models: List[nn.Module]
 
     def plot(self, ax: Any = None) -> Any:
         from .plots import plot_retraining
@@ -152,7 +154,7 @@ def retrain_with(run: GrokRun, keep: Sequence[Sequence[str]] = (ATTENTION, ATTEN
     budget = max_steps if max_steps is not None else int(1.5 * run.steps) + 1
     cfg = type(cfg)(**{**cfg.to_dict(), "max_steps": budget, "target_test_acc": level})
     final = {k: v.detach().clone() for k, v in run.model.state_dict().items()}
-    variants, kept_all, stg, hist = [], [], [], []
+    variants, kept_all, stg, hist, models = [], [], [], [], []
     for kept in [()] + [tuple(k) for k in keep]:
         model = build_model(cfg, seed=seed)
         names = [n for layer in kept for n in layer_parameters(model, layer)]
@@ -166,5 +168,6 @@ def retrain_with(run: GrokRun, keep: Sequence[Sequence[str]] = (ATTENTION, ATTEN
         kept_all.append(list(kept))
         stg.append(r.history.first_step("test_acc", level))
         hist.append(r.history)
+        models.append(r.model)
     return RetrainResult(variants=variants, kept=kept_all, steps_to_generalize=stg, histories=hist, level=level,
-                         frozen=freeze)
+                         frozen=freeze, models=models)
