@@ -116,7 +116,8 @@ def report(study: Study, args: argparse.Namespace, wall: float) -> str:
     lines += [f"* {name}: {v:.2e}" for name, v in study.deltas().items()]
     lines += ["", "Findings:", "", format_findings(study.findings()), ""]
     if study.lasso is not None:
-        lines += ["Table 2 (largest Lasso coefficients of the grokked stage's similarity):", "", study.lasso.table(10), ""]
+        lines += ["Table 2 (largest Lasso coefficients of the grokked stage's similarity):", "",
+                  study.lasso.table(10), ""]
     return "\n".join(lines)
 
 

@@ -55,7 +55,7 @@ def _parser() -> argparse.ArgumentParser:
 def _explain_reconstruction(study: Study, preset: str) -> None:
     run = study.run
     x, y = run.data.test_x[:3], run.data.test_y[:3]
-    parts = ExactPathKernel(run.model, run.trajectory, preset).reconstruct(x)
+    parts = ExactPathKernel(run.model, run.recorded, preset).reconstruct(x)
     print("\nA prediction, rewritten exactly as a sum over training (log-probability of the right answer):")
     print(f"{'a + b':>9} {'at start':>10} {'+ kernel':>10} {'+ weight decay':>15} {'= final':>10} {'delta':>9}")
     for i in range(len(y)):

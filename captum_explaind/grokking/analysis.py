@@ -96,8 +96,7 @@ def find_stages(run: GrokRun, width: int = 50) -> List[Stage]:
 
 def true_change(run: GrokRun, x: torch.Tensor, y: torch.Tensor, steps: range) -> torch.Tensor:
     """``f_y(θ_end; x) − f_y(θ_start−1; x)`` from two plain float64 forward passes (the reference for completeness)."""
-    traj = run.trajectory
-    assert traj is not None, "the run was not recorded"
+    traj = run.recorded
     model = run.model
 
     def f(step: int) -> torch.Tensor:
@@ -162,10 +161,10 @@ def training_balance(run: GrokRun, x: torch.Tensor, y: torch.Tensor, window: int
     Returns:
         *TrainingBalance*
     """
-    si = StepInfluence(run.model, run.trajectory, options, **overrides)
+    si = StepInfluence(run.model, run.recorded, options, **overrides)
     res = si.explain(x, target=y, window=window, component=["kernel", "regularization"])
     k, r = res.scores["kernel"][..., 0], res.scores["regularization"][..., 0]
-    change = true_change(run, x, y, range(1, run.trajectory.num_steps + 1))
+    change = true_change(run, x, y, range(1, run.recorded.num_steps + 1))
     return TrainingBalance(
         windows=list(res.windows), kernel=k, regularization=r, importance=k.abs().sum(0),
         reg_importance=r.abs().sum(0), change=change, delta=change - (k + r).sum(1),
@@ -227,14 +226,14 @@ def layer_balance(run: GrokRun, x: torch.Tensor, y: torch.Tensor, window: int = 
         *LayerBalance*
     """
     layers = dict(LAYERS if layers is None else layers)
-    si = StepInfluence(run.model, run.trajectory, options, **overrides)
+    si = StepInfluence(run.model, run.recorded, options, **overrides)
     res = si.explain(x, target=y, window=window, layers=layers)
     scores = res.scores["total"]
-    change = true_change(run, x, y, range(1, run.trajectory.num_steps + 1))
+    change = true_change(run, x, y, range(1, run.recorded.num_steps + 1))
     reg = None
     n_d = x.shape[0] if d_inputs is None else min(int(d_inputs), x.shape[0])
     if n_d > 0:
-        pi = ParameterInfluence(run.model, run.trajectory, options, **overrides)
+        pi = ParameterInfluence(run.model, run.recorded, options, **overrides)
         reg_list = []
         # A few windows per call bound the per-element accumulators (n × windows × 2 × P).
         for start in range(0, len(res.windows), 8):
@@ -320,7 +319,7 @@ def sample_influence(run: GrokRun, x: torch.Tensor, y: torch.Tensor, stages: Seq
     if layer not in LAYERS:
         raise ValueError(f"layer must be one of {list(LAYERS)}, got {layer!r}")
     rest = [sel for name, sels in LAYERS.items() if name != layer for sel in sels]
-    tdi = TrainingDataInfluence(run.model, run.trajectory, run.data.train_set, loss_fn=nn.NLLLoss(reduction="none"),
+    tdi = TrainingDataInfluence(run.model, run.recorded, run.data.train_set, loss_fn=nn.NLLLoss(reduction="none"),
                                 options=options, **overrides)
     scores, other, reg, resid, change, delta = [], [], [], [], [], []
     for st in stages:  # one reverse sweep per stage: memory n × n_train per stage
@@ -382,7 +381,7 @@ def similarity_stages(run: GrokRun, x: torch.Tensor, y: torch.Tensor, stages: Se
     """
     if layer not in LAYERS:
         raise ValueError(f"layer must be one of {list(LAYERS)}, got {layer!r}")
-    ps = PredictionSimilarity(run.model, run.trajectory, run.data.train_set, loss_fn=nn.NLLLoss(reduction="none"),
+    ps = PredictionSimilarity(run.model, run.recorded, run.data.train_set, loss_fn=nn.NLLLoss(reduction="none"),
                               options=options, **overrides)
     sims, errs = [], []
     for st in stages:

@@ -84,11 +84,11 @@ def findings(run: Any, balance: Any = None, layers: Any = None, samples: Any = N
             f"embedding share over the last {len(late)} windows: {emb:.1%}; leading layer: {late_leader}",
             late_leader == "embedding", "the embedding has the largest mean share in the last fifth of the windows"))
     if balance is not None:
-        last = max(1, len(balance.windows) // 5)
-        r = balance.final_share(last)
+        n_last = max(1, len(balance.windows) // 5)
+        r = balance.final_share(n_last)
         out.append(Finding(
             "Regularization dominates the final phase (Ψ^reg > Ψ, Fig. 3a left).",
-            f"Ψ^reg / (Ψ + Ψ^reg) over the last {last} windows: {r:.1%}",
+            f"Ψ^reg / (Ψ + Ψ^reg) over the last {n_last} windows: {r:.1%}",
             r > 0.5, "the regularization share exceeds 50 %"))
     if samples is not None:
         last = len(samples.stages) - 1
@@ -107,13 +107,13 @@ def findings(run: Any, balance: Any = None, layers: Any = None, samples: Any = N
             f"leading features: {', '.join(f'{n} ({v:+.3f})' for n, v in top)}; R² = {lasso.r2:.2f}",
             lasso.leading_period == p if lasso.coefficients else None, f"the largest coefficient has period {p}"))
     if swap is not None:
-        mid = len(swap.steps) // 2
-        acc = swap.accuracy[mid]
+        at = len(swap.steps) // 2
+        acc = swap.accuracy[at]
         best = swap.layers[int(acc.argmax())]
         swaps = ", ".join(f"{n} {float(a):.0%}" for n, a in zip(swap.layers, acc))
         out.append(Finding(
             "Swapping grokked layers into an earlier checkpoint restores generalization for some layers (Fig. 3b).",
-            f"checkpoint {swap.steps[mid]} (test {float(swap.baseline[mid]):.1%} as is) with one layer of θ_N: "
+            f"checkpoint {swap.steps[at]} (test {float(swap.baseline[at]):.1%} as is) with one layer of θ_N: "
             f"{swaps}; best: {best}",
             None, "descriptive: which layer carries the generalization"))
     if retrain is not None:

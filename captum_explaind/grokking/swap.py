@@ -76,9 +76,7 @@ def swap_layers(run: GrokRun, steps: Optional[Sequence[int]] = None, layers: Opt
     Returns:
         *SwapResult*
     """
-    traj = run.trajectory
-    if traj is None:
-        raise ValueError("swap_layers needs a recorded run (train(path, ...) with a path)")
+    traj = run.recorded
     N = traj.num_steps
     steps = sorted({round(i * N / 19) for i in range(20)}) if steps is None else [int(s) for s in steps]
     if any(not 0 <= s <= N for s in steps):
@@ -119,7 +117,7 @@ class RetrainResult:
     histories: List[History]
     level: float
     frozen: bool
-    models: List[nn.Module]
+    models: List[Any]
 
     def plot(self, ax: Any = None) -> Any:
         from .plots import plot_retraining

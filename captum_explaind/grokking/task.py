@@ -292,12 +292,19 @@ class History:
 class GrokRun:
     """A recorded training run: the model at θ_N, its trajectory, data, curves and timing."""
 
-    model: ModAddTransformer
+    model: nn.Module
     trajectory: Optional[Trajectory]
     data: ModAddData
     config: GrokConfig
     history: History
     train_seconds: float
+
+    @property
+    def recorded(self) -> Trajectory:
+        """The trajectory (an error naming the problem if the run was trained without recording)."""
+        if self.trajectory is None:
+            raise ValueError("this run was trained without recording; pass a path to train(path, ...)")
+        return self.trajectory
 
     @property
     def steps(self) -> int:
