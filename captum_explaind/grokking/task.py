@@ -111,9 +111,13 @@ class GrokConfig:
 
     @classmethod
     def small(cls, **overrides: Any) -> "GrokConfig":
-        """A configuration that groks in about a minute on two CPU cores (see docs/grokking.md)."""
-        base = cls(p=31, n_train=300, n_test=165, d_model=32, n_heads=4, d_mlp=128, lr=3e-3, weight_decay=2.0,
-                   max_steps=3000)
+        """A CPU-sized miniature (p = 31, 372 / 93 pairs, d = 32, MLP 128, the paper's optimizer), 1,500 steps.
+
+        It memorizes within about 600 steps; in the runs measured for docs/grokking.md it had not
+        generalized within the budget (see there), so the demo shows memorization and the start of
+        the long plateau, not grokking itself.
+        """
+        base = cls(p=31, n_train=372, n_test=93, d_model=32, n_heads=4, d_mlp=128, max_steps=1500)
         return replace(base, **overrides)
 
     @classmethod
