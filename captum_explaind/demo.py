@@ -1,123 +1,110 @@
-"""Main example: record a small training run, then rewrite predictions as sums over it.
+"""Main example: watch a Transformer grok modular addition, and explain every phase exactly.
 
-Run with ``python -m captum_explaind.demo``. It trains a small embedding MLP on modular
-addition (the task of the ExPLAIND paper's Grokking study) with AdamW, a warm-up schedule and
-gradient clipping, records the run, and then
+Run with ``python -m captum_explaind.demo`` (``--help`` lists the options). It reproduces, at a
+small size, the Grokking study of the ExPLAIND paper (Eichin et al., arXiv 2505.20076, Sec. 5):
 
-1. reconstructs four test predictions as ``initial + kernel + regularization (+ delta)``,
-2. splits one prediction over layers (model view) and over windows of steps (training view),
-3. ranks the training samples that pushed it up or down (data view).
-
-Everything is exact up to the printed convergence delta.
+1. trains the paper's one-layer Transformer on ``(a + b) mod p`` with full-batch AdamW and
+   weight decay, recording every step, until it generalizes;
+2. rewrites predictions as their initial value plus a sum over the recorded training steps:
+   the *kernel* part (what the loss gradients did) and the *regularization* part (what weight
+   decay did), plus a measured quadrature error, the *delta*;
+3. computes every figure of the study (which phase and layer did what, which training samples
+   moved which predictions, how similar predictions are from the model's perspective, a Lasso
+   fit of that similarity, layer swapping and retraining);
+4. writes the figures to a folder and prints the paper's findings next to this run's numbers.
 """
 
 from __future__ import annotations
 
 import argparse
 import tempfile
-import time
+from pathlib import Path
+from typing import List, Optional
 
 import torch
-from torch import nn
 
-from . import ExactPathKernel, ParameterInfluence, StepInfluence, TrainingDataInfluence, TrajectoryRecorder
+from . import ExactPathKernel
+from .grokking import GrokConfig
+from .grokking.findings import format_findings
+from .grokking.study import Study, StudySettings, run_study
 
-
-class AddMLP(nn.Module):
-    """Embeds both operands, mixes them with a ReLU MLP, outputs log-probabilities of (a+b) mod p."""
-
-    def __init__(self, p: int, d: int = 32, hidden: int = 64) -> None:
-        super().__init__()
-        self.embed = nn.Embedding(p, d)
-        self.mlp = nn.Sequential(nn.Linear(2 * d, hidden), nn.ReLU(), nn.Linear(hidden, d))
-        self.unembed = nn.Linear(d, p, bias=False)
-
-    def forward(self, pairs: torch.Tensor) -> torch.Tensor:
-        z = self.embed(pairs).flatten(1)
-        return self.unembed(self.mlp(z)).log_softmax(-1)
+CONFIGS = {"tiny": GrokConfig.tiny, "small": GrokConfig.small, "paper": GrokConfig.paper}
 
 
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--p", type=int, default=11)
-    parser.add_argument("--steps", type=int, default=60)
-    parser.add_argument("--out", default=None, help="trajectory directory (default: a temporary one)")
-    args = parser.parse_args(argv)
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m captum_explaind.demo", description=__doc__.splitlines()[0])
+    p.add_argument("--config", choices=sorted(CONFIGS), default="small",
+                   help="task size: 'small' groks on a laptop CPU (default), 'paper' is the paper's p = 113 "
+                        "(use benchmarks/grokking.py), 'tiny' is a seconds-long smoke test that does not grok")
+    p.add_argument("--out", default=None, help="folder for the trajectory, figures and summary.txt "
+                                               "(default: a new temporary folder)")
+    p.add_argument("--preset", default="fast", choices=["fast", "balanced", "exact"],
+                   help="how exactly each decomposition is integrated: 'fast' (2-node rule, float32, no error "
+                        "control; the delta says how far from exact), 'balanced' or 'exact' (error control to "
+                        "1e-6 / 1e-10 of each step's change, slower on ReLU networks). Default: fast")
+    p.add_argument("--inputs", type=int, default=32, help="test predictions explained per figure. Default: 32")
+    p.add_argument("--window", type=int, default=None, help="steps per window over training "
+                                                             "(default: about 30 windows over the run)")
+    p.add_argument("--stage-width", type=int, default=None, help="steps per stage window of Fig. 4 / 5 "
+                                                                  "(default: 50, fewer for short runs)")
+    p.add_argument("--no-retrain", action="store_true", help="skip retraining from grokked layers (Fig. 7)")
+    p.add_argument("--device", default="cpu", help="torch device for training and analysis. Default: cpu")
+    return p
 
+
+def _explain_reconstruction(study: Study, preset: str) -> None:
+    run = study.run
+    x, y = run.data.test_x[:3], run.data.test_y[:3]
+    parts = ExactPathKernel(run.model, run.recorded, preset).reconstruct(x)
+    print("\nA prediction, rewritten exactly as a sum over training (log-probability of the right answer):")
+    print(f"{'a + b':>9} {'at start':>10} {'+ kernel':>10} {'+ weight decay':>15} {'= final':>10} {'delta':>9}")
+    for i in range(len(y)):
+        j = int(y[i])
+        a, b = int(x[i, 0]), int(x[i, 2])
+        print(f"{f'{a}+{b}':>9} {float(parts.initial[i, j]):10.4f} {float(parts.kernel[i, j]):+10.4f} "
+              f"{float(parts.regularization[i, j]):+15.4f} {float(parts.final[i, j]):10.4f} "
+              f"{float(parts.delta[i, j]):9.1e}")
+    print("  kernel = the change the loss gradients caused; weight decay = the change regularization caused;\n"
+          "  delta = the measured quadrature error (what the integration did not capture).")
+
+
+def _summary(study: Study) -> str:
+    run, h = study.run, study.run.history
+    lines = [
+        f"Run: p = {run.data.p}, {run.data.n_train} training / {run.data.n_test} test pairs, {run.steps} "
+        f"full-batch AdamW steps (betas {run.config.betas}, weight decay {run.config.weight_decay}).",
+        f"Training accuracy reached 100 % at step {h.first_step('train_acc', 1.0)} (memorization); test accuracy "
+        f"reached 100 % at step {h.first_step('test_acc', 1.0)} (generalization, 'grokking'). Until then the "
+        f"model fits the training pairs by memorizing them, which is why test predictions first get worse.",
+        f"Stages: {'; '.join(str(s) for s in study.stages)}.",
+        "",
+        "Exactness: largest |delta| (the part of each prediction change the decomposition did not capture):",
+    ]
+    lines += [f"  {name}: {v:.2e}" for name, v in study.deltas().items()]
+    lines += ["", "The paper's findings next to this run's numbers:", format_findings(study.findings()), "",
+              "Time per part (s): " + ", ".join(f"{k} {v:.1f}" for k, v in study.seconds.items())]
+    return "\n".join(lines)
+
+
+def main(argv: Optional[List[str]] = None) -> Study:
+    args = _parser().parse_args(argv)
     torch.manual_seed(0)
-    p = args.p
-    pairs = torch.cartesian_prod(torch.arange(p), torch.arange(p))
-    labels = (pairs[:, 0] + pairs[:, 1]) % p
-    perm = torch.randperm(len(pairs))
-    train_idx, test_idx = perm[: int(0.7 * len(pairs))], perm[int(0.7 * len(pairs)) :]
-    train_set = torch.utils.data.TensorDataset(pairs[train_idx], labels[train_idx])
-    loader = torch.utils.data.DataLoader(train_set, batch_size=32, shuffle=True)
-
-    model = AddMLP(p)
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.5)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 10))
-    workdir = args.out or tempfile.mkdtemp(prefix="explaind_demo_")
-
-    t0 = time.time()
-    with TrajectoryRecorder(model, opt, workdir, scheduler=sched, overwrite=True) as recorder:
-        step = 0
-        while step < args.steps:
-            for x, y in recorder.track(loader):  # dataset indices are logged for the data view
-                opt.zero_grad()
-                nn.functional.nll_loss(model(x), y).backward()
-                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-                opt.step()  # recorded by the recorder's optimizer hook
-                sched.step()
-                step += 1
-                if step == args.steps:
-                    break
-    trajectory = recorder.trajectory
-    print(f"recorded {trajectory.num_steps} AdamW steps in {time.time() - t0:.1f} s -> {workdir}")
-    print(trajectory)
-
-    x_test, y_test = pairs[test_idx[:4]], labels[test_idx[:4]]
-    t0 = time.time()
-    epk = ExactPathKernel(model, trajectory, dtype=torch.float64)
-    parts = epk.reconstruct(x_test)
-    print(f"\n1) reconstruction of 4 test predictions ({time.time() - t0:.1f} s), log-probability of the true class:")
-    print(f"{'input':>9} {'initial':>10} {'kernel':>10} {'regular.':>10} {'final':>10} {'delta':>10}")
-    for i in range(4):
-        j = int(y_test[i])
-        print(
-            f"{str(tuple(x_test[i].tolist())):>9} {parts.initial[i, j]:10.5f} {parts.kernel[i, j]:10.5f} "
-            f"{parts.regularization[i, j]:10.5f} {parts.final[i, j]:10.5f} {parts.delta[i, j]:10.2e}"
-        )
-    print(f"   max |delta| over all outputs: {parts.max_abs_delta():.2e} (relative {parts.relative_delta():.1e})")
-
-    x0, y0 = x_test[:1], int(y_test[0])
-    layers = ParameterInfluence(model, trajectory, dtype=torch.float64).attribute(
-        x0, target=y0, layers={"embed": "embed", "mlp": "mlp", "unembed": "unembed"}
-    )
-    print("\n2) model view — which layers moved the first prediction:")
-    for name, v in layers.items():
-        print(f"   {name:>8}: {float(v[0]):+.4f}")
-    windows = StepInfluence(model, trajectory, dtype=torch.float64).attribute(
-        x0, target=y0, window=max(1, args.steps // 4), component=["kernel", "regularization"]
-    )
-    print("   training view — kernel / regularization per quarter of training:")
-    for w in range(windows["kernel"].shape[1]):
-        kernel, reg = float(windows["kernel"][0, w]), float(windows["regularization"][0, w])
-        print(f"   window {w + 1}: {kernel:+.4f} / {reg:+.4f}")
-
-    tdi = TrainingDataInfluence(model, trajectory, train_set, loss_fn=nn.NLLLoss(reduction="none"), dtype=torch.float64)
-    res = tdi.decompose(x0, target=y0)
-    top = torch.topk(res.scores[0], 3)
-    bottom = torch.topk(-res.scores[0], 3)
-    print(f"\n3) data view — training samples that moved log p({y0} | {tuple(x0[0].tolist())}):")
-    for tag, ids, vals in (("proponents", top.indices, top.values), ("opponents", bottom.indices, -bottom.values)):
-        items = ", ".join(
-            f"{tuple(train_set[int(k)][0].tolist())}→{int(train_set[int(k)][1])}: {float(v):+.4f}"
-            for k, v in zip(ids, vals)
-        )
-        print(f"   {tag}: {items}")
-    total = float(res.scores[0].sum() + res.regularization[0] + res.residual[0])
-    print(f"   sum over all {len(train_set)} samples + regularization + residual = {total:+.6f}; "
-          f"true change = {float(res.change[0]):+.6f}; delta = {float(res.delta[0]):.1e}")
+    config = CONFIGS[args.config]()
+    out = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="explaind_grokking_"))
+    width = args.stage_width or max(2, min(50, config.max_steps // 20))
+    window = args.window or max(1, config.max_steps // 30)
+    settings = StudySettings(window=window, stage_width=width, n_inputs=args.inputs, d_inputs=min(8, args.inputs),
+                             n_influence=args.inputs, n_similarity=max(args.inputs, 2 * config.p),
+                             options=args.preset, retrain=not args.no_retrain)
+    print(__doc__.split("\n\n")[1])
+    study = run_study(out / "trajectory", config, settings, device=args.device)
+    _explain_reconstruction(study, args.preset)
+    paths = study.save_figures(out / "figures")
+    text = _summary(study)
+    (out / "summary.txt").write_text(text + "\n")
+    print("\n" + text)
+    print(f"\n{len(paths)} figures in {out / 'figures'}; this summary in {out / 'summary.txt'}")
+    return study
 
 
 if __name__ == "__main__":

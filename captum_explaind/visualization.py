@@ -12,6 +12,9 @@ draws on ``ax`` when one is given.
 * :func:`plot_training_influence` — the most influential training samples (proponents and
   opponents), optionally with their images.
 * :func:`plot_similarity` — a heatmap of prediction similarities.
+* :func:`plot_stage_grid`, :func:`plot_ordered_influence`, :func:`plot_coefficients`,
+  :func:`plot_curves` — the Grokking study's stage grids, sorted influence matrices, coefficient
+  bars and curves over training.
 """
 
 from __future__ import annotations
@@ -23,6 +26,10 @@ import torch
 __all__ = [
     "plot_reconstruction",
     "plot_step_influence",
+    "plot_stage_grid",
+    "plot_ordered_influence",
+    "plot_coefficients",
+    "plot_curves",
     "plot_layer_influence",
     "plot_training_influence",
     "plot_similarity",
@@ -218,6 +225,164 @@ def plot_training_influence(
     ax.invert_yaxis()
     ax.axvline(0, color="k", lw=0.5)
     ax.set_xlabel("influence on the prediction")
+    fig.tight_layout()
+    return fig, ax
+
+
+# ---------------------------------------------------------------------- stage grids and case-study plots
+def _grid(n: int, ncols: Optional[int], size: float, axes: Any) -> Tuple[Any, Any]:
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    if axes is not None:
+        arr = np.atleast_1d(axes).reshape(-1)
+        return arr[0].figure, arr
+    ncols = n if ncols is None else ncols
+    nrows = (n + ncols - 1) // ncols
+    fig, arr = plt.subplots(nrows, ncols, figsize=(size * ncols, size * nrows), squeeze=False)
+    return fig, arr.reshape(-1)
+
+
+def plot_stage_grid(
+    matrices: Union[torch.Tensor, Sequence[torch.Tensor]],
+    titles: Optional[Sequence[str]] = None,
+    xlabel: str = "",
+    ylabel: str = "",
+    symmetric: bool = True,
+    vmax: Optional[float] = None,
+    cmap: str = "coolwarm",
+    ncols: Optional[int] = None,
+    axes: Any = None,
+) -> Tuple[Any, Any]:
+    """A row (or grid) of heatmaps, one per stage of training, with a shared colour scale.
+
+    Args:
+        matrices (Tensor or list[Tensor]): ``[n_stages, n, m]`` or a list of ``[n, m]`` matrices.
+        titles (list[str], optional): one per stage.
+        xlabel, ylabel (str, optional): axis labels of every panel.
+        symmetric (bool, optional): colour scale centred at 0 (``±vmax``). Default: True
+        vmax (float, optional): colour limit; ``None``: the largest |value| over all stages.
+        cmap (str, optional): matplotlib colour map. Default: "coolwarm"
+        ncols (int, optional): panels per row. Default: all in one row
+        axes (array of Axes, optional): axes to draw on (one per stage).
+
+    Returns:
+        *tuple[Figure, ndarray of Axes]*
+    """
+    mats = [_np(m) for m in (list(matrices) if not isinstance(matrices, torch.Tensor) else matrices.unbind(0))]
+    if not mats:
+        raise ValueError("plot_stage_grid needs at least one matrix")
+    fig, arr = _grid(len(mats), ncols, 3.2, axes)
+    import numpy as np
+
+    top = vmax if vmax is not None else max(float(np.abs(m).max()) for m in mats) or 1.0
+    lo = -top if symmetric else min(float(m.min()) for m in mats)
+    im = None
+    for k, m in enumerate(mats):
+        ax = arr[k]
+        im = ax.imshow(m, cmap=cmap, vmin=lo, vmax=top, aspect="auto", interpolation="nearest")
+        if titles is not None:
+            ax.set_title(titles[k], fontsize="small")
+        ax.set_xlabel(xlabel, fontsize="small")
+        ax.set_ylabel(ylabel if k == 0 else "", fontsize="small")
+        ax.tick_params(labelsize="x-small")
+    for ax in arr[len(mats) :]:
+        ax.axis("off")
+    fig.colorbar(im, ax=list(arr[: len(mats)]), shrink=0.8)
+    return fig, arr
+
+
+def plot_ordered_influence(
+    scores: torch.Tensor,
+    row_key: torch.Tensor,
+    col_key: torch.Tensor,
+    xlabel: str = "training samples",
+    ylabel: str = "explained predictions",
+    ax: Any = None,
+) -> Tuple[Any, Any]:
+    """A training-sample influence matrix with rows and columns sorted by a key (e.g. ``a + b``).
+
+    Args:
+        scores (Tensor): ``[n_inputs, n_train]`` scores.
+        row_key, col_key (Tensor): ``[n_inputs]`` and ``[n_train]`` sort keys (stable sort).
+        xlabel, ylabel (str, optional): axis labels.
+        ax (matplotlib Axes, optional): axes to draw on.
+
+    Returns:
+        *tuple[Figure, Axes]*
+    """
+    if scores.shape != (row_key.numel(), col_key.numel()):
+        raise ValueError(f"scores {tuple(scores.shape)} do not match keys ({row_key.numel()}, {col_key.numel()})")
+    r, c = torch.argsort(row_key, stable=True), torch.argsort(col_key, stable=True)
+    m = _np(scores[r][:, c])
+    fig, ax = _axes(ax, (4.5, 4))
+    top = float(abs(m).max()) or 1.0
+    im = ax.imshow(m, cmap="coolwarm", vmin=-top, vmax=top, aspect="auto", interpolation="nearest")
+    fig.colorbar(im, ax=ax)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    return fig, ax
+
+
+def plot_coefficients(
+    coefficients: Dict[str, float], k: int = 15, title: Optional[str] = None, ax: Any = None
+) -> Tuple[Any, Any]:
+    """Bars of the ``k`` largest coefficients of a fit (e.g. the Lasso of Table 2), largest first.
+
+    Args:
+        coefficients (dict[str, float]): feature name → coefficient.
+        k (int, optional): how many bars. Default: 15
+        title (str, optional): the panel title.
+        ax (matplotlib Axes, optional): axes to draw on.
+
+    Returns:
+        *tuple[Figure, Axes]*
+    """
+    items = sorted(coefficients.items(), key=lambda kv: -abs(kv[1]))[:k]
+    fig, ax = _axes(ax, (6.5, 0.3 * max(len(items), 3) + 1))
+    vals = [v for _, v in items]
+    ax.barh(range(len(items)), vals, color=["tab:blue" if v >= 0 else "tab:red" for v in vals])
+    ax.set_yticks(range(len(items)))
+    ax.set_yticklabels([n for n, _ in items])
+    ax.invert_yaxis()
+    ax.axvline(0, color="k", lw=0.5)
+    ax.set_xlabel("coefficient")
+    if title:
+        ax.set_title(title)
+    fig.tight_layout()
+    return fig, ax
+
+
+def plot_curves(
+    curves: Dict[str, Sequence[float]],
+    x: Optional[Sequence[float]] = None,
+    xlabel: str = "training step",
+    ylabel: str = "",
+    logy: bool = False,
+    ax: Any = None,
+) -> Tuple[Any, Any]:
+    """Several named series over training (accuracies, importances, accuracy after layer swaps).
+
+    Args:
+        curves (dict[str, sequence of float]): name → values (each its own x if ``x`` is None:
+            1, 2, ...).
+        x (sequence, optional): shared x values.
+        xlabel, ylabel (str, optional): axis labels. logy (bool, optional): log scale.
+        ax (matplotlib Axes, optional): axes to draw on.
+
+    Returns:
+        *tuple[Figure, Axes]*
+    """
+    fig, ax = _axes(ax, (6.5, 3.5))
+    for name, ys in curves.items():
+        vals = _np(ys) if isinstance(ys, torch.Tensor) else list(ys)
+        xs = list(x) if x is not None else list(range(1, len(vals) + 1))
+        ax.plot(xs, vals, label=name)
+    if logy:
+        ax.set_yscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.legend(fontsize="small")
     fig.tight_layout()
     return fig, ax
 

@@ -14,7 +14,8 @@ TUTORIALS = sorted((Path(__file__).resolve().parents[1] / "tutorials").glob("*.i
 
 # The executed kernel's environment: offline, and a non-interactive matplotlib backend. The
 # notebooks themselves must not choose a backend, so that Jupyter shows their figures inline.
-KERNEL_ENV = {"HF_HUB_OFFLINE": "1", "MPLBACKEND": "Agg"}
+# EXPLAIND_GROKKING_SIZE=tiny runs the Grokking tutorial at its tiny size (seconds, does not grok).
+KERNEL_ENV = {"HF_HUB_OFFLINE": "1", "MPLBACKEND": "Agg", "EXPLAIND_GROKKING_SIZE": "tiny"}
 
 
 def test_there_are_tutorials():

@@ -1,0 +1,393 @@
+"""The Grokking study's analyses, one call per figure of the paper (Sec. 5), on a recorded run.
+
+Every function takes a :class:`~captum_explaind.grokking.GrokRun` (or its model and trajectory)
+and returns a small dataclass with the numbers the figure shows, the exact prediction changes
+they decompose and the convergence delta, plus a ``plot()`` method.
+
+* :func:`training_balance` — Fig. 3a left: accuracies; kernel importance Ψ and regularization
+  importance Ψ^reg per window of training.
+* :func:`layer_balance` — Fig. 3a right: per-layer importance Ψ_s(Θ_layer) and regularization
+  influence D_s(Θ_layer) per window.
+* :func:`sample_influence` — Fig. 4: training-sample influence on predictions through one
+  layer (the decoder) over 50-step windows at four stages, orderable by ``a + b`` and
+  ``(a + b) mod p``.
+* :func:`similarity_stages` — Fig. 5: prediction similarity of one layer at the stages.
+* :func:`fit_frequencies` (in :mod:`.lasso`: :func:`~captum_explaind.grokking.lasso.fit_similarity`)
+  — Table 2 / Fig. 9.
+* :mod:`.swap` — Fig. 3b / 7 / 8.
+
+All use the library's public views only (StepInfluence, ParameterInfluence,
+TrainingDataInfluence, PredictionSimilarity) with the options passed (default ``"exact"``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional, Sequence, Union
+
+import torch
+from torch import nn
+
+from ..attr import ParameterInfluence, PredictionSimilarity, StepInfluence, TrainingDataInfluence
+from ..epk import EPKOptions
+from .task import LAYERS, GrokRun
+
+__all__ = [
+    "Stage",
+    "find_stages",
+    "TrainingBalance",
+    "training_balance",
+    "LayerBalance",
+    "layer_balance",
+    "SampleInfluence",
+    "sample_influence",
+    "SimilarityStages",
+    "similarity_stages",
+    "true_change",
+]
+
+OptionsType = Union[EPKOptions, str, None]
+
+
+@dataclass(frozen=True)
+class Stage:
+    """A named window of application steps (1-based, ``range(start, stop)``)."""
+
+    name: str
+    steps: range
+
+    def __str__(self) -> str:
+        return f"{self.name} (steps {self.steps.start}–{self.steps.stop - 1})"
+
+
+def find_stages(run: GrokRun, width: int = 50) -> List[Stage]:
+    """Four windows of ``width`` steps at the phases of grokking, read off the accuracy curves.
+
+    * ``"start"``: the first steps;
+    * ``"memorization"``: ending where the training accuracy first reaches 100 %;
+    * ``"transition"``: centred where the test accuracy first passes 50 %;
+    * ``"grokked"``: the last steps (test accuracy at its final value).
+
+    Windows are clipped to the run and kept in order (they may overlap in a very short run).
+
+    Args:
+        run (GrokRun): the recorded run. width (int): steps per window. Default: 50
+
+    Returns:
+        *list[Stage]*
+    """
+    N = run.steps
+    width = max(1, min(width, N))
+
+    def window(end: int) -> range:
+        end = min(max(end, width), N)
+        return range(end - width + 1, end + 1)
+
+    h = run.history
+    mem = h.first_step("train_acc", 1.0) or N // 3
+    half = h.first_step("test_acc", 0.5) or (2 * N) // 3
+    return [
+        Stage("start", window(width)),
+        Stage("memorization", window(mem)),
+        Stage("transition", window(half + width // 2)),
+        Stage("grokked", window(N)),
+    ]
+
+
+def true_change(run: GrokRun, x: torch.Tensor, y: torch.Tensor, steps: range) -> torch.Tensor:
+    """``f_y(θ_end; x) − f_y(θ_start−1; x)`` from two plain float64 forward passes (the reference for completeness)."""
+    traj = run.recorded
+    model = run.model
+
+    def f(step: int) -> torch.Tensor:
+        params = {k: v.double() for k, v in traj.params(step).items()}
+        with torch.no_grad():
+            out = torch.func.functional_call(model.double(), params, (x,))
+        model.float()
+        return out.gather(1, y.reshape(-1, 1)).squeeze(1)
+
+    return f(steps.stop - 1) - f(steps.start - 1)
+
+
+def _windows(n_steps: int, window: int) -> List[range]:
+    return [range(s, min(s + window, n_steps + 1)) for s in range(1, n_steps + 1, window)]
+
+
+# ---------------------------------------------------------------------- Fig. 3a, left
+@dataclass
+class TrainingBalance:
+    """Kernel vs. regularization over training (Fig. 3a, left).
+
+    Attributes:
+        windows (list[range]): the windows of steps.
+        kernel, regularization (Tensor): ``[n_inputs, n_windows]`` signed scores of the target.
+        importance, reg_importance (Tensor): ``[n_windows]`` Ψ and Ψ^reg: Σ over inputs of |score|.
+        change (Tensor): ``[n_inputs]`` exact change ``f(θ_N) − f(θ_0)`` (plain forward passes).
+        delta (Tensor): ``[n_inputs]`` ``change − Σ_windows (kernel + regularization)``.
+        train_acc, test_acc (list[float]): the accuracy curves (after each step).
+    """
+
+    windows: List[range]
+    kernel: torch.Tensor
+    regularization: torch.Tensor
+    importance: torch.Tensor
+    reg_importance: torch.Tensor
+    change: torch.Tensor
+    delta: torch.Tensor
+    train_acc: List[float]
+    test_acc: List[float]
+
+    def final_share(self, last: int = 1) -> float:
+        """Ψ^reg / (Ψ + Ψ^reg) over the last ``last`` windows."""
+        k, r = float(self.importance[-last:].sum()), float(self.reg_importance[-last:].sum())
+        return r / max(k + r, 1e-300)
+
+    def plot(self, axes: Any = None) -> Any:
+        from .plots import plot_training_balance
+
+        return plot_training_balance(self, axes=axes)
+
+
+def training_balance(run: GrokRun, x: torch.Tensor, y: torch.Tensor, window: int = 50,
+                     options: OptionsType = "exact", **overrides: Any) -> TrainingBalance:
+    """Fig. 3a (left): Ψ and Ψ^reg per window of ``window`` steps, on the predictions ``f_y(x)``.
+
+    Args:
+        run (GrokRun): the recorded run. x, y (Tensor): inputs and target classes (the labels).
+        window (int): steps per window. Default: 50
+        options (EPKOptions or str): how to compute. Default: "exact"
+        **overrides: option overrides (``show_progress=True``, ``batch_size=...``).
+
+    Returns:
+        *TrainingBalance*
+    """
+    si = StepInfluence(run.model, run.recorded, options, **overrides)
+    res = si.explain(x, target=y, window=window, component=["kernel", "regularization"])
+    k, r = res.scores["kernel"][..., 0], res.scores["regularization"][..., 0]
+    change = true_change(run, x, y, range(1, run.recorded.num_steps + 1))
+    return TrainingBalance(
+        windows=list(res.windows), kernel=k, regularization=r, importance=k.abs().sum(0),
+        reg_importance=r.abs().sum(0), change=change, delta=change - (k + r).sum(1),
+        train_acc=list(run.history.train_acc), test_acc=list(run.history.test_acc),
+    )
+
+
+# ---------------------------------------------------------------------- Fig. 3a, right
+@dataclass
+class LayerBalance:
+    """Per-layer importance and regularization influence over training (Fig. 3a, right).
+
+    Attributes:
+        windows (list[range]), layers (list[str]): the axes.
+        scores (Tensor): ``[n_inputs, n_windows, n_layers]`` signed total scores.
+        importance (Tensor): ``[n_windows, n_layers]`` Ψ_s(Θ_layer) = Σ_inputs |score|.
+        reg_influence (Tensor or None): ``[n_windows, n_layers]`` D_s(Θ_layer) (Def. 4.3, summed
+            over ``d_inputs``: Σ_p |Ψ_p| − |Ψ^reg_p| per element), ``None`` if not computed.
+        change (Tensor), delta (Tensor): ``[n_inputs]`` exact change over the run and
+            ``change − Σ scores``.
+    """
+
+    windows: List[range]
+    layers: List[str]
+    scores: torch.Tensor
+    importance: torch.Tensor
+    reg_influence: Optional[torch.Tensor]
+    change: torch.Tensor
+    delta: torch.Tensor
+
+    def shares(self) -> torch.Tensor:
+        """``[n_windows, n_layers]`` each layer's share of the window's importance."""
+        return self.importance / self.importance.sum(1, keepdim=True).clamp_min(1e-300)
+
+    def leader(self, w: int) -> str:
+        """The most important layer in window ``w``."""
+        return self.layers[int(self.importance[w].argmax())]
+
+    def plot(self, axes: Any = None) -> Any:
+        from .plots import plot_layer_balance
+
+        return plot_layer_balance(self, axes=axes)
+
+
+def layer_balance(run: GrokRun, x: torch.Tensor, y: torch.Tensor, window: int = 50,
+                  layers: Optional[Dict[str, List[str]]] = None, d_inputs: Optional[int] = None,
+                  options: OptionsType = "exact", **overrides: Any) -> LayerBalance:
+    """Fig. 3a (right): Ψ_s and D_s of each layer per window.
+
+    Args:
+        run (GrokRun): the recorded run. x, y (Tensor): inputs and targets.
+        window (int): steps per window. Default: 50
+        layers (dict, optional): name → selectors. Default: :data:`LAYERS` (the paper's six)
+        d_inputs (int, optional): inputs (the first ones) for D_s, which needs per-element scores
+            (``n × windows × P`` memory); ``0`` skips it; ``None``: all. Default: None
+        options, **overrides: how to compute. Default: "exact"
+
+    Returns:
+        *LayerBalance*
+    """
+    layers = dict(LAYERS if layers is None else layers)
+    si = StepInfluence(run.model, run.recorded, options, **overrides)
+    res = si.explain(x, target=y, window=window, layers=layers)
+    scores = res.scores["total"]
+    change = true_change(run, x, y, range(1, run.recorded.num_steps + 1))
+    reg = None
+    n_d = x.shape[0] if d_inputs is None else min(int(d_inputs), x.shape[0])
+    if n_d > 0:
+        pi = ParameterInfluence(run.model, run.recorded, options, **overrides)
+        reg_list = []
+        # A few windows per call bound the per-element accumulators (n × windows × 2 × P).
+        for start in range(0, len(res.windows), 8):
+            chunk = list(res.windows[start : start + 8])
+            d = pi.regularization_influence(x[:n_d], target=y[:n_d], steps=chunk, layers=layers)
+            reg_list.append(torch.stack([d[k] for k in layers], dim=-1).reshape(len(chunk), len(layers)))
+        reg = torch.cat(reg_list)
+    return LayerBalance(windows=list(res.windows), layers=list(layers), scores=scores,
+                        importance=scores.abs().sum(0), reg_influence=reg, change=change,
+                        delta=change - scores.sum((1, 2)))
+
+
+# ---------------------------------------------------------------------- Fig. 4
+@dataclass
+class SampleInfluence:
+    """Training-sample influence through one layer at stages (Fig. 4).
+
+    Attributes:
+        stages (list[Stage]): the windows.
+        layer (str): the layer whose parameters carry the scores shown.
+        scores (Tensor): ``[n_stages, n_inputs, n_train]`` scores through ``layer``.
+        other (Tensor): ``[n_stages, n_inputs]`` the rest of the model's share (Σ over samples).
+        regularization, residual, change, delta (Tensor): ``[n_stages, n_inputs]``: the parts beside
+            the scores, the exact change over each stage, and ``change − everything``.
+        input_sums, train_sums (Tensor): ``a + b`` of the explained inputs and training pairs.
+        p (int): the modulus.
+    """
+
+    stages: List[Stage]
+    layer: str
+    scores: torch.Tensor
+    other: torch.Tensor
+    regularization: torch.Tensor
+    residual: torch.Tensor
+    change: torch.Tensor
+    delta: torch.Tensor
+    input_sums: torch.Tensor
+    train_sums: torch.Tensor
+    p: int
+
+    def order(self, by: str = "sum") -> "tuple[torch.Tensor, torch.Tensor]":
+        """Row and column orders by ``"sum"`` (a + b) or ``"mod"`` ((a + b) mod p)."""
+        if by not in ("sum", "mod"):
+            raise ValueError(f"by must be 'sum' or 'mod', got {by!r}")
+        key_r, key_c = (self.input_sums, self.train_sums) if by == "sum" else (self.input_sums % self.p,
+                                                                               self.train_sums % self.p)
+        return torch.argsort(key_r, stable=True), torch.argsort(key_c, stable=True)
+
+    def ordered(self, stage: int, by: str = "sum") -> torch.Tensor:
+        """The stage's ``[n_inputs, n_train]`` matrix with rows and columns sorted."""
+        r, c = self.order(by)
+        return self.scores[stage][r][:, c]
+
+    def same_label_share(self, stage: int) -> float:
+        """Share of the total |score| carried by training pairs with the explained input's label."""
+        same = (self.input_sums % self.p).reshape(-1, 1) == (self.train_sums % self.p).reshape(1, -1)
+        s = self.scores[stage].abs()
+        return float(s[same].sum() / s.sum().clamp_min(1e-300))
+
+    def plot(self, by: str = "sum", axes: Any = None) -> Any:
+        from .plots import plot_sample_influence
+
+        return plot_sample_influence(self, by=by, axes=axes)
+
+
+def sample_influence(run: GrokRun, x: torch.Tensor, y: torch.Tensor, stages: Sequence[Stage],
+                     layer: str = "decoder", options: OptionsType = "exact", **overrides: Any) -> SampleInfluence:
+    """Fig. 4: each training sample's influence on ``f_y(x)`` through ``layer`` in each stage.
+
+    The scores of the other layers are computed too (one group "rest"), so that every stage's
+    decomposition can be checked for completeness: scores + rest + regularization + residual +
+    delta = the exact change of the prediction over the stage.
+
+    Args:
+        run (GrokRun): the recorded run. x, y (Tensor): inputs (test or training pairs) and targets.
+        stages (list[Stage]): the windows (:func:`find_stages`).
+        layer (str): a key of :data:`LAYERS`. Default: "decoder"
+        options, **overrides: how to compute. Default: "exact"
+
+    Returns:
+        *SampleInfluence*
+    """
+    if layer not in LAYERS:
+        raise ValueError(f"layer must be one of {list(LAYERS)}, got {layer!r}")
+    rest = [sel for name, sels in LAYERS.items() if name != layer for sel in sels]
+    tdi = TrainingDataInfluence(run.model, run.recorded, run.data.train_set, loss_fn=nn.NLLLoss(reduction="none"),
+                                options=options, **overrides)
+    scores, other, reg, resid, change, delta = [], [], [], [], [], []
+    for st in stages:  # one reverse sweep per stage: memory n × n_train per stage
+        res = tdi.explain(x, target=y, layers={layer: LAYERS[layer], "rest": rest}, steps=st.steps)
+        scores.append(res.scores[..., 0])
+        other.append(res.scores[..., 1].sum(1))
+        reg.append(res.regularization)
+        resid.append(res.residual)
+        change.append(res.change)
+        delta.append(res.delta)
+    a, b = x[:, 0], x[:, 2]
+    ta, tb = run.data.operands("train")
+    return SampleInfluence(stages=list(stages), layer=layer, scores=torch.stack(scores), other=torch.stack(other),
+                           regularization=torch.stack(reg), residual=torch.stack(resid), change=torch.stack(change),
+                           delta=torch.stack(delta), input_sums=a + b, train_sums=ta + tb, p=run.data.p)
+
+
+# ---------------------------------------------------------------------- Fig. 5
+@dataclass
+class SimilarityStages:
+    """Prediction similarity through one layer at stages (Fig. 5).
+
+    Attributes:
+        stages (list[Stage]), layer (str): the windows and the layer.
+        similarity (Tensor): ``[n_stages, n, n]`` cosines (Def. 4.4).
+        sums (Tensor): ``[n]`` a + b of the inputs. p (int): the modulus.
+        max_step_error (list[float]): per stage, the largest per-step quadrature error measured.
+    """
+
+    stages: List[Stage]
+    layer: str
+    similarity: torch.Tensor
+    sums: torch.Tensor
+    p: int
+    max_step_error: List[float]
+
+    def ordered(self, stage: int, by: str = "sum") -> torch.Tensor:
+        key = self.sums if by == "sum" else self.sums % self.p
+        o = torch.argsort(key, stable=True)
+        return self.similarity[stage][o][:, o]
+
+    def plot(self, by: str = "sum", axes: Any = None) -> Any:
+        from .plots import plot_similarity_stages
+
+        return plot_similarity_stages(self, by=by, axes=axes)
+
+
+def similarity_stages(run: GrokRun, x: torch.Tensor, y: torch.Tensor, stages: Sequence[Stage],
+                      layer: str = "decoder", options: OptionsType = "exact", **overrides: Any) -> SimilarityStages:
+    """Fig. 5: cosine similarity of the predictions' influence tensors through ``layer`` per stage.
+
+    Args:
+        run (GrokRun): the recorded run. x, y (Tensor): inputs and targets.
+        stages (list[Stage]): the windows. layer (str): a key of :data:`LAYERS`. Default: "decoder"
+        options, **overrides: how to compute. Default: "exact"
+
+    Returns:
+        *SimilarityStages*
+    """
+    if layer not in LAYERS:
+        raise ValueError(f"layer must be one of {list(LAYERS)}, got {layer!r}")
+    ps = PredictionSimilarity(run.model, run.recorded, run.data.train_set, loss_fn=nn.NLLLoss(reduction="none"),
+                              options=options, **overrides)
+    sims, errs = [], []
+    for st in stages:
+        res = ps.explain(x, target=y, layers=LAYERS[layer], steps=st.steps)
+        sims.append(res.similarity)
+        err = res.stats.step_error if res.stats is not None else torch.zeros(0)
+        errs.append(float(err.max()) if err.numel() else 0.0)
+    return SimilarityStages(stages=list(stages), layer=layer, similarity=torch.stack(sims), sums=x[:, 0] + x[:, 2],
+                            p=run.data.p, max_step_error=errs)

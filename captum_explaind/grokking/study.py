@@ -1,0 +1,188 @@
+"""The whole Grokking study in one call: train and record, every figure's analysis, timings.
+
+Used by ``python -m captum_explaind.demo`` (small configuration) and ``benchmarks/grokking.py``
+(the paper's). Each part is timed; :class:`Study` holds the results, the deltas and the
+timings, writes the figures and a text summary.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Union
+
+import torch
+
+from ..epk import EPKOptions
+from .analysis import (
+    LayerBalance,
+    SampleInfluence,
+    SimilarityStages,
+    Stage,
+    TrainingBalance,
+    find_stages,
+    layer_balance,
+    sample_influence,
+    similarity_stages,
+    training_balance,
+)
+from .findings import Finding, findings
+from .lasso import LassoFit, fit_similarity
+from .swap import RetrainResult, SwapResult, retrain_with, swap_layers
+from .task import GrokConfig, GrokRun, train
+
+__all__ = ["StudySettings", "Study", "run_study"]
+
+
+@dataclass
+class StudySettings:
+    """How much of the run each analysis looks at.
+
+    Attributes:
+        window (int): steps per window for Fig. 3a. Default: 50
+        stage_width (int): steps per stage window for Fig. 4 / 5. Default: 50
+        n_inputs (int): test predictions explained in Fig. 3a (the first ones). Default: 64
+        d_inputs (int): of those, how many enter D_s (per-element scores). Default: 16
+        n_influence (int): test (and training) predictions in Fig. 4. Default: 64
+        n_similarity (int): test predictions in Fig. 5 / Table 2. Default: 96
+        layer (str): the layer of Fig. 4 / 5. Default: "decoder"
+        options (EPKOptions or str): how the decompositions are computed. Default: "exact"
+        retrain (bool): run the retraining experiment (Fig. 7 / 8). Default: True
+        retrain_steps (int, optional): step budget per retraining variant.
+    """
+
+    window: int = 50
+    stage_width: int = 50
+    n_inputs: int = 64
+    d_inputs: int = 16
+    n_influence: int = 64
+    n_similarity: int = 96
+    layer: str = "decoder"
+    options: Union[EPKOptions, str] = "exact"
+    retrain: bool = True
+    retrain_steps: Optional[int] = None
+
+
+@dataclass
+class Study:
+    """Everything :func:`run_study` produced."""
+
+    run: GrokRun
+    settings: StudySettings
+    stages: List[Stage]
+    balance: Optional[TrainingBalance] = None
+    layers: Optional[LayerBalance] = None
+    test_influence: Optional[SampleInfluence] = None
+    train_influence: Optional[SampleInfluence] = None
+    similarity: Optional[SimilarityStages] = None
+    lasso: Optional[LassoFit] = None
+    swap: Optional[SwapResult] = None
+    retrain: Optional[RetrainResult] = None
+    seconds: Dict[str, float] = field(default_factory=dict)
+
+    def deltas(self) -> Dict[str, float]:
+        """Per figure, the largest |change − parts| of its decomposition (the convergence delta)."""
+        out: Dict[str, float] = {}
+        if self.balance is not None:
+            out["Fig. 3a left (kernel + regularization)"] = float(self.balance.delta.abs().max())
+        if self.layers is not None:
+            out["Fig. 3a right (six layers)"] = float(self.layers.delta.abs().max())
+        for name, r in (("Fig. 4, test predictions", self.test_influence),
+                        ("Fig. 4, training predictions", self.train_influence)):
+            if r is not None:
+                out[name] = float(r.delta.abs().max())
+                out[name + " (update residual)"] = float(r.residual.abs().max())
+        if self.similarity is not None:
+            out["Fig. 5 (largest per-step quadrature error)"] = max(self.similarity.max_step_error)
+        return out
+
+    def findings(self) -> List[Finding]:
+        return findings(self.run, self.balance, self.layers, self.test_influence, self.lasso, self.swap, self.retrain)
+
+    def save_figures(self, folder: Union[str, os.PathLike]) -> List[Path]:
+        """Write every figure as PNG into ``folder``; returns the paths."""
+        import matplotlib.pyplot as plt
+
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        figs: Dict[str, Any] = {}
+        if self.balance is not None:
+            figs["fig3a_left_accuracy_and_balance"] = self.balance.plot()
+        if self.layers is not None:
+            figs["fig3a_right_layers"] = self.layers.plot()
+        for tag, r in (("test", self.test_influence), ("train", self.train_influence)):
+            if r is not None:
+                figs[f"fig4_{tag}_by_sum"] = r.plot(by="sum")
+                figs[f"fig4_{tag}_by_mod"] = r.plot(by="mod")
+        if self.similarity is not None:
+            figs["fig5_similarity_by_sum"] = self.similarity.plot(by="sum")
+            figs["fig5_similarity_by_mod"] = self.similarity.plot(by="mod")
+        if self.lasso is not None:
+            figs["fig9_lasso"] = self.lasso.plot()
+        if self.swap is not None:
+            figs["fig3b_layer_swap"] = self.swap.plot()
+        if self.retrain is not None:
+            figs["fig7_retraining"] = self.retrain.plot()
+        paths = []
+        for name, (fig, _) in figs.items():
+            path = folder / f"{name}.png"
+            fig.savefig(path, dpi=110, bbox_inches="tight")
+            plt.close(fig)
+            paths.append(path)
+        return paths
+
+
+def _timed(study: Study, name: str, fn: Any, verbose: bool) -> Any:
+    start = time.perf_counter()
+    if verbose:
+        print(f"-> {name} ...", flush=True)
+    out = fn()
+    study.seconds[name] = time.perf_counter() - start
+    if verbose:
+        print(f"   {name}: {study.seconds[name]:.1f} s", flush=True)
+    return out
+
+
+def run_study(path: Union[str, os.PathLike], config: GrokConfig, settings: Optional[StudySettings] = None,
+              *, device: Union[str, torch.device] = "cpu", verbose: bool = True) -> Study:
+    """Train and record ``config``, then run every figure's analysis with ``settings``.
+
+    Args:
+        path (str or os.PathLike): trajectory directory.
+        config (GrokConfig): the task and training. settings (StudySettings, optional): analyses.
+        device (str or torch.device): where to train and compute. Default: "cpu"
+        verbose (bool): progress bars and a line per part. Default: True
+
+    Returns:
+        *Study* (``study.seconds`` holds each part's wall time; ``"training"`` the training's)
+    """
+    st = settings or StudySettings()
+    start = time.perf_counter()
+    run = train(path, config, device=device, show_progress=verbose)
+    study = Study(run=run, settings=st, stages=find_stages(run, st.stage_width))
+    study.seconds["training"] = time.perf_counter() - start
+    opts: Dict[str, Any] = {"show_progress": verbose, "device": device}
+    d = run.data
+    xt, yt = d.test_x[: st.n_inputs], d.test_y[: st.n_inputs]
+    study.balance = _timed(study, "Fig. 3a left", lambda: training_balance(
+        run, xt, yt, st.window, st.options, **opts), verbose)
+    study.layers = _timed(study, "Fig. 3a right", lambda: layer_balance(
+        run, xt, yt, st.window, d_inputs=st.d_inputs, options=st.options, **opts), verbose)
+    xi, yi = d.test_x[: st.n_influence], d.test_y[: st.n_influence]
+    study.test_influence = _timed(study, "Fig. 4 test", lambda: sample_influence(
+        run, xi, yi, study.stages, st.layer, st.options, **opts), verbose)
+    xr, yr = d.train_x[: st.n_influence], d.train_y[: st.n_influence]
+    study.train_influence = _timed(study, "Fig. 4 train", lambda: sample_influence(
+        run, xr, yr, study.stages, st.layer, st.options, **opts), verbose)
+    xs, ys = d.test_x[: st.n_similarity], d.test_y[: st.n_similarity]
+    study.similarity = _timed(study, "Fig. 5", lambda: similarity_stages(
+        run, xs, ys, study.stages, st.layer, st.options, **opts), verbose)
+    sim = study.similarity
+    study.lasso = _timed(study, "Table 2", lambda: fit_similarity(sim.similarity[-1], sim.sums, d.p), verbose)
+    study.swap = _timed(study, "Fig. 3b swap", lambda: swap_layers(run, show_progress=verbose), verbose)
+    if st.retrain:
+        study.retrain = _timed(study, "Fig. 7 retrain", lambda: retrain_with(
+            run, max_steps=st.retrain_steps, show_progress=verbose), verbose)
+    return study
