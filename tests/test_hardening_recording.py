@@ -396,3 +396,27 @@ def test_a_background_write_failure_nobody_saw_is_raised_at_close(tmp_path, monk
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         assert rec.close().num_steps == 1  # reported once; the trajectory opens with its prefix
+
+
+def test_buffers_are_checked_at_close_and_against_a_model(tmp_path):
+    from recording_utils import BNNet
+
+    X, Y = vector_data()
+    torch.manual_seed(0)
+    model = BNNet()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    rec = TrajectoryRecorder(model, opt, tmp_path / "run")
+    _step(model, opt, rec, X, Y, 1)
+    model(X[:6])  # a training-mode forward after the last step moves the running statistics
+    with pytest.warns(RuntimeWarning, match=r"buffers \['bn.running_mean', 'bn.running_var'.*changed after the last"):
+        traj = rec.close()
+    assert "bn.running_mean" in traj.manifest["buffers_changed_after_last_step"]
+
+    class MoreBuffers(BNNet):
+        def __init__(self) -> None:
+            super().__init__()
+            self.register_buffer("scale", torch.ones(1))
+
+    with pytest.raises(TrajectoryMismatchError, match="buffer 'scale', which was not recorded"):
+        traj.validate(MoreBuffers())
+    traj.validate(BNNet())
