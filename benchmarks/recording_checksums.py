@@ -25,10 +25,9 @@ if str(ROOT) not in sys.path:
 
 import torch  # noqa: E402
 
+from benchmarks.modadd import train  # noqa: E402
 from captum_explaind import Trajectory  # noqa: E402
 from captum_explaind.recording import format as fmt  # noqa: E402
-
-from benchmarks.modadd import train  # noqa: E402
 
 
 def _read_all(traj: Trajectory, verify: bool) -> float:
