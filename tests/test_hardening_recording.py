@@ -420,3 +420,18 @@ def test_buffers_are_checked_at_close_and_against_a_model(tmp_path):
     with pytest.raises(TrajectoryMismatchError, match="buffer 'scale', which was not recorded"):
         traj.validate(MoreBuffers())
     traj.validate(BNNet())
+
+
+def test_scheduler_created_after_the_recorder_adds_group_keys_and_the_run_still_opens(tmp_path):
+    """OneCycleLR adds initial_lr/max_lr/... to the groups after θ_0 was written: not damage."""
+    X, Y = vector_data()
+    model = TanhMLP()
+    opt = torch.optim.Adam(model.parameters(), lr=0.01)
+    rec = TrajectoryRecorder(model, opt, tmp_path / "run")
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.05, total_steps=4)
+    with rec:
+        for s in range(1, 4):
+            _step(model, opt, rec, X, Y, s)
+            sched.step()
+    traj = Trajectory.open(tmp_path / "run")
+    assert "max_lr" in traj.record(2).groups[0] and "max_lr" not in traj.groups_initial[0]
