@@ -25,7 +25,7 @@ from torch import nn
 from captum_explaind import Trajectory, TrajectoryError, TrajectoryMismatchError, TrajectoryRecorder
 from captum_explaind.errors import TrajectoryWriteError
 from captum_explaind.recording import format as fmt
-from captum_explaind.recording.lock import TrajectoryLockError
+from captum_explaind.recording.lock import _HELD, TrajectoryLockError
 
 from recording_utils import assert_params_equal, clone_params, nll, record_small, vector_data
 from training import TanhMLP
@@ -41,6 +41,17 @@ def _step(model, opt, rec, X, Y, s):
     if rec is not None:
         rec.log_batch(idx)
     opt.step()
+
+
+def _die(rec):
+    """What the kernel does to a recorder whose process is killed: its hooks are gone, its lock
+    released (the lock file, naming it, stays)."""
+    for h in rec._handles:
+        h.remove()
+    rec._closed = True
+    os.close(rec._lock._fd)
+    rec._lock._fd = None
+    _HELD.pop(rec._lock._key, None)
 
 
 def _env():
@@ -236,14 +247,11 @@ def test_resume_refuses_a_model_or_optimizer_not_at_the_last_complete_step(tmp_p
     for s in (1, 2):
         _step(model, opt, rec, X, Y, s)
     after2 = copy.deepcopy((model.state_dict(), opt.state_dict()))
-    for h in rec._handles:  # the process dies (its hooks gone, its lock released by the kernel) ...
-        h.remove()
-    rec._lock.release(keep_stale=True)
-    rec._closed = True
+    _die(rec)  # the process dies ...
     _step(model, opt, None, X, Y, 3)  # ... after training on past the recording's end
 
     fresh = _net()
-    with pytest.raises(TrajectoryMismatchError, match=r"parameter '0.weight'.*differs from its last complete step 2"):
+    with pytest.raises(TrajectoryMismatchError, match=r"parameter '0.weight'.*differs from step 2"):
         TrajectoryRecorder(fresh, torch.optim.Adam(fresh.parameters(), lr=0.01), path, resume=True)
     fresh.load_state_dict(after2[0])
     with pytest.raises(TrajectoryMismatchError, match="no 'exp_avg_sq' state"):
@@ -435,3 +443,41 @@ def test_scheduler_created_after_the_recorder_adds_group_keys_and_the_run_still_
             sched.step()
     traj = Trajectory.open(tmp_path / "run")
     assert "max_lr" in traj.record(2).groups[0] and "max_lr" not in traj.groups_initial[0]
+
+
+def test_resume_from_an_earlier_checkpoint_drops_the_later_steps(tmp_path):
+    """Trainer(resume_from_checkpoint=...) restarts from the checkpoint of step 2 of a recording
+    that reached step 4: resume=2 re-records steps 3 and 4 (the same steps, deterministic)."""
+    path = tmp_path / "run"
+    X, Y = _data()
+    model = _net()
+    opt = torch.optim.Adam(model.parameters(), lr=0.01)
+    rec = TrajectoryRecorder(model, opt, path)
+    for s in (1, 2, 3, 4):
+        _step(model, opt, rec, X, Y, s)
+        if s == 2:
+            ckpt = copy.deepcopy((model.state_dict(), opt.state_dict()))
+    _die(rec)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        original = {s: Trajectory.open(path).params(s) for s in (3, 4)}
+    model, opt = _net(), None
+    opt = torch.optim.Adam(model.parameters(), lr=0.01)
+    model.load_state_dict(ckpt[0])
+    opt.load_state_dict(ckpt[1])
+    with pytest.raises(TrajectoryMismatchError, match=r"differs from step 4.*pass resume=k"):
+        TrajectoryRecorder(model, opt, path, resume=True)
+    with pytest.raises(TrajectoryError, match="holds only 4 complete steps"):
+        TrajectoryRecorder(model, opt, path, resume=5)
+    with pytest.raises(ValueError, match="resume must be"):
+        TrajectoryRecorder(model, opt, path, resume=-1)
+    with pytest.warns(RuntimeWarning, match="stale lock"):
+        rec = TrajectoryRecorder(model, opt, path, resume=2)
+    assert sorted(os.listdir(path / "steps")) == [fmt.step_filename(1), fmt.step_filename(2)]
+    with rec:
+        for s in (3, 4):
+            _step(model, opt, rec, X, Y, s)
+    traj = Trajectory.open(path)
+    assert traj.num_steps == 4 and traj.manifest["resumed"][-1]["dropped_steps"] == 2
+    for s in (3, 4):
+        assert_params_equal(traj.params(s), original[s])

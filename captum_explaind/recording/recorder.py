@@ -132,9 +132,12 @@ class TrajectoryRecorder:
             at any point of the loop, is recorded correctly.
         overwrite (bool, optional): replace an existing *trajectory* at ``path`` (never another
             directory): only the files this library wrote are removed. Default: False
-        resume (bool, optional): append to the recording at ``path`` (interrupted, or closed),
-            after checking that the model's parameters and buffers and the optimizer's recorded
-            state equal (as stored) those of its last complete step. Default: False
+        resume (bool or int, optional): append to the recording at ``path`` (interrupted, or
+            closed), after checking that the model's parameters and buffers and the optimizer's
+            recorded state equal (as stored) those of its last complete step. An int ``k``
+            continues after step ``k`` instead (training resumed from an earlier checkpoint, as
+            ``Trainer(resume_from_checkpoint=...)`` does): the recorded steps after ``k`` are
+            removed, last first, once the state matches step ``k``. Default: False
         store_dtype (torch.dtype, optional): dtype parameters and optimizer state are stored in;
             ``None`` keeps each tensor's own dtype. ``torch.float64`` is useful when training in
             float64 for exactness studies. Default: None
@@ -170,7 +173,7 @@ class TrajectoryRecorder:
         *,
         scheduler: Any = None,
         overwrite: bool = False,
-        resume: bool = False,
+        resume: Union[bool, int] = False,
         store_dtype: Optional[torch.dtype] = None,
         record_optimizer_state: bool = True,
         reduction: str = "mean",
@@ -186,7 +189,9 @@ class TrajectoryRecorder:
             raise ValueError(f"store_dtype must be a floating torch.dtype or None, got {store_dtype!r}")
         if record_rng not in ("auto", True, False):
             raise ValueError(f"record_rng must be 'auto', True or False, got {record_rng!r}")
-        if overwrite and resume:
+        if not isinstance(resume, (bool, int)) or (not isinstance(resume, bool) and resume < 0):
+            raise ValueError(f"resume must be True, False or a step number >= 0, got {resume!r}")
+        if overwrite and resume is not False:
             raise ValueError("pass overwrite=True (replace the recording) or resume=True (continue it), not both")
         self.model = model
         self.optimizer = unwrap_optimizer(optimizer)
@@ -223,16 +228,23 @@ class TrajectoryRecorder:
         self._steps_after_close = 0
 
         self._lock = DirectoryLock(self.path)
-        created = self._open_directory(overwrite, resume)
+        created = self._open_directory(overwrite, resume is not False)
         try:
-            if resume:
-                self._resume()
+            if resume is not False:
+                self._resume(None if resume is True else int(resume))
             else:
                 self._write_initial()
                 self._write_manifest(status="recording")
         except BaseException:
             self._abandon(created)
             raise
+        if self._lock.stale:
+            warnings.warn(
+                f"{self.path!r}: took over the stale lock of {_describe_holder(self._lock.stale)}, which died "
+                f"while recording there; {'resuming' if resume is not False else 'replacing'} its recording",
+                RuntimeWarning,
+                stacklevel=2,
+            )
         self._last_buffers = {k: v.detach().to("cpu", copy=True) for k, v in self._buffers.items()}
         self._versions = self._param_versions()
         self._handles = [
@@ -325,13 +337,6 @@ class TrajectoryRecorder:
                     "removed), or choose another path"
                 )
             directory.remove_library_files(self.path)
-        if stale:
-            warnings.warn(
-                f"{self.path!r}: took over the stale lock of {_describe_holder(stale)}, which died while "
-                f"recording there; {'resuming' if resume else 'replacing'} its recording",
-                RuntimeWarning,
-                stacklevel=4,
-            )
 
     def _abandon(self, created: bool) -> None:
         """Undo a failed construction: release the lock (and drop a directory created here)."""
@@ -341,8 +346,9 @@ class TrajectoryRecorder:
             _remove_empty_dir(os.path.join(self.path, fmt.STEPS_DIR))
             _remove_empty_dir(self.path)
 
-    def _resume(self) -> None:
-        """Continue the recording at ``path`` after checking the model and optimizer match its end."""
+    def _resume(self, at: Optional[int]) -> None:
+        """Continue the recording at ``path`` after its last step (or step ``at``), once the model
+        and optimizer are checked to be in that step's state."""
         steps = os.path.join(self.path, fmt.STEPS_DIR)
         for name in os.listdir(steps):  # files a killed writer left half-written
             if name.endswith(fmt.TMP_SUFFIX) and fmt.parse_step_filename(name[: -len(fmt.TMP_SUFFIX)]):
@@ -352,15 +358,23 @@ class TrajectoryRecorder:
             traj = Trajectory.open(self.path)
         old = traj.manifest
         check_manifest_compatible(old, self._manifest("recording"), self.path)
-        check_state_matches(traj, self.model, self.optimizer, self._stored, self.trainable)
-        self._step = self._durable = traj.num_steps
+        step = traj.num_steps if at is None else at
+        if step > traj.num_steps:
+            raise TrajectoryError(
+                f"cannot resume {self.path!r} after step {step}: it holds only {traj.num_steps} complete steps"
+            )
+        check_state_matches(traj, self.model, self.optimizer, self._stored, self.trainable, step=step)
+        for s in range(traj.num_steps, step, -1):  # last first: a crash here still leaves a prefix
+            os.unlink(os.path.join(steps, fmt.step_filename(s)))
+        self._step = self._durable = step
         self._created = old.get("created_utc")
         self._initial_groups = old["optimizer"].get("groups", self._initial_groups)
         self._training_modes = old.get("training_modes")
         for key in ("resumed", "modified_outside_step", "steps_without_batch"):
             if key in old:
                 self._history[key] = old[key]
-        self._history.setdefault("resumed", []).append({"at_step": traj.num_steps, "utc": _now()})
+        self._history.setdefault("resumed", []).append(
+            {"at_step": step, "utc": _now(), "dropped_steps": traj.num_steps - step})
         self._write_manifest(status="recording")
 
     def _check_alive(self) -> None:

@@ -348,15 +348,17 @@ class Trajectory:
             raise TrajectoryCorruptError(f"{where}: metadata 'checksums' is missing")
 
     def _check_step_counts(self, step: int, previous: Optional[Dict[str, Any]], record: Dict[str, Any]) -> None:
-        """Adam's per-parameter step counts move by one exactly when the parameter had a gradient."""
-        if previous is None:
+        """Adam's per-parameter step counts move by one exactly when the parameter had a gradient
+        (only never backwards when the recording keeps every k-th step)."""
+        if previous is None or self.family not in ("adam", "adamw"):
             return
+        every = (self.manifest.get("recording") or {}).get("keep_every") or 1
         before, now = previous.get("state_step") or {}, record.get("state_step") or {}
         inactive = set(record.get("inactive") or [])
         for name, count in now.items():
             if name in before:
                 expected = before[name] + (0 if name in inactive else 1)
-                if count != expected:
+                if count != expected if every == 1 else count < before[name]:
                     raise TrajectoryCorruptError(
                         f"{self._step_path(step)}: field 'state_step' gives {name!r} the count {count}, but it was "
                         f"{before[name]} after step {step - 1} (expected {expected})"
