@@ -244,6 +244,10 @@ class SafeFile:
             self._checksums = obj
         return self._checksums
 
+    def get_tensor(self, key: str) -> torch.Tensor:
+        """``safetensors.safe_open``-style alias of :meth:`get` (verified)."""
+        return self.get(key)
+
     def get(self, key: str, *, verify: bool = True) -> torch.Tensor:
         """Read tensor ``key`` (its size is known to lie inside the file) and check its checksum."""
         info = self.tensors.get(key)
