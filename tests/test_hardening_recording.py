@@ -82,6 +82,13 @@ _CHILD = textwrap.dedent(
     model = net()
     opt = torch.optim.Adam(model.parameters(), lr=0.01)
     if mode == "contend":  # a second process tries to record into a directory in use
+        # ... after recording 3 steps elsewhere with the background writer, never closed: they
+        # must still reach the disk when the interpreter exits
+        bg = TrajectoryRecorder(model, opt, path + "_bg", background=True)
+        for s in range(1, 4):
+            step(model, opt, bg, X, Y, s)
+        model = net()
+        opt = torch.optim.Adam(model.parameters(), lr=0.01)
         try:
             TrajectoryRecorder(model, opt, path, overwrite=True)
         except Exception as err:
@@ -203,6 +210,8 @@ def test_second_process_cannot_record_into_a_directory_in_use_and_a_dead_recorde
         assert "TrajectoryLockError" in proc.stdout and f"process {os.getpid()}" in proc.stdout, proc.stdout
         _step(model, opt, rec, X, Y, 2)
     assert Trajectory.open(path).num_steps == 2
+    with pytest.warns(RuntimeWarning, match="not closed"):
+        assert Trajectory.open(str(path) + "_bg").num_steps == 3
 
     # a recorder killed without closing leaves its lock; the next one names it and says what to do
     proc = _child(tmp_path, "killed", tmp_path / "killed", ckpt)
