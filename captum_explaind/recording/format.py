@@ -44,8 +44,9 @@ STEPS_DIR = "steps"
 TMP_SUFFIX = ".tmp"
 
 # Bounds on what a reader parses (far above anything a recording of a real model needs).
-MAX_JSON_BYTES = 256 << 20  # manifest.json
-MAX_HEADER_BYTES = 100 << 20  # a safetensors header (safetensors' own limit)
+MAX_JSON_BYTES = 64 << 20  # manifest.json (a 100k-tensor model needs ~20 MB)
+MAX_HEADER_BYTES = 32 << 20  # a safetensors header (a step of a 10k-tensor model needs ~2 MB)
+MAX_EMPTY_MICRO = 1024  # micro-batches without samples a step may log (log_batch([]))
 MAX_JSON_DEPTH = 64
 CHECKSUM = "crc32"
 

@@ -111,6 +111,8 @@ def parse_json(text: Any, where: str) -> Any:
         obj = json.loads(text)
     except RecursionError:
         raise TrajectoryCorruptError(f"{where} nests too deeply to be parsed") from None
+    except MemoryError:
+        raise TrajectoryCorruptError(f"{where} is too large to be parsed") from None
     except (ValueError, TypeError) as err:
         raise TrajectoryCorruptError(f"{where} is not valid JSON ({err})") from err
     check_json_depth(obj, where)

@@ -188,10 +188,12 @@ def validate_record(obj: Any, *, step: int, manifest: Dict[str, Any], trainable:
     if not all(k in names and _is_int(v) and v >= 0 for k, v in state_step.items()):
         raise _fail(where, "state_step", "is not a map of trainable parameters to non-negative step counts")
     n_micro = _get(obj, "n_micro", "int", where, "n_micro", optional=True) or 0
+    if not 0 <= n_micro <= n_entries + fmt.MAX_EMPTY_MICRO:
+        raise _fail(where, "n_micro", f"is {n_micro} for {n_entries} batch entries in the file")
     sizes = _get(obj, "micro_sizes", list, where, "micro_sizes", optional=True)
     if sizes is not None:
         if len(sizes) != n_micro or not all(_is_int(x) and x >= 0 for x in sizes) or sum(sizes) != n_entries:
             raise _fail(where, "micro_sizes", f"does not split the file's {n_entries} batch entries into "
                                               f"n_micro={n_micro} micro-batches")
-    elif not 0 <= n_micro <= max(n_entries, 1):
+    elif n_micro > max(n_entries, 1):  # version 1: no sizes; at most one micro-batch per entry
         raise _fail(where, "n_micro", f"is {n_micro} for {n_entries} batch entries in the file")
