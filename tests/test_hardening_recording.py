@@ -490,3 +490,30 @@ def test_resume_from_an_earlier_checkpoint_drops_the_later_steps(tmp_path):
     assert traj.num_steps == 4 and traj.manifest["resumed"][-1]["dropped_steps"] == 2
     for s in (3, 4):
         assert_params_equal(traj.params(s), original[s])
+
+
+def test_bad_calls_on_the_recording_api_are_named(tmp_path):
+    traj = record_small(tmp_path / "r", steps=2)
+    model = TanhMLP()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    rec = TrajectoryRecorder(model, opt, tmp_path / "r2")
+    with pytest.raises(TypeError, match="path must be a str or os.PathLike"):
+        Trajectory.open(None)
+    with pytest.raises(ValueError, match="'nope' is not a trainable parameter"):
+        traj.params(1, names=["nope"])
+    with pytest.raises(TypeError, match="names must be a sequence of parameter names"):
+        traj.params(1, names="fc1.weight")
+    with pytest.raises(TypeError, match="dtype must be a torch.dtype"):
+        traj.params(1, dtype="float")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="device 'cuda' cannot be used"):
+            traj.params(1, device="cuda")
+    for bad in ("abc", [[1, 2], [3]], None, [2**70], {"a": 1}):
+        with pytest.raises(TypeError, match="batch indices must be"):
+            rec.log_batch(bad)
+    with pytest.raises(TypeError, match="batch weights must be a sequence of numbers"):
+        rec.log_batch([1], weights=["a"])
+    with pytest.raises(TypeError, match="background must be True or False"):
+        TrajectoryRecorder(model, opt, tmp_path / "r3", background="yes")
+    with pytest.raises(TypeError, match="path must be a str"):
+        TrajectoryRecorder(model, opt, None)

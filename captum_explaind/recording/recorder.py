@@ -97,6 +97,41 @@ def _library_version() -> str:
         return "unknown"
 
 
+def _as_indices(indices: Any) -> torch.Tensor:
+    """``log_batch``'s indices as an int64 vector, or a TypeError/ValueError that names them."""
+    try:
+        arr = np.asarray(indices.detach().cpu() if isinstance(indices, torch.Tensor) else indices)
+        if arr.dtype == object or arr.dtype.kind in "USV":
+            raise TypeError(f"got {type(indices).__name__} of {arr.dtype}")
+        idx = torch.as_tensor(arr)
+    except (TypeError, ValueError, OverflowError, RuntimeError) as err:
+        raise TypeError(
+            f"batch indices must be a tensor, array or flat sequence of non-negative ints (dataset indices); "
+            f"got {indices!r:.80} ({err})"
+        ) from None
+    idx = idx.reshape(-1)
+    if idx.numel() and (idx.is_floating_point() or idx.is_complex() or idx.dtype == torch.bool):
+        raise TypeError(f"batch indices must be integers, got dtype {idx.dtype}")
+    idx = idx.to(torch.int64)
+    if idx.numel() and int(idx.min()) < 0:
+        raise ValueError("batch indices must be non-negative dataset indices")
+    return idx.clone()
+
+
+def _as_weights(weights: Any, n: int) -> torch.Tensor:
+    """``log_batch``'s weights as a finite float64 vector of ``n`` entries."""
+    try:
+        w = torch.as_tensor(np.asarray(weights.detach().cpu() if isinstance(weights, torch.Tensor) else weights,
+                                       dtype=np.float64)).reshape(-1)
+    except (TypeError, ValueError) as err:
+        raise TypeError(f"batch weights must be a sequence of numbers, got {weights!r:.80} ({err})") from None
+    if w.numel() != n:
+        raise ValueError(f"got {w.numel()} weights for {n} indices")
+    if not torch.isfinite(w).all():
+        raise ValueError("batch weights must be finite")
+    return w.clone()
+
+
 def _as_rng_state(state: Any, name: str) -> torch.Tensor:
     if not isinstance(state, torch.Tensor) or state.dtype != torch.uint8 or state.dim() != 1:
         raise TypeError(f"{name} must be a 1-D uint8 tensor as returned by torch.get_rng_state(), got {state!r:.80}")
@@ -189,6 +224,12 @@ class TrajectoryRecorder:
             raise ValueError(f"store_dtype must be a floating torch.dtype or None, got {store_dtype!r}")
         if record_rng not in ("auto", True, False):
             raise ValueError(f"record_rng must be 'auto', True or False, got {record_rng!r}")
+        for flag, value in (("overwrite", overwrite), ("background", background), ("check_finite", check_finite),
+                            ("record_optimizer_state", record_optimizer_state)):
+            if not isinstance(value, bool):
+                raise TypeError(f"{flag} must be True or False, got {value!r}")
+        if not isinstance(path, (str, os.PathLike)):
+            raise TypeError(f"path must be a str or os.PathLike (the trajectory directory), got {type(path).__name__}")
         if not isinstance(resume, (bool, int)) or (not isinstance(resume, bool) and resume < 0):
             raise ValueError(f"resume must be True, False or a step number >= 0, got {resume!r}")
         if overwrite and resume is not False:
@@ -530,26 +571,12 @@ class TrajectoryRecorder:
         """
         if self._closed:
             raise RuntimeError(f"this recorder of {self.path!r} is closed")
-        idx = torch.as_tensor(np.asarray(indices.cpu() if isinstance(indices, torch.Tensor) else indices))
-        if idx.dim() != 1:
-            idx = idx.reshape(-1)
-        if idx.numel() and (idx.is_floating_point() or idx.dtype == torch.bool):
-            raise TypeError(f"batch indices must be integers, got dtype {idx.dtype}")
-        idx = idx.to(torch.int64)
-        if idx.numel() and int(idx.min()) < 0:
-            raise ValueError("batch indices must be non-negative dataset indices")
+        idx = _as_indices(indices)
         if weights is None:
             w = torch.full((idx.numel(),), 1.0 / max(idx.numel(), 1) if self.reduction == "mean" else 1.0,
                            dtype=torch.float64)
         else:
-            w = torch.as_tensor(
-                np.asarray(weights.detach().cpu() if isinstance(weights, torch.Tensor) else weights,
-                           dtype=np.float64)
-            ).reshape(-1)
-            if w.numel() != idx.numel():
-                raise ValueError(f"got {w.numel()} weights for {idx.numel()} indices")
-            if not torch.isfinite(w).all():
-                raise ValueError("batch weights must be finite")
+            w = _as_weights(weights, idx.numel())
         mb = fmt.MicroBatch(indices=idx.clone(), weights=w.clone())
         if rng_state is not None or cuda_rng_state is not None:
             mb.rng_state = None if rng_state is None else _as_rng_state(rng_state, "rng_state")

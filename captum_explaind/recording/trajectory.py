@@ -202,6 +202,7 @@ def _check_step_count(path: str, manifest: Dict[str, Any], n: int) -> None:
 
 _BATCH_DTYPES = {fmt.BATCH_INDEX: torch.int64, fmt.BATCH_WEIGHT: torch.float64, fmt.BATCH_MICRO: torch.int32}
 _MAX_RNG_BYTES = 1 << 20
+_USABLE_DEVICES: Set[str] = set()
 
 
 def _rng_slot(key: str) -> Optional[int]:
@@ -283,6 +284,8 @@ class Trajectory:
             TrajectoryCorruptError: not a trajectory, unreadable manifest or files, missing steps,
                 a file or field that contradicts the manifest (naming the file and the field).
         """
+        if not isinstance(path, (str, os.PathLike)):
+            raise TypeError(f"path must be a str or os.PathLike (a trajectory directory), got {type(path).__name__}")
         path = os.fspath(path)
         manifest = _read_manifest(path)
         _check_initial_file(path, manifest)
@@ -535,7 +538,7 @@ class Trajectory:
             *dict[str, Tensor]*
         """
         self._check_step(step)
-        names = list(self.trainable if names is None else names)
+        names = self._check_names(names)
         with self._open(step) as fh:
             out = self._read_params(fh, step, names)
         return {n: self._cast(t, device, dtype) for n, t in out.items()}
@@ -595,9 +598,24 @@ class Trajectory:
         """
         self._check_step(step, allow_zero=False)
         self._check_state_key(key)
-        names = list(self.trainable if names is None else names)
+        names = self._check_names(names)
         with self._open(step) as fh:
             return self._read_state(fh, step, key, names, set(fh.keys()), device, dtype)
+
+    def _check_names(self, names: Optional[Sequence[str]]) -> List[str]:
+        """``names`` as a list of trainable parameter names (all when ``None``), or a named error."""
+        if names is None:
+            return list(self.trainable)
+        if isinstance(names, str):
+            raise TypeError(f"names must be a sequence of parameter names, got the string {names!r}")
+        out = list(names)
+        unknown = [n for n in out if n not in self.trainable]
+        if unknown:
+            raise ValueError(
+                f"{unknown[0]!r} is not a trainable parameter of trajectory {self.path!r} "
+                f"(trainable: {self.trainable[:8]}{'...' if len(self.trainable) > 8 else ''})"
+            )
+        return out
 
     def _check_state_key(self, key: str) -> None:
         """Raise :class:`MissingOptimizerStateError` unless optimizer state ``key`` was recorded."""
@@ -730,6 +748,14 @@ class Trajectory:
 
     @staticmethod
     def _cast(t: torch.Tensor, device: Any, dtype: Optional[torch.dtype]) -> torch.Tensor:
+        if dtype is not None and not isinstance(dtype, torch.dtype):
+            raise TypeError(f"dtype must be a torch.dtype (e.g. torch.float64), got {dtype!r}")
+        if device is not None and str(device) not in _USABLE_DEVICES:
+            try:
+                torch.empty(0, device=device)
+            except (RuntimeError, AssertionError, TypeError) as err:
+                raise ValueError(f"device {device!r} cannot be used here ({err})") from None
+            _USABLE_DEVICES.add(str(device))
         if dtype is not None and t.is_floating_point():
             t = t.to(dtype)
         if device is not None:
