@@ -517,3 +517,18 @@ def test_bad_calls_on_the_recording_api_are_named(tmp_path):
         TrajectoryRecorder(model, opt, tmp_path / "r3", background="yes")
     with pytest.raises(TypeError, match="path must be a str"):
         TrajectoryRecorder(model, opt, None)
+
+
+def test_a_new_recorder_on_the_same_optimizer_ends_the_closed_ones_watch(tmp_path):
+    """Recording a run in segments (epoch 1 to one directory, epoch 2 to another) is not a
+    'step after close'."""
+    X, Y = vector_data()
+    model = TanhMLP()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with TrajectoryRecorder(model, opt, tmp_path / "a") as rec:
+        _step(model, opt, rec, X, Y, 1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with TrajectoryRecorder(model, opt, tmp_path / "b") as rec2:
+            _step(model, opt, rec2, X, Y, 2)
+    assert Trajectory.open(tmp_path / "b").num_steps == 1

@@ -19,6 +19,7 @@ import datetime
 import json
 import os
 import warnings
+import weakref
 from typing import Any, Dict, List, Optional, Tuple, Union
 
 import numpy as np
@@ -41,6 +42,10 @@ __all__ = ["TrajectoryRecorder"]
 # the kernel part is re-derived from the recorded updates (model/training views) or from
 # replayed per-sample gradients (data view).
 _STATE_KEYS = {"adam": ("exp_avg_sq", "max_exp_avg_sq"), "adamw": ("exp_avg_sq", "max_exp_avg_sq")}
+
+
+# optimizer -> hook handle of the closed recorder watching it for steps after close
+_AFTER_CLOSE: "weakref.WeakKeyDictionary[Any, Any]" = weakref.WeakKeyDictionary()
 
 
 def _now() -> str:
@@ -138,6 +143,29 @@ def _as_rng_state(state: Any, name: str) -> torch.Tensor:
     return state.detach().to("cpu", copy=True)
 
 
+def _check_options(model: Any, path: Any, *, reduction: Any, store_dtype: Any, record_rng: Any, resume: Any,
+                   overwrite: Any, background: Any, check_finite: Any, record_optimizer_state: Any) -> None:
+    """The recorder's arguments, each refused by name when it is not what it must be."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+    if store_dtype is not None and not (isinstance(store_dtype, torch.dtype) and store_dtype.is_floating_point):
+        raise ValueError(f"store_dtype must be a floating torch.dtype or None, got {store_dtype!r}")
+    if record_rng not in ("auto", True, False):
+        raise ValueError(f"record_rng must be 'auto', True or False, got {record_rng!r}")
+    for flag, value in (("overwrite", overwrite), ("background", background), ("check_finite", check_finite),
+                        ("record_optimizer_state", record_optimizer_state)):
+        if not isinstance(value, bool):
+            raise TypeError(f"{flag} must be True or False, got {value!r}")
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"path must be a str or os.PathLike (the trajectory directory), got {type(path).__name__}")
+    if not isinstance(resume, (bool, int)) or (not isinstance(resume, bool) and resume < 0):
+        raise ValueError(f"resume must be True, False or a step number >= 0, got {resume!r}")
+    if overwrite and resume is not False:
+        raise ValueError("pass overwrite=True (replace the recording) or resume=True (continue it), not both")
+
+
 class TrajectoryRecorder:
     r"""Records θ_0 on creation and every ``optimizer.step()`` after it, to ``path``.
 
@@ -216,24 +244,9 @@ class TrajectoryRecorder:
         record_rng: Union[str, bool] = "auto",
         background: bool = False,
     ) -> None:
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-        if reduction not in ("mean", "sum"):
-            raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
-        if store_dtype is not None and not (isinstance(store_dtype, torch.dtype) and store_dtype.is_floating_point):
-            raise ValueError(f"store_dtype must be a floating torch.dtype or None, got {store_dtype!r}")
-        if record_rng not in ("auto", True, False):
-            raise ValueError(f"record_rng must be 'auto', True or False, got {record_rng!r}")
-        for flag, value in (("overwrite", overwrite), ("background", background), ("check_finite", check_finite),
-                            ("record_optimizer_state", record_optimizer_state)):
-            if not isinstance(value, bool):
-                raise TypeError(f"{flag} must be True or False, got {value!r}")
-        if not isinstance(path, (str, os.PathLike)):
-            raise TypeError(f"path must be a str or os.PathLike (the trajectory directory), got {type(path).__name__}")
-        if not isinstance(resume, (bool, int)) or (not isinstance(resume, bool) and resume < 0):
-            raise ValueError(f"resume must be True, False or a step number >= 0, got {resume!r}")
-        if overwrite and resume is not False:
-            raise ValueError("pass overwrite=True (replace the recording) or resume=True (continue it), not both")
+        _check_options(model, path, reduction=reduction, store_dtype=store_dtype, record_rng=record_rng,
+                       resume=resume, overwrite=overwrite, background=background, check_finite=check_finite,
+                       record_optimizer_state=record_optimizer_state)
         self.model = model
         self.optimizer = unwrap_optimizer(optimizer)
         self.path = os.fspath(path)
@@ -288,6 +301,10 @@ class TrajectoryRecorder:
             )
         self._last_buffers = {k: v.detach().to("cpu", copy=True) for k, v in self._buffers.items()}
         self._versions = self._param_versions()
+        # a closed recorder's "step after close" watch ends when a new recorder takes over
+        old_watch = _AFTER_CLOSE.pop(self.optimizer, None)
+        if old_watch is not None:
+            old_watch.remove()
         self._handles = [
             self.optimizer.register_step_pre_hook(self._pre_step),
             self.optimizer.register_step_post_hook(self._post_step),
@@ -835,6 +852,7 @@ class TrajectoryRecorder:
         self._closed_versions = self._param_versions()
         self._steps_after_close = 0
         self._handles = [self.optimizer.register_step_post_hook(self._after_close)]
+        _AFTER_CLOSE[self.optimizer] = self._handles[0]
         try:
             self._finish(status, extra)
         finally:
