@@ -532,3 +532,20 @@ def test_a_new_recorder_on_the_same_optimizer_ends_the_closed_ones_watch(tmp_pat
         with TrajectoryRecorder(model, opt, tmp_path / "b") as rec2:
             _step(model, opt, rec2, X, Y, 2)
     assert Trajectory.open(tmp_path / "b").num_steps == 1
+
+
+
+@pytest.mark.parametrize("lost", ["initial.safetensors", "manifest.json", ".lock"])
+def test_recorder_whose_files_were_deleted_is_told_at_its_next_step(tmp_path, lost):
+    path = tmp_path / "run"
+    X, Y = vector_data()
+    model = TanhMLP()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    rec = TrajectoryRecorder(model, opt, path)
+    _step(model, opt, rec, X, Y, 1)
+    (path / lost).unlink()
+    with pytest.raises(TrajectoryError, match="deleted while recording|removed, moved or replaced"):
+        _step(model, opt, rec, X, Y, 2)
+    with pytest.warns(RuntimeWarning, match="failed at step 2"):
+        rec._close(status="closed")
+    assert not (path / "steps" / fmt.step_filename(2)).exists()
