@@ -56,6 +56,7 @@ STATE_PREFIX = "state/"
 BATCH_INDEX = "batch/index"
 BATCH_WEIGHT = "batch/weight"
 BATCH_MICRO = "batch/micro"
+EXTRA_PREFIX = "extra/"  # tensors a later addition stores per step; readers that do not know them skip them
 BATCH_RNG = "batch/rng_state/"  # + micro-batch number: torch.get_rng_state() before its forward
 BATCH_CUDA_RNG = "batch/cuda_rng_state/"  # + micro-batch number: torch.cuda.get_rng_state(device)
 

@@ -342,7 +342,7 @@ class Trajectory:
                     raise TrajectoryCorruptError(f"{where}: {key!r} is not an RNG state (a uint8 vector)")
                 if not 0 <= i < n_micro:
                     raise TrajectoryCorruptError(f"{where}: {key!r} names micro-batch {i} of {n_micro}")
-            else:
+            elif not key.startswith(fmt.EXTRA_PREFIX):  # extra/...: room for additions, validated as entries
                 raise TrajectoryCorruptError(f"{where} holds tensor {key!r}, which the manifest does not describe")
         for name in self.trainable:
             if fmt.PARAM_PREFIX + name not in header:
