@@ -549,3 +549,19 @@ def test_recorder_whose_files_were_deleted_is_told_at_its_next_step(tmp_path, lo
     with pytest.warns(RuntimeWarning, match="failed at step 2"):
         rec._close(status="closed")
     assert not (path / "steps" / fmt.step_filename(2)).exists()
+
+
+@pytest.mark.parametrize("kind", ["symlink", "fifo"])
+def test_a_hostile_lock_file_is_refused_without_touching_its_target(tmp_path, kind):
+    path = tmp_path / "run"
+    path.mkdir()
+    precious = tmp_path / "precious.txt"
+    precious.write_text("do not truncate me")
+    if kind == "symlink":
+        (path / ".lock").symlink_to(precious)
+    else:
+        os.mkfifo(path / ".lock")
+    model = TanhMLP()
+    with pytest.raises(TrajectoryLockError, match="lock file"):
+        TrajectoryRecorder(model, torch.optim.SGD(model.parameters(), lr=0.1), path)
+    assert precious.read_text() == "do not truncate me"

@@ -143,7 +143,12 @@ def _fsync_dir(path: str) -> None:
 def atomic_write_bytes(path: str, data: bytes) -> None:
     """Write ``data`` to ``path`` so that readers see the old file, or the whole new one."""
     tmp = path + TMP_SUFFIX
-    with open(tmp, "wb") as fh:
+    try:  # a leftover (or planted) temporary, possibly a symlink: never write through it
+        os.unlink(tmp)
+    except FileNotFoundError:
+        pass
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o644)
+    with os.fdopen(fd, "wb") as fh:
         fh.write(data)
         fh.flush()
         os.fsync(fh.fileno())
