@@ -205,6 +205,8 @@ CASES = [
     ("sparse-extra-batch-index", _sparse(S2, "batch/extra", (400_000_000,), "I64"), "step_00000002.safetensors"),
     ("n_micro-1e8", _edit_record(lambda r: (r.update(n_micro=10**8), r.pop("micro_sizes"))), "n_micro"),
     ("micro_sizes-lie", _edit_record(lambda r: r.update(micro_sizes=[1, 7])), "micro_sizes"),
+    ("million-empty-micro-batches", _edit_record(lambda r: r.update(n_micro=10**6 + 2,
+                                                                    micro_sizes=[4, 4] + [0] * 10**6)), "n_micro"),
     # --- malformed JSON and headers (Why 9)
     ("manifest-list", _edit_manifest(lambda m: [1, 2]), "manifest.json is a JSON list"),
     ("manifest-null", _raw("manifest.json", b"null"), "manifest.json is a JSON NoneType"),

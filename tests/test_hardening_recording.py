@@ -25,7 +25,7 @@ from torch import nn
 from captum_explaind import Trajectory, TrajectoryError, TrajectoryMismatchError, TrajectoryRecorder
 from captum_explaind.errors import TrajectoryWriteError
 from captum_explaind.recording import format as fmt
-from captum_explaind.recording.lock import TrajectoryLockError
+from captum_explaind.recording.lock import _HELD, TrajectoryLockError
 
 from recording_utils import assert_params_equal, clone_params, nll, record_small, vector_data
 from training import TanhMLP
@@ -41,6 +41,17 @@ def _step(model, opt, rec, X, Y, s):
     if rec is not None:
         rec.log_batch(idx)
     opt.step()
+
+
+def _die(rec):
+    """What the kernel does to a recorder whose process is killed: its hooks are gone, its lock
+    released (the lock file, naming it, stays)."""
+    for h in rec._handles:
+        h.remove()
+    rec._closed = True
+    os.close(rec._lock._fd)
+    rec._lock._fd = None
+    _HELD.pop(rec._lock._key, None)
 
 
 def _env():
@@ -71,6 +82,13 @@ _CHILD = textwrap.dedent(
     model = net()
     opt = torch.optim.Adam(model.parameters(), lr=0.01)
     if mode == "contend":  # a second process tries to record into a directory in use
+        # ... after recording 3 steps elsewhere with the background writer, never closed: they
+        # must still reach the disk when the interpreter exits
+        bg = TrajectoryRecorder(model, opt, path + "_bg", background=True)
+        for s in range(1, 4):
+            step(model, opt, bg, X, Y, s)
+        model = net()
+        opt = torch.optim.Adam(model.parameters(), lr=0.01)
         try:
             TrajectoryRecorder(model, opt, path, overwrite=True)
         except Exception as err:
@@ -192,6 +210,8 @@ def test_second_process_cannot_record_into_a_directory_in_use_and_a_dead_recorde
         assert "TrajectoryLockError" in proc.stdout and f"process {os.getpid()}" in proc.stdout, proc.stdout
         _step(model, opt, rec, X, Y, 2)
     assert Trajectory.open(path).num_steps == 2
+    with pytest.warns(RuntimeWarning, match="not closed"):
+        assert Trajectory.open(str(path) + "_bg").num_steps == 3
 
     # a recorder killed without closing leaves its lock; the next one names it and says what to do
     proc = _child(tmp_path, "killed", tmp_path / "killed", ckpt)
@@ -236,14 +256,11 @@ def test_resume_refuses_a_model_or_optimizer_not_at_the_last_complete_step(tmp_p
     for s in (1, 2):
         _step(model, opt, rec, X, Y, s)
     after2 = copy.deepcopy((model.state_dict(), opt.state_dict()))
-    for h in rec._handles:  # the process dies (its hooks gone, its lock released by the kernel) ...
-        h.remove()
-    rec._lock.release(keep_stale=True)
-    rec._closed = True
+    _die(rec)  # the process dies ...
     _step(model, opt, None, X, Y, 3)  # ... after training on past the recording's end
 
     fresh = _net()
-    with pytest.raises(TrajectoryMismatchError, match=r"parameter '0.weight'.*differs from its last complete step 2"):
+    with pytest.raises(TrajectoryMismatchError, match=r"parameter '0.weight'.*differs from step 2"):
         TrajectoryRecorder(fresh, torch.optim.Adam(fresh.parameters(), lr=0.01), path, resume=True)
     fresh.load_state_dict(after2[0])
     with pytest.raises(TrajectoryMismatchError, match="no 'exp_avg_sq' state"):
@@ -396,3 +413,155 @@ def test_a_background_write_failure_nobody_saw_is_raised_at_close(tmp_path, monk
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         assert rec.close().num_steps == 1  # reported once; the trajectory opens with its prefix
+
+
+def test_buffers_are_checked_at_close_and_against_a_model(tmp_path):
+    from recording_utils import BNNet
+
+    X, Y = vector_data()
+    torch.manual_seed(0)
+    model = BNNet()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    rec = TrajectoryRecorder(model, opt, tmp_path / "run")
+    _step(model, opt, rec, X, Y, 1)
+    model(X[:6])  # a training-mode forward after the last step moves the running statistics
+    with pytest.warns(RuntimeWarning, match=r"buffers \['bn.running_mean', 'bn.running_var'.*changed after the last"):
+        traj = rec.close()
+    assert "bn.running_mean" in traj.manifest["buffers_changed_after_last_step"]
+
+    class MoreBuffers(BNNet):
+        def __init__(self) -> None:
+            super().__init__()
+            self.register_buffer("scale", torch.ones(1))
+
+    with pytest.raises(TrajectoryMismatchError, match="buffer 'scale', which was not recorded"):
+        traj.validate(MoreBuffers())
+    traj.validate(BNNet())
+
+
+def test_scheduler_created_after_the_recorder_adds_group_keys_and_the_run_still_opens(tmp_path):
+    """OneCycleLR adds initial_lr/max_lr/... to the groups after θ_0 was written: not damage."""
+    X, Y = vector_data()
+    model = TanhMLP()
+    opt = torch.optim.Adam(model.parameters(), lr=0.01)
+    rec = TrajectoryRecorder(model, opt, tmp_path / "run")
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.05, total_steps=4)
+    with rec:
+        for s in range(1, 4):
+            _step(model, opt, rec, X, Y, s)
+            sched.step()
+    traj = Trajectory.open(tmp_path / "run")
+    assert "max_lr" in traj.record(2).groups[0] and "max_lr" not in traj.groups_initial[0]
+
+
+def test_resume_from_an_earlier_checkpoint_drops_the_later_steps(tmp_path):
+    """Trainer(resume_from_checkpoint=...) restarts from the checkpoint of step 2 of a recording
+    that reached step 4: resume=2 re-records steps 3 and 4 (the same steps, deterministic)."""
+    path = tmp_path / "run"
+    X, Y = _data()
+    model = _net()
+    opt = torch.optim.Adam(model.parameters(), lr=0.01)
+    rec = TrajectoryRecorder(model, opt, path)
+    for s in (1, 2, 3, 4):
+        _step(model, opt, rec, X, Y, s)
+        if s == 2:
+            ckpt = copy.deepcopy((model.state_dict(), opt.state_dict()))
+    _die(rec)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        original = {s: Trajectory.open(path).params(s) for s in (3, 4)}
+    model, opt = _net(), None
+    opt = torch.optim.Adam(model.parameters(), lr=0.01)
+    model.load_state_dict(ckpt[0])
+    opt.load_state_dict(ckpt[1])
+    with pytest.raises(TrajectoryMismatchError, match=r"differs from step 4.*pass resume=k"):
+        TrajectoryRecorder(model, opt, path, resume=True)
+    with pytest.raises(TrajectoryError, match="holds only 4 complete steps"):
+        TrajectoryRecorder(model, opt, path, resume=5)
+    with pytest.raises(ValueError, match="resume must be"):
+        TrajectoryRecorder(model, opt, path, resume=-1)
+    with pytest.warns(RuntimeWarning, match="stale lock"):
+        rec = TrajectoryRecorder(model, opt, path, resume=2)
+    assert sorted(os.listdir(path / "steps")) == [fmt.step_filename(1), fmt.step_filename(2)]
+    with rec:
+        for s in (3, 4):
+            _step(model, opt, rec, X, Y, s)
+    traj = Trajectory.open(path)
+    assert traj.num_steps == 4 and traj.manifest["resumed"][-1]["dropped_steps"] == 2
+    for s in (3, 4):
+        assert_params_equal(traj.params(s), original[s])
+
+
+def test_bad_calls_on_the_recording_api_are_named(tmp_path):
+    traj = record_small(tmp_path / "r", steps=2)
+    model = TanhMLP()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    rec = TrajectoryRecorder(model, opt, tmp_path / "r2")
+    with pytest.raises(TypeError, match="path must be a str or os.PathLike"):
+        Trajectory.open(None)
+    with pytest.raises(ValueError, match="'nope' is not a trainable parameter"):
+        traj.params(1, names=["nope"])
+    with pytest.raises(TypeError, match="names must be a sequence of parameter names"):
+        traj.params(1, names="fc1.weight")
+    with pytest.raises(TypeError, match="dtype must be a torch.dtype"):
+        traj.params(1, dtype="float")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="device 'cuda' cannot be used"):
+            traj.params(1, device="cuda")
+    for bad in ("abc", [[1, 2], [3]], None, [2**70], {"a": 1}):
+        with pytest.raises(TypeError, match="batch indices must be"):
+            rec.log_batch(bad)
+    with pytest.raises(TypeError, match="batch weights must be a sequence of numbers"):
+        rec.log_batch([1], weights=["a"])
+    with pytest.raises(TypeError, match="background must be True or False"):
+        TrajectoryRecorder(model, opt, tmp_path / "r3", background="yes")
+    with pytest.raises(TypeError, match="path must be a str"):
+        TrajectoryRecorder(model, opt, None)
+
+
+def test_a_new_recorder_on_the_same_optimizer_ends_the_closed_ones_watch(tmp_path):
+    """Recording a run in segments (epoch 1 to one directory, epoch 2 to another) is not a
+    'step after close'."""
+    X, Y = vector_data()
+    model = TanhMLP()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with TrajectoryRecorder(model, opt, tmp_path / "a") as rec:
+        _step(model, opt, rec, X, Y, 1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with TrajectoryRecorder(model, opt, tmp_path / "b") as rec2:
+            _step(model, opt, rec2, X, Y, 2)
+    assert Trajectory.open(tmp_path / "b").num_steps == 1
+
+
+
+@pytest.mark.parametrize("lost", ["initial.safetensors", "manifest.json", ".lock"])
+def test_recorder_whose_files_were_deleted_is_told_at_its_next_step(tmp_path, lost):
+    path = tmp_path / "run"
+    X, Y = vector_data()
+    model = TanhMLP()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    rec = TrajectoryRecorder(model, opt, path)
+    _step(model, opt, rec, X, Y, 1)
+    (path / lost).unlink()
+    with pytest.raises(TrajectoryError, match="deleted while recording|removed, moved or replaced"):
+        _step(model, opt, rec, X, Y, 2)
+    with pytest.warns(RuntimeWarning, match="failed at step 2"):
+        rec._close(status="closed")
+    assert not (path / "steps" / fmt.step_filename(2)).exists()
+
+
+@pytest.mark.parametrize("kind", ["symlink", "fifo"])
+def test_a_hostile_lock_file_is_refused_without_touching_its_target(tmp_path, kind):
+    path = tmp_path / "run"
+    path.mkdir()
+    precious = tmp_path / "precious.txt"
+    precious.write_text("do not truncate me")
+    if kind == "symlink":
+        (path / ".lock").symlink_to(precious)
+    else:
+        os.mkfifo(path / ".lock")
+    model = TanhMLP()
+    with pytest.raises(TrajectoryLockError, match="lock file"):
+        TrajectoryRecorder(model, torch.optim.SGD(model.parameters(), lr=0.1), path)
+    assert precious.read_text() == "do not truncate me"

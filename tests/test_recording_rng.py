@@ -127,3 +127,36 @@ def test_rng_recording_off_by_default_without_dropout_and_explicit_states(tmp_pa
     with pytest.raises(TypeError, match="rng_state"):
         rec2 = TrajectoryRecorder(model, torch.optim.SGD(model.parameters(), lr=0.1), tmp_path / "e")
         rec2.log_batch([0], rng_state=torch.zeros(3))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_rng_state_is_recorded_and_replays_the_training_loss(tmp_path):
+    """Unverified on the CPU-only CI machine of this change: runs where CUDA is present."""
+    X, Y = (t.cuda() for t in _data())
+    torch.manual_seed(0)
+    model = DropNet().cuda()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    losses = []
+    with TrajectoryRecorder(model, opt, tmp_path / "run") as rec:
+        for s in range(3):
+            idx = torch.arange(4 * s, 4 * s + 4, device="cuda")
+            opt.zero_grad()
+            rec.log_batch(idx)
+            loss = nll(model(X[idx]), Y[idx]).mean()
+            loss.backward()
+            opt.step()
+            losses.append(loss.detach().clone())
+    traj = Trajectory.open(tmp_path / "run")
+    replay = DropNet().cuda()
+    for s in range(1, 4):
+        mb = traj.record(s).batches[0]
+        assert mb.cuda_rng_state is not None and mb.cuda_rng_state.dtype == torch.uint8
+        replay.load_state_dict({**traj.params(s - 1, device="cuda"), **traj.buffers(s - 1, device="cuda")},
+                               strict=False)
+        replay.train()
+        with torch.random.fork_rng(devices=[torch.cuda.current_device()]):
+            torch.set_rng_state(mb.rng_state)
+            torch.cuda.set_rng_state(mb.cuda_rng_state)
+            with torch.no_grad():
+                again = nll(replay(X[mb.indices.cuda()]), Y[mb.indices.cuda()]).mean()
+        assert torch.equal(again, losses[s - 1]), (s, again, losses[s - 1])

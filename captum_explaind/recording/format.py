@@ -44,8 +44,9 @@ STEPS_DIR = "steps"
 TMP_SUFFIX = ".tmp"
 
 # Bounds on what a reader parses (far above anything a recording of a real model needs).
-MAX_JSON_BYTES = 256 << 20  # manifest.json
-MAX_HEADER_BYTES = 100 << 20  # a safetensors header (safetensors' own limit)
+MAX_JSON_BYTES = 64 << 20  # manifest.json (a 100k-tensor model needs ~20 MB)
+MAX_HEADER_BYTES = 32 << 20  # a safetensors header (a step of a 10k-tensor model needs ~2 MB)
+MAX_EMPTY_MICRO = 1024  # micro-batches without samples a step may log (log_batch([]))
 MAX_JSON_DEPTH = 64
 CHECKSUM = "crc32"
 
@@ -57,6 +58,7 @@ REG_PREFIX = "reg/"
 BATCH_INDEX = "batch/index"
 BATCH_WEIGHT = "batch/weight"
 BATCH_MICRO = "batch/micro"
+EXTRA_PREFIX = "extra/"  # tensors a later addition stores per step; readers that do not know them skip them
 BATCH_RNG = "batch/rng_state/"  # + micro-batch number: torch.get_rng_state() before its forward
 BATCH_CUDA_RNG = "batch/cuda_rng_state/"  # + micro-batch number: torch.cuda.get_rng_state(device)
 
@@ -143,7 +145,12 @@ def _fsync_dir(path: str) -> None:
 def atomic_write_bytes(path: str, data: bytes) -> None:
     """Write ``data`` to ``path`` so that readers see the old file, or the whole new one."""
     tmp = path + TMP_SUFFIX
-    with open(tmp, "wb") as fh:
+    try:  # a leftover (or planted) temporary, possibly a symlink: never write through it
+        os.unlink(tmp)
+    except FileNotFoundError:
+        pass
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o644)
+    with os.fdopen(fd, "wb") as fh:
         fh.write(data)
         fh.flush()
         os.fsync(fh.fileno())

@@ -12,6 +12,7 @@ import datetime
 import json
 import os
 import socket
+import stat
 import threading
 import uuid
 from typing import Any, Dict, Optional
@@ -79,7 +80,18 @@ class DirectoryLock:
                     f"({_HELD[self._key]}); close it first (or record to another path)"
                 )
             for _ in range(10):  # the file may be unlinked by its holder between open and flock
-                fd = os.open(self.file, os.O_RDWR | os.O_CREAT, 0o644)
+                # never follow a symlink (it could point at a file we would truncate) nor block on a FIFO
+                flags = os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
+                try:
+                    fd = os.open(self.file, flags | getattr(os, "O_CLOEXEC", 0), 0o644)
+                except OSError as err:
+                    raise TrajectoryLockError(
+                        f"cannot open the lock file {self.file!r} ({err}); it must be a regular file "
+                        "(not a symlink): remove it"
+                    ) from None
+                if not stat.S_ISREG(os.fstat(fd).st_mode):
+                    os.close(fd)
+                    raise TrajectoryLockError(f"the lock file {self.file!r} is not a regular file; remove it")
                 try:
                     self._lock_fd(fd)
                 except BaseException:

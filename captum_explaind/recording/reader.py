@@ -111,6 +111,8 @@ def parse_json(text: Any, where: str) -> Any:
         obj = json.loads(text)
     except RecursionError:
         raise TrajectoryCorruptError(f"{where} nests too deeply to be parsed") from None
+    except MemoryError:
+        raise TrajectoryCorruptError(f"{where} is too large to be parsed") from None
     except (ValueError, TypeError) as err:
         raise TrajectoryCorruptError(f"{where} is not valid JSON ({err})") from err
     check_json_depth(obj, where)
@@ -243,6 +245,10 @@ class SafeFile:
                 raise TrajectoryCorruptError(f"{self.path}: metadata 'checksums' is not an object of strings")
             self._checksums = obj
         return self._checksums
+
+    def get_tensor(self, key: str) -> torch.Tensor:
+        """``safetensors.safe_open``-style alias of :meth:`get` (verified)."""
+        return self.get(key)
 
     def get(self, key: str, *, verify: bool = True) -> torch.Tensor:
         """Read tensor ``key`` (its size is known to lie inside the file) and check its checksum."""

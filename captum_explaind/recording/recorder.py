@@ -19,6 +19,7 @@ import datetime
 import json
 import os
 import warnings
+import weakref
 from typing import Any, Dict, List, Optional, Tuple, Union
 
 import numpy as np
@@ -42,6 +43,10 @@ __all__ = ["TrajectoryRecorder"]
 # the kernel part is re-derived from the recorded updates (model/training views) or from
 # replayed per-sample gradients (data view).
 _STATE_KEYS = {"adam": ("exp_avg_sq", "max_exp_avg_sq"), "adamw": ("exp_avg_sq", "max_exp_avg_sq")}
+
+
+# optimizer -> hook handle of the closed recorder watching it for steps after close
+_AFTER_CLOSE: "weakref.WeakKeyDictionary[Any, Any]" = weakref.WeakKeyDictionary()
 
 
 def _now() -> str:
@@ -98,10 +103,68 @@ def _library_version() -> str:
         return "unknown"
 
 
+def _as_indices(indices: Any) -> torch.Tensor:
+    """``log_batch``'s indices as an int64 vector, or a TypeError/ValueError that names them."""
+    try:
+        arr = np.asarray(indices.detach().cpu() if isinstance(indices, torch.Tensor) else indices)
+        if arr.dtype == object or arr.dtype.kind in "USV":
+            raise TypeError(f"got {type(indices).__name__} of {arr.dtype}")
+        idx = torch.as_tensor(arr)
+    except (TypeError, ValueError, OverflowError, RuntimeError) as err:
+        raise TypeError(
+            f"batch indices must be a tensor, array or flat sequence of non-negative ints (dataset indices); "
+            f"got {indices!r:.80} ({err})"
+        ) from None
+    idx = idx.reshape(-1)
+    if idx.numel() and (idx.is_floating_point() or idx.is_complex() or idx.dtype == torch.bool):
+        raise TypeError(f"batch indices must be integers, got dtype {idx.dtype}")
+    idx = idx.to(torch.int64)
+    if idx.numel() and int(idx.min()) < 0:
+        raise ValueError("batch indices must be non-negative dataset indices")
+    return idx.clone()
+
+
+def _as_weights(weights: Any, n: int) -> torch.Tensor:
+    """``log_batch``'s weights as a finite float64 vector of ``n`` entries."""
+    try:
+        w = torch.as_tensor(np.asarray(weights.detach().cpu() if isinstance(weights, torch.Tensor) else weights,
+                                       dtype=np.float64)).reshape(-1)
+    except (TypeError, ValueError) as err:
+        raise TypeError(f"batch weights must be a sequence of numbers, got {weights!r:.80} ({err})") from None
+    if w.numel() != n:
+        raise ValueError(f"got {w.numel()} weights for {n} indices")
+    if not torch.isfinite(w).all():
+        raise ValueError("batch weights must be finite")
+    return w.clone()
+
+
 def _as_rng_state(state: Any, name: str) -> torch.Tensor:
     if not isinstance(state, torch.Tensor) or state.dtype != torch.uint8 or state.dim() != 1:
         raise TypeError(f"{name} must be a 1-D uint8 tensor as returned by torch.get_rng_state(), got {state!r:.80}")
     return state.detach().to("cpu", copy=True)
+
+
+def _check_options(model: Any, path: Any, *, reduction: Any, store_dtype: Any, record_rng: Any, resume: Any,
+                   overwrite: Any, background: Any, check_finite: Any, record_optimizer_state: Any) -> None:
+    """The recorder's arguments, each refused by name when it is not what it must be."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+    if store_dtype is not None and not (isinstance(store_dtype, torch.dtype) and store_dtype.is_floating_point):
+        raise ValueError(f"store_dtype must be a floating torch.dtype or None, got {store_dtype!r}")
+    if record_rng not in ("auto", True, False):
+        raise ValueError(f"record_rng must be 'auto', True or False, got {record_rng!r}")
+    for flag, value in (("overwrite", overwrite), ("background", background), ("check_finite", check_finite),
+                        ("record_optimizer_state", record_optimizer_state)):
+        if not isinstance(value, bool):
+            raise TypeError(f"{flag} must be True or False, got {value!r}")
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"path must be a str or os.PathLike (the trajectory directory), got {type(path).__name__}")
+    if not isinstance(resume, (bool, int)) or (not isinstance(resume, bool) and resume < 0):
+        raise ValueError(f"resume must be True, False or a step number >= 0, got {resume!r}")
+    if overwrite and resume is not False:
+        raise ValueError("pass overwrite=True (replace the recording) or resume=True (continue it), not both")
 
 
 class TrajectoryRecorder:
@@ -133,9 +196,12 @@ class TrajectoryRecorder:
             at any point of the loop, is recorded correctly.
         overwrite (bool, optional): replace an existing *trajectory* at ``path`` (never another
             directory): only the files this library wrote are removed. Default: False
-        resume (bool, optional): append to the recording at ``path`` (interrupted, or closed),
-            after checking that the model's parameters and buffers and the optimizer's recorded
-            state equal (as stored) those of its last complete step. Default: False
+        resume (bool or int, optional): append to the recording at ``path`` (interrupted, or
+            closed), after checking that the model's parameters and buffers and the optimizer's
+            recorded state equal (as stored) those of its last complete step. An int ``k``
+            continues after step ``k`` instead (training resumed from an earlier checkpoint, as
+            ``Trainer(resume_from_checkpoint=...)`` does): the recorded steps after ``k`` are
+            removed, last first, once the state matches step ``k``. Default: False
         store_dtype (torch.dtype, optional): dtype parameters and optimizer state are stored in;
             ``None`` keeps each tensor's own dtype. ``torch.float64`` is useful when training in
             float64 for exactness studies. Default: None
@@ -184,7 +250,7 @@ class TrajectoryRecorder:
         *,
         scheduler: Any = None,
         overwrite: bool = False,
-        resume: bool = False,
+        resume: Union[bool, int] = False,
         store_dtype: Optional[torch.dtype] = None,
         record_optimizer_state: bool = True,
         reduction: str = "mean",
@@ -194,16 +260,9 @@ class TrajectoryRecorder:
         ddp: Optional[bool] = None,
         keep_every: int = 1,
     ) -> None:
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-        if reduction not in ("mean", "sum"):
-            raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
-        if store_dtype is not None and not (isinstance(store_dtype, torch.dtype) and store_dtype.is_floating_point):
-            raise ValueError(f"store_dtype must be a floating torch.dtype or None, got {store_dtype!r}")
-        if record_rng not in ("auto", True, False):
-            raise ValueError(f"record_rng must be 'auto', True or False, got {record_rng!r}")
-        if overwrite and resume:
-            raise ValueError("pass overwrite=True (replace the recording) or resume=True (continue it), not both")
+        _check_options(model, path, reduction=reduction, store_dtype=store_dtype, record_rng=record_rng,
+                       resume=resume, overwrite=overwrite, background=background, check_finite=check_finite,
+                       record_optimizer_state=record_optimizer_state)
         self.model = model
         self.optimizer = unwrap_optimizer(optimizer)
         self.path = os.fspath(path)
@@ -250,20 +309,31 @@ class TrajectoryRecorder:
         self._follower = self._ddp and not distributed.is_writer()
         if self._follower:
             self._writer, self._lock = _FollowerWriter(), _FollowerLock()
-        created = False if self._follower else self._open_directory(overwrite, resume)
+        created = False if self._follower else self._open_directory(overwrite, resume is not False)
         try:
             if self._follower:
                 pass
-            elif resume:
-                self._resume()
+            elif resume is not False:
+                self._resume(None if resume is True else int(resume))
             else:
                 self._write_initial()
                 self._write_manifest(status="recording")
         except BaseException:
             self._abandon(created)
             raise
+        if self._lock.stale:
+            warnings.warn(
+                f"{self.path!r}: took over the stale lock of {_describe_holder(self._lock.stale)}, which died "
+                f"while recording there; {'resuming' if resume is not False else 'replacing'} its recording",
+                RuntimeWarning,
+                stacklevel=2,
+            )
         self._last_buffers = {k: v.detach().to("cpu", copy=True) for k, v in self._buffers.items()}
         self._versions = self._param_versions()
+        # a closed recorder's "step after close" watch ends when a new recorder takes over
+        old_watch = _AFTER_CLOSE.pop(self.optimizer, None)
+        if old_watch is not None:
+            old_watch.remove()
         self._handles = [
             self.optimizer.register_step_pre_hook(self._pre_step),
             self.optimizer.register_step_post_hook(self._post_step),
@@ -356,13 +426,6 @@ class TrajectoryRecorder:
                     "removed), or choose another path"
                 )
             directory.remove_library_files(self.path)
-        if stale:
-            warnings.warn(
-                f"{self.path!r}: took over the stale lock of {_describe_holder(stale)}, which died while "
-                f"recording there; {'resuming' if resume else 'replacing'} its recording",
-                RuntimeWarning,
-                stacklevel=4,
-            )
 
     def _abandon(self, created: bool) -> None:
         """Undo a failed construction: release the lock (and drop a directory created here)."""
@@ -372,8 +435,9 @@ class TrajectoryRecorder:
             _remove_empty_dir(os.path.join(self.path, fmt.STEPS_DIR))
             _remove_empty_dir(self.path)
 
-    def _resume(self) -> None:
-        """Continue the recording at ``path`` after checking the model and optimizer match its end."""
+    def _resume(self, at: Optional[int]) -> None:
+        """Continue the recording at ``path`` after its last step (or step ``at``), once the model
+        and optimizer are checked to be in that step's state."""
         steps = os.path.join(self.path, fmt.STEPS_DIR)
         for name in os.listdir(steps):  # files a killed writer left half-written
             if name.endswith(fmt.TMP_SUFFIX) and fmt.parse_step_filename(name[: -len(fmt.TMP_SUFFIX)]):
@@ -383,15 +447,23 @@ class TrajectoryRecorder:
             traj = Trajectory.open(self.path)
         old = traj.manifest
         check_manifest_compatible(old, self._manifest("recording"), self.path)
-        check_state_matches(traj, self.model, self.optimizer, self._stored, self.trainable)
-        self._step = self._durable = traj.num_steps
+        step = traj.num_steps if at is None else at
+        if step > traj.num_steps:
+            raise TrajectoryError(
+                f"cannot resume {self.path!r} after step {step}: it holds only {traj.num_steps} complete steps"
+            )
+        check_state_matches(traj, self.model, self.optimizer, self._stored, self.trainable, step=step)
+        for s in range(traj.num_steps, step, -1):  # last first: a crash here still leaves a prefix
+            os.unlink(os.path.join(steps, fmt.step_filename(s)))
+        self._step = self._durable = step
         self._created = old.get("created_utc")
         self._initial_groups = old["optimizer"].get("groups", self._initial_groups)
         self._training_modes = old.get("training_modes")
         for key in ("resumed", "modified_outside_step", "steps_without_batch"):
             if key in old:
                 self._history[key] = old[key]
-        self._history.setdefault("resumed", []).append({"at_step": traj.num_steps, "utc": _now()})
+        self._history.setdefault("resumed", []).append(
+            {"at_step": step, "utc": _now(), "dropped_steps": traj.num_steps - step})
         self._write_manifest(status="recording")
 
     def _check_alive(self) -> None:
@@ -549,26 +621,12 @@ class TrajectoryRecorder:
         """
         if self._closed:
             raise RuntimeError(f"this recorder of {self.path!r} is closed")
-        idx = torch.as_tensor(np.asarray(indices.cpu() if isinstance(indices, torch.Tensor) else indices))
-        if idx.dim() != 1:
-            idx = idx.reshape(-1)
-        if idx.numel() and (idx.is_floating_point() or idx.dtype == torch.bool):
-            raise TypeError(f"batch indices must be integers, got dtype {idx.dtype}")
-        idx = idx.to(torch.int64)
-        if idx.numel() and int(idx.min()) < 0:
-            raise ValueError("batch indices must be non-negative dataset indices")
+        idx = _as_indices(indices)
         if weights is None:
             w = torch.full((idx.numel(),), 1.0 / max(idx.numel(), 1) if self.reduction == "mean" else 1.0,
                            dtype=torch.float64)
         else:
-            w = torch.as_tensor(
-                np.asarray(weights.detach().cpu() if isinstance(weights, torch.Tensor) else weights,
-                           dtype=np.float64)
-            ).reshape(-1)
-            if w.numel() != idx.numel():
-                raise ValueError(f"got {w.numel()} weights for {idx.numel()} indices")
-            if not torch.isfinite(w).all():
-                raise ValueError("batch weights must be finite")
+            w = _as_weights(weights, idx.numel())
         mb = fmt.MicroBatch(indices=idx.clone(), weights=w.clone())
         if rng_state is not None or cuda_rng_state is not None:
             mb.rng_state = None if rng_state is None else _as_rng_state(rng_state, "rng_state")
@@ -868,6 +926,7 @@ class TrajectoryRecorder:
         self._closed_versions = self._param_versions()
         self._steps_after_close = 0
         self._handles = [self.optimizer.register_step_post_hook(self._after_close)]
+        _AFTER_CLOSE[self.optimizer] = self._handles[0]
         try:
             self._finish(status, extra)
         finally:

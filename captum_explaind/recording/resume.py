@@ -7,7 +7,7 @@ optimizer state bit-identical (as stored) to those of the last complete step.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, List
+from typing import Any, Callable, Dict, List, Optional
 
 import torch
 from torch import nn
@@ -52,11 +52,13 @@ def _compare(what: str, live: torch.Tensor, recorded: torch.Tensor, step: int, p
         diff = f"max |difference| {float((live.double() - recorded.double()).abs().max()):.3g}"
     else:
         diff = f"shape/dtype {tuple(live.shape)}/{live.dtype} vs. {tuple(recorded.shape)}/{recorded.dtype}"
-    where = "θ_0" if step == 0 else f"its last complete step {step}"
+    where = "θ_0" if step == 0 else f"step {step}"
     raise TrajectoryMismatchError(
         f"cannot resume {path!r}: {what} of the live model/optimizer differs from {where} ({diff}). "
-        f"Resuming must continue from exactly the state the recording ends in: load the checkpoint "
-        f"(model and optimizer) saved right after step {step}, or record to a new path"
+        f"Resuming must continue from exactly the state the recording holds: load the checkpoint "
+        f"(model and optimizer) saved right after step {step}; if training resumed from an earlier "
+        "checkpoint of step k, pass resume=k (the recorded steps after k are then dropped); or record to a "
+        "new path"
     )
 
 
@@ -66,14 +68,16 @@ def check_state_matches(
     optimizer: torch.optim.Optimizer,
     stored: Callable[[torch.Tensor], torch.Tensor],
     trainable: List[str],
+    step: Optional[int] = None,
 ) -> None:
-    """Check that ``model``/``optimizer`` are in the state of ``traj``'s last complete step.
+    """Check that ``model``/``optimizer`` are in the state of ``traj``'s step ``step`` (default:
+    its last complete step).
 
     ``stored`` converts a live tensor the way the recorder stores it, so the comparison is bit
     for bit in the stored dtype. Compared: trainable parameters (θ_N), frozen parameters (θ_0),
     buffers in effect after step N, and the recorded optimizer state and step counts of step N.
     """
-    n, path = traj.num_steps, traj.path
+    n, path = traj.num_steps if step is None else step, traj.path
     params = dict(model.named_parameters())
     recorded = traj.params(n)
     for name in trainable:

@@ -202,6 +202,7 @@ def _check_step_count(path: str, manifest: Dict[str, Any], n: int) -> None:
 
 _BATCH_DTYPES = {fmt.BATCH_INDEX: torch.int64, fmt.BATCH_WEIGHT: torch.float64, fmt.BATCH_MICRO: torch.int32}
 _MAX_RNG_BYTES = 1 << 20
+_USABLE_DEVICES: Set[str] = set()
 
 
 def _rng_slot(key: str) -> Optional[int]:
@@ -283,6 +284,8 @@ class Trajectory:
             TrajectoryCorruptError: not a trajectory, unreadable manifest or files, missing steps,
                 a file or field that contradicts the manifest (naming the file and the field).
         """
+        if not isinstance(path, (str, os.PathLike)):
+            raise TypeError(f"path must be a str or os.PathLike (a trajectory directory), got {type(path).__name__}")
         path = os.fspath(path)
         manifest = _read_manifest(path)
         _check_initial_file(path, manifest)
@@ -339,7 +342,7 @@ class Trajectory:
                     raise TrajectoryCorruptError(f"{where}: {key!r} is not an RNG state (a uint8 vector)")
                 if not 0 <= i < n_micro:
                     raise TrajectoryCorruptError(f"{where}: {key!r} names micro-batch {i} of {n_micro}")
-            else:
+            elif not key.startswith(fmt.EXTRA_PREFIX):  # extra/...: room for additions, validated as entries
                 raise TrajectoryCorruptError(f"{where} holds tensor {key!r}, which the manifest does not describe")
         for name in self.trainable:
             if fmt.PARAM_PREFIX + name not in header:
@@ -348,15 +351,17 @@ class Trajectory:
             raise TrajectoryCorruptError(f"{where}: metadata 'checksums' is missing")
 
     def _check_step_counts(self, step: int, previous: Optional[Dict[str, Any]], record: Dict[str, Any]) -> None:
-        """Adam's per-parameter step counts move by one exactly when the parameter had a gradient."""
-        if previous is None:
+        """Adam's per-parameter step counts move by one exactly when the parameter had a gradient
+        (only never backwards when the recording keeps every k-th step)."""
+        if previous is None or self.family not in ("adam", "adamw"):
             return
+        every = (self.manifest.get("recording") or {}).get("keep_every") or 1
         before, now = previous.get("state_step") or {}, record.get("state_step") or {}
         inactive = set(record.get("inactive") or [])
         for name, count in now.items():
             if name in before:
                 expected = before[name] + (0 if name in inactive else 1)
-                if count != expected:
+                if count != expected if every == 1 else count < before[name]:
                     raise TrajectoryCorruptError(
                         f"{self._step_path(step)}: field 'state_step' gives {name!r} the count {count}, but it was "
                         f"{before[name]} after step {step - 1} (expected {expected})"
@@ -533,7 +538,7 @@ class Trajectory:
             *dict[str, Tensor]*
         """
         self._check_step(step)
-        names = list(self.trainable if names is None else names)
+        names = self._check_names(names)
         with self._open(step) as fh:
             out = self._read_params(fh, step, names)
         return {n: self._cast(t, device, dtype) for n, t in out.items()}
@@ -593,7 +598,7 @@ class Trajectory:
         """
         self._check_step(step, allow_zero=False)
         self._check_state_key(key)
-        names = list(self.trainable if names is None else names)
+        names = self._check_names(names)
         with self._open(step) as fh:
             return self._read_state(fh, step, key, names, set(fh.keys()), device, dtype)
 
@@ -612,6 +617,21 @@ class Trajectory:
         with self._open(step) as fh:
             return {k[len(fmt.REG_PREFIX):]: self._cast(fh.get_tensor(k), device, dtype)
                     for k in fh.keys() if k.startswith(fmt.REG_PREFIX)}
+
+    def _check_names(self, names: Optional[Sequence[str]]) -> List[str]:
+        """``names`` as a list of trainable parameter names (all when ``None``), or a named error."""
+        if names is None:
+            return list(self.trainable)
+        if isinstance(names, str):
+            raise TypeError(f"names must be a sequence of parameter names, got the string {names!r}")
+        out = list(names)
+        unknown = [n for n in out if n not in self.trainable]
+        if unknown:
+            raise ValueError(
+                f"{unknown[0]!r} is not a trainable parameter of trajectory {self.path!r} "
+                f"(trainable: {self.trainable[:8]}{'...' if len(self.trainable) > 8 else ''})"
+            )
+        return out
 
     def _check_state_key(self, key: str) -> None:
         """Raise :class:`MissingOptimizerStateError` unless optimizer state ``key`` was recorded."""
@@ -744,6 +764,14 @@ class Trajectory:
 
     @staticmethod
     def _cast(t: torch.Tensor, device: Any, dtype: Optional[torch.dtype]) -> torch.Tensor:
+        if dtype is not None and not isinstance(dtype, torch.dtype):
+            raise TypeError(f"dtype must be a torch.dtype (e.g. torch.float64), got {dtype!r}")
+        if device is not None and str(device) not in _USABLE_DEVICES:
+            try:
+                torch.empty(0, device=device)
+            except (RuntimeError, AssertionError, TypeError) as err:
+                raise ValueError(f"device {device!r} cannot be used here ({err})") from None
+            _USABLE_DEVICES.add(str(device))
         if dtype is not None and t.is_floating_point():
             t = t.to(dtype)
         if device is not None:

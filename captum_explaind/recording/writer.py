@@ -9,8 +9,10 @@ writer: later submissions are refused, so no later step can take a failed step's
 
 from __future__ import annotations
 
+import atexit
 import queue
 import threading
+import weakref
 from typing import Callable, Dict, Optional, Tuple
 
 import torch
@@ -20,6 +22,18 @@ from . import format as fmt
 __all__ = ["StepWriter"]
 
 _Job = Tuple[str, Dict[str, torch.Tensor], Dict[str, str], Callable[[], None]]
+
+# Background writers still running: a script that ends without close() still gets its steps.
+_LIVE: "weakref.WeakSet[StepWriter]" = weakref.WeakSet()
+
+
+@atexit.register
+def _flush_at_exit() -> None:  # pragma: no cover - runs at interpreter exit
+    for writer in list(_LIVE):
+        try:
+            writer.flush()
+        except Exception:
+            pass
 
 
 class StepWriter:
@@ -41,6 +55,7 @@ class StepWriter:
         if background:
             self._thread = threading.Thread(target=self._run, name="captum_explaind-step-writer", daemon=True)
             self._thread.start()
+            _LIVE.add(self)
 
     def submit(self, path: str, tensors: Dict[str, torch.Tensor], metadata: Dict[str, str],
                on_done: Callable[[], None]) -> None:
