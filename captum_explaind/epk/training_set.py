@@ -32,6 +32,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, IterableDataset, TensorDataset, default_collate
 
 from ..recording.format import StepRecord
+from .augmentation import warn_if_random
 from .batch import Batch, to_pytree
 from .functional import FunctionalModel
 from .outputs import default_output_fn
@@ -127,6 +128,8 @@ class TrainingSet:
                 f"over one, got {type(data).__name__}: samples are fetched by the indices the recorder logged"
             )
         self.dataset: Dataset = data
+        # random augmentation cannot be replayed: say so by name (the residual reports what it costs)
+        self.random_transforms = warn_if_random(data)
         self.collate = collate
         self.custom_collate = collate_fn is not None
         self.fm = fm
