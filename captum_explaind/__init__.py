@@ -36,6 +36,7 @@ from .errors import (  # noqa: E402
     TrajectoryCorruptError,
     TrajectoryError,
     TrajectoryMismatchError,
+    TrajectoryWriteError,
     UnsupportedOptimizerError,
 )
 from .recording import Trajectory, TrajectoryRecorder  # noqa: E402
@@ -57,6 +58,7 @@ __all__ = [
     "ExplaindError",
     "TrajectoryError",
     "TrajectoryCorruptError",
+    "TrajectoryWriteError",
     "TrajectoryMismatchError",
     "UnsupportedOptimizerError",
     "MissingOptimizerStateError",
