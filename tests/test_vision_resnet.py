@@ -16,7 +16,10 @@ from captum_explaind.epk.train_grads import CoupledGrads, select_train_grads
 tv = pytest.importorskip("captum_explaind.adapters.torchvision")
 import torchvision  # noqa: E402  (importable through the adapter on a CPU torch)
 
-LAYERS = ["conv1", "bn1", "layer1", "layer2", "layer3", "layer4", "fc"]
+LAYERS = {"body": ["conv1", "bn1", "layer1", "layer2", "layer3", "layer4"], "head": ["fc"]}
+# 11 M parameters on 2 CPU cores: a fixed 2-node rule (no refinement) keeps the tests short; the delta is then
+# the quadrature error of that rule, and everything else is checked against plain forward passes
+FAST = {"options": "fast", "dtype": torch.float64}
 
 
 def record(model, X, Y, path, steps=2, batch=4):
@@ -33,10 +36,10 @@ def record(model, X, Y, path, steps=2, batch=4):
     return rec.trajectory
 
 
-def plain_output(model, traj, x, step):
-    """f(θ_step, b_step; x) from a plain eval-mode copy with the recorded state loaded."""
+def plain_output(model, traj, x, step, buffer_step=None):
+    """f(θ_step, b_step; x) (or with the buffers of ``buffer_step``) from a plain eval-mode copy."""
     m = copy.deepcopy(model).eval()
-    state = {**m.state_dict(), **traj.params(step), **traj.buffers(step)}
+    state = {**m.state_dict(), **traj.params(step), **traj.buffers(step if buffer_step is None else buffer_step)}
     m.load_state_dict(state)
     with torch.no_grad():
         return m(x)
@@ -46,30 +49,34 @@ def plain_output(model, traj, x, step):
 def resnet(tmp_path_factory):
     torch.manual_seed(0)
     model = torchvision.models.resnet18(num_classes=3).double()
-    X = torch.randn(8, 3, 16, 16, dtype=torch.float64)
+    X = torch.randn(8, 3, 8, 8, dtype=torch.float64)
     Y = torch.randint(0, 3, (8,))
     traj = record(model, X, Y, tmp_path_factory.mktemp("resnet") / "run")
     return model, traj, X, Y
 
 
+@pytest.mark.slow
 def test_resnet18_model_view_with_batchnorm_buffers_is_complete(resnet):
     model, traj, X, _ = resnet
-    x = X[:2] + 0.05
-    change = plain_output(model, traj, x, traj.num_steps) - plain_output(model, traj, x, 0)
-    res = ParameterInfluence(model, traj).explain(x, target=1, layers=LAYERS, method="jvp")
+    x = X[:1] + 0.05
+    change = (plain_output(model, traj, x, traj.num_steps) - plain_output(model, traj, x, 0))[:, 1]
+    res = ParameterInfluence(model, traj, **FAST).explain(x, target=1, layers=LAYERS, method="jvp")
     buffers = res.buffers[:, 0]
-    assert float(buffers.abs().max()) > 1e-3 * float(change[:, 1].abs().max())  # BatchNorm statistics moved
+    assert float(buffers.abs().max()) > 1e-3 * float(change.abs().max())  # BatchNorm statistics moved
+    scale = float(change.abs().max()) + float(buffers.abs().max())
     total = res.scores["total"][:, 0].sum(-1) + buffers + res.delta[:, 0]
-    torch.testing.assert_close(total, change[:, 1], rtol=0, atol=1e-12)
-    torch.testing.assert_close(res.change[:, 0], change[:, 1], rtol=0, atol=1e-12)
-    assert float(res.delta.abs().max()) < 1e-8 * float(change[:, 1].abs().max())
-    parts = ExactPathKernel(model, traj).reconstruct(x)
-    torch.testing.assert_close(parts.buffers[:, 1], buffers, rtol=0, atol=1e-12)
+    torch.testing.assert_close(total, change, rtol=0, atol=1e-12 * scale)
+    torch.testing.assert_close(res.change[:, 0], change, rtol=0, atol=1e-12 * scale)
+    # the buffers component is the jumps f(θ_s, b_s) − f(θ_s, b_{s−1}) of plain forward passes
+    jumps = sum(plain_output(model, traj, x, s) - plain_output(model, traj, x, s, s - 1)
+                for s in range(1, traj.num_steps + 1))[:, 1]
+    torch.testing.assert_close(buffers, jumps, rtol=0, atol=1e-12 * scale)
 
 
+@pytest.mark.slow
 def test_resnet18_coupled_gradients_equal_per_sample_autograd_through_the_batch(resnet):
     model, traj, X, Y = resnet
-    tdi = TrainingDataInfluence(model, traj, TensorDataset(X, Y), options="fast", dtype=torch.float64)
+    tdi = TrainingDataInfluence(model, traj, TensorDataset(X, Y), **FAST)
     grads = select_train_grads(tdi.epk, tdi.train, tdi.loss_fn)
     assert isinstance(grads, CoupledGrads)
     rec = traj.record(2)
@@ -88,17 +95,17 @@ def test_resnet18_coupled_gradients_equal_per_sample_autograd_through_the_batch(
         torch.testing.assert_close(got[k], ref, rtol=0, atol=1e-12 * float(ref.abs().max()))
 
 
+@pytest.mark.slow
 def test_resnet18_data_view_residual_is_round_off(resnet):
     """Fixed 2-node rule (no refinement): the delta is quadrature error, the residual is round-off."""
     model, traj, X, Y = resnet
     x = X[:1] + 0.05
-    res = TrainingDataInfluence(model, traj, TensorDataset(X, Y), options="fast", dtype=torch.float64).explain(
-        x, target=0)
+    res = TrainingDataInfluence(model, traj, TensorDataset(X, Y), **FAST).explain(x, target=0)
     assert res.train_grads == "coupled"
     change = plain_output(model, traj, x, traj.num_steps)[:, 0] - plain_output(model, traj, x, 0)[:, 0]
     assert float(res.residual.abs().max()) < 1e-10 * float(change.abs().max())
     total = res.scores.sum(1) + res.regularization + res.residual + res.buffers + res.delta
-    torch.testing.assert_close(total, change, rtol=0, atol=1e-12)
+    torch.testing.assert_close(total, change, rtol=0, atol=1e-12 * (float(change.abs().max()) + 1))
     assert res.grad_scale == pytest.approx({1: 1.0, 2: 1.0}, abs=1e-12)
 
 

@@ -11,7 +11,7 @@ the recorder sees. To explain the augmented run exactly, make the transform a fu
 index (e.g. seed it with ``hash((epoch, index))``) and log each micro-batch's indices into a
 dataset that reproduces those draws.
 
-:func:`random_transforms` probes a dataset: it fetches a few items twice (under a forked RNG, so
+:func:`random_transforms` probes a dataset: it fetches a few items several times (under a forked RNG, so
 the caller's random state is untouched) and compares, and it names the transforms it finds on the
 dataset (``transform``/``transforms`` attributes, through ``Compose`` and ``Subset``).
 """
@@ -77,12 +77,14 @@ def _transform_names(dataset: Any, depth: int = 0) -> List[str]:
     return list(dict.fromkeys(found))
 
 
-def random_transforms(dataset: Any, probe: int = 2) -> List[str]:
+def random_transforms(dataset: Any, probe: int = 4, draws: int = 3) -> List[str]:
     """Why ``dataset`` cannot be replayed exactly, or ``[]``.
 
     Args:
         dataset: a map-style dataset.
-        probe (int): items fetched twice and compared. Default: 2
+        probe (int): items fetched repeatedly and compared. Default: 4
+        draws (int): fetches of each (a flip with p=½ escapes 4 items × 3 draws with chance 1/256).
+            Default: 3
 
     Returns:
         *list[str]*: the random transforms found by name, or ``[type(dataset).__name__]`` when
@@ -93,7 +95,8 @@ def random_transforms(dataset: Any, probe: int = 2) -> List[str]:
     differs = False
     with torch.random.fork_rng(devices=[]):
         for i in range(min(probe, n)):
-            if not _same(dataset[i], dataset[i]):
+            first = dataset[i]
+            if any(not _same(first, dataset[i]) for _ in range(draws - 1)):
                 differs = True
                 break
     names = _transform_names(dataset)
