@@ -150,3 +150,17 @@ def test_prunable_weights_skips_norms_and_excluded():
     net = nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2), nn.Flatten(), nn.Linear(2, 2))
     assert [m for m, _ in prunable_weights(net)] == [net[0], net[3]]
     assert [m for m, _ in prunable_weights(net, exclude=["3"])] == [net[0]]
+
+
+def test_plot_pruning_draws_each_metric():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from captum_explaind.visualization import plot_pruning
+
+    levels = (0.7, 0.9, 0.99)
+    summary = {m: {k: [[0.9, 0.6, 0.5], [0.05, 0.1, 0.0]] for k in ("accuracy", "agreement", "kl")}
+               for m in ("explaind", "magnitude")}
+    fig = plot_pruning(levels, summary)
+    assert len(fig.axes) == 3 and all(len(ax.lines) == 2 for ax in fig.axes)
+    assert fig.axes[2].get_yscale() == "log"
