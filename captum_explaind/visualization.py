@@ -430,7 +430,10 @@ def plot_pruning(levels: Sequence[float], summary: Mapping[str, Mapping[str, Seq
         for method, per in summary.items():
             mean, std = (np.asarray(v, dtype=float) for v in per[metric])
             a.plot(x, mean, marker="o", ms=3, label=method)
-            a.fill_between(x, mean - std, mean + std, alpha=0.2)
+            # ± std band, kept inside what the metric can take (fractions in [0, 1]; KL > 0 on a log axis)
+            low = np.maximum(mean - std, 0.5 * mean) if metric == "kl" else np.clip(mean - std, 0.0, 1.0)
+            high = mean + std if metric == "kl" else np.clip(mean + std, 0.0, 1.0)
+            a.fill_between(x, low, high, alpha=0.2)
         a.set_xscale("log")
         a.invert_xaxis()
         a.set_xticks(x)
@@ -438,7 +441,7 @@ def plot_pruning(levels: Sequence[float], summary: Mapping[str, Mapping[str, Seq
         a.set_xlabel("sparsity (%)")
         a.set_title(titles.get(metric, metric))
         if metric == "kl":
-            a.set_yscale("symlog", linthresh=1e-3)
+            a.set_yscale("log")
     axes[0].legend(fontsize=8)
     fig.tight_layout()
     return fig

@@ -265,11 +265,11 @@ class ParameterInfluence(EPKAttribution):
                 prune.global_unstructured(list(scores), pruning_method=prune.L1Unstructured,
                                           importance_scores=scores, amount=0.5)
         """
+        chosen = set(resolve_parameters(self.model, parameters))  # a bad selector fails before the sweep
         comps, single = parse_components(component, COMPONENTS)
         res = self.explain(inputs, target, additional_forward_args, steps, None, component)
         # importance only: the buffers' share of the change is nobody's parameter score (no note needed)
         imp = self._formatted(res, comps, True, is_window_list(steps), None, "abs_sum", False)
-        chosen = set(resolve_parameters(self.model, parameters))
         owner = self.model if model is None else model
         out: Dict[Tuple[nn.Module, str], torch.Tensor] = {}
         for name, value in imp.items():

@@ -32,6 +32,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, IterableDataset, TensorDataset, default_collate
 
 from ..recording.format import StepRecord
+from .augmentation import warn_if_random
 from .batch import Batch, to_pytree
 from .functional import FunctionalModel
 from .outputs import default_output_fn
@@ -131,6 +132,8 @@ class TrainingSet:
         # e.g. a Hugging Face model: only the columns its forward takes, as the Trainer fed them
         data = training_view_for(fm.module, data)
         self.dataset: Dataset = data
+        # random augmentation cannot be replayed: say so by name (the residual reports what it costs)
+        self.random_transforms = warn_if_random(data)
         self.collate = collate
         self.custom_collate = collate_fn is not None
         self.fm = fm
