@@ -342,6 +342,11 @@ class Trajectory:
                     raise TrajectoryCorruptError(f"{where}: {key!r} is not an RNG state (a uint8 vector)")
                 if not 0 <= i < n_micro:
                     raise TrajectoryCorruptError(f"{where}: {key!r} names micro-batch {i} of {n_micro}")
+            elif key.startswith(fmt.REG_PREFIX) and self.keep_every > 1:  # a macro-step's summed regularization
+                name = key[len(fmt.REG_PREFIX):]
+                if name not in self.trainable:
+                    raise TrajectoryCorruptError(f"{where} holds regularization {key!r} of no trainable parameter")
+                _check_entry(where, key, info, self.spec[name].shape, None, "regularization part")
             elif not key.startswith(fmt.EXTRA_PREFIX):  # extra/...: room for additions, validated as entries
                 raise TrajectoryCorruptError(f"{where} holds tensor {key!r}, which the manifest does not describe")
         for name in self.trainable:
@@ -355,7 +360,7 @@ class Trajectory:
         (only never backwards when the recording keeps every k-th step)."""
         if previous is None or self.family not in ("adam", "adamw"):
             return
-        every = (self.manifest.get("recording") or {}).get("keep_every") or 1
+        every = self.keep_every
         before, now = previous.get("state_step") or {}, record.get("state_step") or {}
         inactive = set(record.get("inactive") or [])
         for name, count in now.items():
@@ -605,7 +610,10 @@ class Trajectory:
     @property
     def keep_every(self) -> int:
         """Optimizer steps per stored step (``TrajectoryRecorder(keep_every=k)``; 1: every step)."""
-        return int(self.manifest.get("keep_every", 1))
+        k = self.manifest.get("keep_every", 1)
+        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= 2**40:
+            raise TrajectoryCorruptError(f"{self.path!r}: manifest field 'keep_every' is {k!r}, not a positive integer")
+        return k
 
     def regularization(self, step: int, *, device: Any = None,
                        dtype: Optional[torch.dtype] = None) -> Optional[Dict[str, torch.Tensor]]:
