@@ -253,8 +253,8 @@ def test_default_chunking_bounds_per_sample_gradients(case, monkeypatch):
         calls.append(real(*a))
         return calls[-1]
 
-    import captum_explaind.epk.data_view as dv
-    monkeypatch.setattr(dv, "sample_chunk", spy)
+    import captum_explaind.epk.train_grads as tg  # the per-sample gradient computers chunk the samples
+    monkeypatch.setattr(tg, "sample_chunk", spy)
     chunked = TrainingDataInfluence(model, traj, TensorDataset(X, Y), loss_fn=lf).attribute(x, target=1)
     assert calls and set(calls) == {1}
     torch.testing.assert_close(chunked, whole, rtol=0, atol=1e-13)

@@ -31,16 +31,19 @@ parts — the residual ``E_i`` — is reported separately:
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import TYPE_CHECKING, Callable, Dict, List, Optional, Union, cast
+from typing import TYPE_CHECKING, Callable, Dict, List, Optional, Union
 
 import torch
 
+from . import checks
 from .batch import Batch
 from .integrands import VjpIntegrand
 from .results import DataDecomposition, SweepStats
 from .segment import Chunk, Segment
 from .target import Target
-from .training_set import TrainingSet, measured_grad_scale, per_sample_loss_grads, sample_chunk, step_samples
+from .train_grads import TrainGrads, select_train_grads
+from .train_jvp import forward_mode
+from .training_set import TrainingSet, measured_grad_scale
 from .views import ViewBase
 
 if TYPE_CHECKING:
@@ -63,7 +66,15 @@ class DataView(ViewBase):
         groups (OrderedDict[str, list[str]] or None): parameter groups for a group axis.
         train_batch_size (int or None): training samples per per-sample-gradient call;
             ``None``: as many as fit in ~256 MiB of per-sample gradients.
+        grads (TrainGrads, optional): how per-sample training gradients are computed; default
+            :func:`~captum_explaind.epk.train_grads.select_train_grads` (independent per sample,
+            or coupled through train-mode batch statistics when the recording shows them).
     """
+
+    # Split over blocks of test inputs (the accumulators are per input); the training side's
+    # measured gradient scales are the same on every rank.
+    shard_sum = ("scores", "regularization", "path", "exact", "buffers")
+    shard_copy = ("grad_scale",)
 
     def __init__(
         self,
@@ -76,8 +87,13 @@ class DataView(ViewBase):
         indexing: str,
         groups: Optional["OrderedDict[str, List[str]]"],
         train_batch_size: Optional[int],
+        grads: Optional[TrainGrads] = None,
     ) -> None:
         self.epk, self.n, self.target, self.train, self.loss_fn = epk, n, target, train, loss_fn
+        if grads is None:
+            # forward mode (.train_jvp) where a step's per-sample gradients do not fit, or by option
+            grads = forward_mode(select_train_grads(epk, train, loss_fn), epk)
+        self.grads = grads
         self.windows, self.indexing = windows, indexing
         self.train_batch_size = train_batch_size
         dev, dt = epk.device, epk.dtype
@@ -97,6 +113,7 @@ class DataView(ViewBase):
         self.regularization = torch.zeros(n, W, dtype=dt, device=dev)
         self.path = torch.zeros(n, dtype=dt, device=dev)  # Σ_s φ_s·Δ_s over integrated steps
         self.exact = torch.zeros(n, dtype=dt, device=dev)  # Σ_s f(θ_s) − f(θ_{s−1}) over them
+        self.buffers = torch.zeros(n, dtype=dt, device=dev)  # output jumps of buffers moved after them
         self.grad_scale: Dict[int, float] = {}
         self.first_window_step = min(r.start for r in windows)
         self.last = max(r.stop - 1 for r in windows) if indexing == "application" else epk.num_steps
@@ -107,6 +124,11 @@ class DataView(ViewBase):
         self._phi: Optional[torch.Tensor] = None
         self._tiny = torch.finfo(dt).eps * 1e-3
         self.group_names = None if groups is None else list(groups)
+
+    @property
+    def per_input_vectors(self) -> int:
+        """Memory model: φ, T and the test directions, plus one accumulator per window."""
+        return 3 + 2 * len(self.windows)
 
     @property
     def integrate_steps(self) -> List[int]:
@@ -120,6 +142,10 @@ class DataView(ViewBase):
 
     def step_change(self, step: int, chunk: Chunk, c0: torch.Tensor, c1: torch.Tensor) -> None:
         self.exact[chunk.offset : chunk.offset + chunk.n] += (c1 - c0)[:, 0]
+
+    def buffer_jump(self, step: int, chunk: Chunk, jump: torch.Tensor) -> None:
+        rows = torch.arange(chunk.n, device=jump.device)
+        self.buffers[chunk.offset : chunk.offset + chunk.n] += self.target.select(jump, chunk.offset + rows)
 
     def integrand(self, seg: Segment, chunk: Chunk) -> VjpIntegrand:
         if self._phi is None:
@@ -204,12 +230,15 @@ class DataView(ViewBase):
             scores = scores[:, :, 0]
         if self.group_names is None:
             scores = scores[..., 0]
-        return DataDecomposition(
-            scores=scores, regularization=reg, residual=residual, change=self.exact, delta=self.exact - self.path,
+        out = DataDecomposition(
+            scores=scores, regularization=reg, residual=residual, change=self.exact + self.buffers,
+            delta=self.exact - self.path, buffers=self.buffers, train_grads=self.grads.name,
             grad_scale=dict(sorted(self.grad_scale.items())), windows=list(self.windows), indexing=self.indexing,
             groups=self.group_names, train_indices=torch.arange(self.train.n), stats=stats,
             options=self.epk.options.to_dict(),
         )
+        checks.check_data_result(self, out)  # non-finite scores: error; residual ≫ round-off: warning
+        return out
 
     def done(self, step: int) -> bool:
         return self.indexing == "application" and step <= self.first_window_step and not self._acc
@@ -217,27 +246,15 @@ class DataView(ViewBase):
     # ------------------------------------------------------------------ training side
     def _score_batch(self, seg: Segment, T: Dict[int, torch.Tensor]) -> None:
         rec, s = seg.record, seg.step
-        epk = self.epk
-        uniq, weights = step_samples(rec, "data view", epk.device, epk.dtype)
         windows = list(T)
         # σ enters every per-sample term: fold it into T once.
         Ts = torch.stack([T[w] * seg.coeffs.sign for w in windows])  # [Wa, n, P]
-        size = sample_chunk(self.train_batch_size, len(uniq), epk.layout.total, epk.dtype)
-        g_rep = torch.zeros(epk.layout.total, dtype=epk.dtype, device=epk.device)
-        raw = []
-        for start in range(0, len(uniq), size):
-            sl = slice(start, start + size)
-            G = per_sample_loss_grads(epk.functional, self.train, self.loss_fn, seg.theta0, uniq[sl])  # at θ_{s−1}
-            g_rep += weights[sl] @ G
-            dots = torch.stack(
-                # cast for mypy only: a sum of tensors (the int 0 only for a group with no parameters)
-                [cast(torch.Tensor, sum(Ts[:, :, gs] @ G[:, gs].T for gs in group)) for group in self.group_slices],
-                dim=-1,
-            )  # [Wa, n, m, G]
-            raw.append(dots * weights[sl].view(1, 1, -1, 1))
+        Wa, n, P = Ts.shape
+        idx, dots, g_rep = self.grads.project(rec, seg.theta0, Ts.reshape(Wa * n, P), self.group_slices)  # at θ_{s−1}
         c = measured_grad_scale(rec, g_rep, seg.coeffs.active)
+        checks.note_replay(self, rec, g_rep * seg.coeffs.active, c)
         self.grad_scale[s] = c
-        contrib = -c * torch.cat(raw, dim=2)  # [Wa, n, M_step, G]
-        target_idx = uniq.to(self.scores.device)
+        contrib = -c * dots.reshape(Wa, n, dots.shape[1], dots.shape[2])  # [Wa, n, m, G]
+        target_idx = idx.to(self.scores.device)
         for k, w in enumerate(windows):
             self.scores[:, :, w, :].index_add_(1, target_idx, contrib[k])

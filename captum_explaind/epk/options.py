@@ -25,11 +25,14 @@ from typing import Any, Dict, Mapping, Optional, Union
 
 import torch
 
+from .memory import parse_bytes
 from .quadrature import RULES, quadrature_rule
 
-__all__ = ["EPKOptions", "PRESETS", "PER_SAMPLE", "resolve_options"]
+__all__ = ["EPKOptions", "PRESETS", "PER_SAMPLE", "TRAIN_GRADS", "resolve_options"]
 
 PER_SAMPLE = ("auto", "vmap", "loop")
+#: how per-sample *training* gradients are computed (see :mod:`captum_explaind.epk.train_grads`)
+TRAIN_GRADS = ("auto", "independent", "coupled")
 
 
 def _check_int(name: str, v: Any, low: int) -> None:
@@ -67,7 +70,22 @@ class EPKOptions:
         per_sample (str): per-example gradients by ``"vmap"``, by a ``"loop"`` over examples,
             or ``"auto"`` (vmap, falling back to the loop once — with one warning — for models
             vmap cannot handle, e.g. Hugging Face attention masks). Default: "auto"
+        train_grads (str): per-sample training gradients of the data and similarity views:
+            ``"independent"`` (each sample alone, evaluation-mode model), ``"coupled"`` (each
+            recorded micro-batch forwarded as training did — train-mode BatchNorm statistics,
+            replayed dropout — and differentiated per sample through them) or ``"auto"``
+            (coupled exactly when the recording shows train-mode normalization or replayable
+            dropout; see :mod:`~captum_explaind.epk.train_grads`). Default: "auto"
         show_progress (bool): tqdm progress bars over steps. Default: False
+        max_memory (str, int or None): a memory budget for every sweep, e.g. ``"2GiB"``,
+            ``"500MB"`` or bytes: the test inputs per chunk, the rows per refinement call and the
+            training samples per per-sample-gradient call are chosen so the estimated peak stays
+            under it (:mod:`.memory`); results equal the unbatched ones. Needs a bounded
+            refinement (``max_evaluations``). ``None``: no budget. Default: None
+        train_jvp (bool or None): the data view's training side by forward mode
+            (:mod:`.train_jvp`: ``∇ℓ_k·T`` as a jvp of the batch's per-sample losses, never the
+            ``[m, P]`` per-sample gradients); ``None``: only when a step's per-sample gradients
+            do not fit (the 256 MiB chunk, or the ``max_memory`` plan). Default: None
     """
 
     quadrature: str = "gauss"
@@ -82,7 +100,10 @@ class EPKOptions:
     batch_size: Optional[int] = None
     train_batch_size: Optional[int] = None
     per_sample: str = "auto"
+    train_grads: str = "auto"
     show_progress: bool = False
+    max_memory: Union[str, int, None] = None
+    train_jvp: Optional[bool] = None
 
     def __post_init__(self) -> None:
         if self.quadrature not in RULES:
@@ -109,8 +130,16 @@ class EPKOptions:
                 raise ValueError(f"device {self.device!r} is not a torch device: {err}") from None
         if self.per_sample not in PER_SAMPLE:
             raise ValueError(f"per_sample must be one of {PER_SAMPLE}, got {self.per_sample!r}")
+        if self.train_grads not in TRAIN_GRADS:
+            raise ValueError(f"train_grads must be one of {TRAIN_GRADS}, got {self.train_grads!r}")
         if not isinstance(self.show_progress, bool):
             raise TypeError(f"show_progress must be a bool, got {self.show_progress!r}")
+        if self.train_jvp is not None and not isinstance(self.train_jvp, bool):
+            raise TypeError(f"train_jvp must be a bool or None, got {self.train_jvp!r}")
+        object.__setattr__(self, "max_memory", parse_bytes(self.max_memory))
+        if self.max_memory is not None and self.max_evaluations is None and self.refine:
+            raise ValueError("max_memory needs a bounded refinement: set max_evaluations (the memory refinement may "
+                             "hold grows with it), or turn error_control off")
 
     @property
     def refine(self) -> bool:

@@ -244,20 +244,25 @@ class Reconstruction(ResultMixin):
 class ScoreResult(ResultMixin):
     r"""Model- and training-view scores with their axes (``ParameterInfluence`` / ``StepInfluence``).
 
-    ``change[:, w] = Σ_groups scores["total"][:, w] + delta[:, w]`` for every window ``w``
-    (likewise with ``kernel + regularization`` in place of ``total``).
+    ``change[:, w] = Σ_groups scores["total"][:, w] + buffers[:, w] + delta[:, w]`` for every
+    window ``w`` (likewise with ``kernel + regularization`` in place of ``total``).
 
     Attributes:
         scores (dict[str, Tensor]): per component (``kernel``, ``regularization``, ``total``),
             ``[n_inputs, n_windows, n_groups]`` or, per parameter element, ``[n_inputs,
             n_windows, P]`` (flat, in ``parameters`` order; :meth:`per_parameter` unflattens).
-        change (Tensor): ``[n_inputs, n_windows]`` exact change of the target over each window.
+        change (Tensor): ``[n_inputs, n_windows]`` exact change of the target over each window
+            (``f(θ_b, b_b) − f(θ_{a−1}, b_{a−1})``, buffers included).
         delta (Tensor): ``[n_inputs, n_windows]`` convergence delta of each window.
         windows (list[range]): the windows of application steps.
         groups (list[str] or None): group names; ``None`` for per-element scores.
         parameters (list[str]): trainable parameter names, in flat order.
         shapes (list[tuple]): their shapes.
         stats (SweepStats, optional), options (dict): what the sweep measured, the options used.
+        buffers (Tensor or None): ``[n_inputs, n_windows]`` change of the target caused by
+            buffers that moved without gradients (BatchNorm running statistics) after the
+            window's steps, ``f(θ_s, b_s) − f(θ_s, b_{s−1})`` summed over them; zeros for models
+            whose buffers never change. Not a parameter's score, so not in ``scores``.
     """
 
     scores: Dict[str, torch.Tensor]
@@ -269,6 +274,7 @@ class ScoreResult(ResultMixin):
     shapes: List[Any]
     stats: Optional[SweepStats] = None
     options: Dict[str, Any] = field(default_factory=dict)
+    buffers: Optional[torch.Tensor] = None
 
     @property
     def components(self) -> List[str]:
@@ -307,7 +313,7 @@ class ScoreResult(ResultMixin):
 class DataDecomposition(ResultMixin):
     r"""A prediction's change over the selected steps, split over training samples.
 
-    ``change = scores.sum(training axis and any window/group axes) + regularization + residual + delta``
+    ``change = scores.sum(training axis and any window/group axes) + regularization + residual + buffers + delta``
 
     Attributes:
         scores (Tensor): ``[n_inputs, n_train]`` signed influence of each training sample
@@ -317,8 +323,14 @@ class DataDecomposition(ResultMixin):
         residual (Tensor): ``[n_inputs]`` part of the recorded updates the replay does not
             explain (``Σ_s φ_s·E_s``, E_s = Δ_s − K_s − R_s): round-off for deterministic
             training with a supported optimizer; large under dropout or a mismatched loss.
-        change (Tensor): ``[n_inputs]`` exact change of the target output over the selected steps.
+        change (Tensor): ``[n_inputs]`` exact change of the target output over the selected steps
+            (buffers included).
         delta (Tensor): ``[n_inputs]`` convergence delta (quadrature error).
+        buffers (Tensor or None): ``[n_inputs]`` change caused by buffers that moved without
+            gradients (BatchNorm running statistics) after the selected steps; zeros if none did.
+        train_grads (str): how per-sample training gradients were computed (``"independent"``,
+            or ``"coupled"``: each recorded micro-batch forwarded as in training, per-sample losses
+            differentiated through the batch statistics; see :mod:`.train_grads`).
         grad_scale (dict[int, float]): per step, the global gradient scale measured at replay.
         windows (list[range]): the step windows; ``indexing`` says how steps were assigned.
         indexing (str): ``"application"`` or ``"gradient"``.
@@ -339,6 +351,8 @@ class DataDecomposition(ResultMixin):
     train_indices: Optional[torch.Tensor] = None
     stats: Optional[SweepStats] = None
     options: Dict[str, Any] = field(default_factory=dict)
+    buffers: Optional[torch.Tensor] = None
+    train_grads: str = "independent"
 
     def top(self, k: int, proponents: bool = True) -> "tuple[torch.Tensor, torch.Tensor]":
         """The ``k`` most positive (or negative) training samples per input: ``(indices, scores)``."""
@@ -365,6 +379,13 @@ class SimilarityResult(ResultMixin):
         window (range): the steps S. layers (list[str] or None): the parameters Θ (``None``: all).
         train_subset (Tensor or None): the training samples K (``None``: all).
         stats (SweepStats, optional), options (dict): what the sweep measured, the options used.
+        change (Tensor or None): ``[n, J]`` exact change of each compared prediction's outputs
+            over the window (inputs, then others), buffers included.
+        buffers (Tensor or None): ``[n, J]`` the part of ``change`` caused by buffers that moved
+            without gradients (BatchNorm running statistics); the influence tensors Γ cover
+            ``change − buffers``.
+        train_grads (str): how per-sample training gradients were computed (see
+            :class:`DataDecomposition`).
     """
 
     similarity: torch.Tensor
@@ -374,6 +395,9 @@ class SimilarityResult(ResultMixin):
     train_subset: Optional[torch.Tensor] = None
     stats: Optional[SweepStats] = None
     options: Dict[str, Any] = field(default_factory=dict)
+    change: Optional[torch.Tensor] = None
+    buffers: Optional[torch.Tensor] = None
+    train_grads: str = "independent"
 
     def plot(self, labels: Optional[List[str]] = None, **kwargs: Any) -> Any:
         """Heatmap (:func:`captum_explaind.visualization.plot_similarity`)."""

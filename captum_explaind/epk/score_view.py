@@ -67,6 +67,13 @@ class ScoreView(ViewBase):
         method (str): ``"vjp"`` or ``"jvp"`` (already chosen).
     """
 
+    shard_sum = ("acc", "exact", "buffers")
+
+    @property
+    def gradient_payload(self) -> bool:
+        """Memory model: the vjp path's integrand rows are gradients."""
+        return self.method == "vjp"
+
     def __init__(
         self,
         epk: "ExactPathKernel",
@@ -106,6 +113,7 @@ class ScoreView(ViewBase):
             )  # [G, P]
             self.acc = torch.zeros(n, W, C, len(groups), dtype=dt, device=dev)
         self.exact = torch.zeros(n, W, dtype=dt, device=dev)
+        self.buffers = torch.zeros(n, W, dtype=dt, device=dev)  # jumps of buffers moved after the steps
         self._u: Optional[torch.Tensor] = None  # integrated target gradient of the current step
         self._u_step = self._scores_step = -1
         self._step_scores: Optional[torch.Tensor] = None  # jvp path: [n, C*G] of the current step
@@ -121,6 +129,11 @@ class ScoreView(ViewBase):
     def step_change(self, step: int, chunk: Chunk, c0: torch.Tensor, c1: torch.Tensor) -> None:
         w = self.step_window[step]
         self.exact[chunk.offset : chunk.offset + chunk.n, w] += (c1 - c0)[:, 0]
+
+    def buffer_jump(self, step: int, chunk: Chunk, jump: torch.Tensor) -> None:
+        rows = torch.arange(chunk.n, device=jump.device)
+        w = self.step_window[step]
+        self.buffers[chunk.offset : chunk.offset + chunk.n, w] += self.target.select(jump, chunk.offset + rows)
 
     def _parts(self, seg: Segment) -> Dict[str, Optional[torch.Tensor]]:
         reg = seg.coeffs.reg
@@ -197,10 +210,12 @@ class ScoreView(ViewBase):
             # cast for mypy only: with no components ``sum`` gives the int 0, which ``self.exact - 0`` accepts too
             explained = cast(torch.Tensor, sum(s.sum(-1) for s in scores.values()))
         layout = self.epk.layout
+        # buffers (BatchNorm running statistics) are their own component: change = scores + buffers + delta
         return ScoreResult(
-            scores=scores, change=self.exact, delta=self.exact - explained, windows=list(self.windows),
+            scores=scores, change=self.exact + self.buffers, delta=self.exact - explained, windows=list(self.windows),
             groups=None if self.groups is None else list(self.groups), parameters=list(layout.names),
             shapes=[tuple(s) for s in layout.shapes], stats=stats, options=self.epk.options.to_dict(),
+            buffers=self.buffers,
         )
 
     # ------------------------------------------------------------------ run

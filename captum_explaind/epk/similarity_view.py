@@ -23,7 +23,9 @@ import torch
 
 from .integrands import JacobianIntegrand
 from .segment import Chunk, Segment
-from .training_set import TrainingSet, measured_grad_scale, per_sample_loss_grads, sample_chunk, step_samples
+from .train_grads import TrainGrads, select_train_grads
+from .train_jvp import forward_mode
+from .training_set import TrainingSet, measured_grad_scale, step_samples
 from .views import ViewBase
 
 if TYPE_CHECKING:
@@ -35,10 +37,22 @@ __all__ = ["SimilarityView", "cosine_from_gram"]
 class SimilarityView(ViewBase):
     """Forward sweep: per-sample momentum buffers → D_s, and target Jacobians → Gram matrix."""
 
+    # Split over steps: the Gram matrix is a sum over steps; the per-sample momentum buffers need
+    # every earlier step's training side, so each rank visits the steps before its own too.
+    shard_sum = ("gram", "exact", "buffer_change")
+    visit_every_step = True
+
+    @property
+    def per_input_vectors(self) -> int:
+        """Memory model: φ of every selected output (and its scaled copy)."""
+        return 2 * int(self.outputs.shape[1])
+
     def __init__(self, epk: "ExactPathKernel", n: int, outputs: torch.Tensor, train: TrainingSet, loss_fn: Callable,
                  subset: Optional[torch.Tensor], mask: Optional[torch.Tensor], integrate: List[int],
-                 train_batch_size: Optional[int]) -> None:
+                 train_batch_size: Optional[int], grads: Optional[TrainGrads] = None) -> None:
         self.epk, self.n, self.outputs, self.train, self.loss_fn = epk, n, outputs, train, loss_fn
+        # per-sample training gradients: independent, or coupled through train-mode batch statistics
+        self.grads = grads if grads is not None else forward_mode(select_train_grads(epk, train, loss_fn), epk)
         self.mask = mask
         self.integrate = set(integrate)
         self.train_batch_size = train_batch_size
@@ -50,6 +64,7 @@ class SimilarityView(ViewBase):
         self.gram = torch.zeros(n, n, dtype=epk.dtype, device=epk.device)
         self._phi: Optional[torch.Tensor] = None  # [n, J, P]
         self.exact = torch.zeros(n, outputs.shape[1], dtype=epk.dtype, device=epk.device)
+        self.buffer_change = torch.zeros_like(self.exact)  # output jumps of buffers (BatchNorm statistics)
 
     # sweep protocol ------------------------------------------------------------
     def check(self, out: torch.Tensor, chunk: Chunk, rows: torch.Tensor) -> torch.Tensor:
@@ -58,6 +73,10 @@ class SimilarityView(ViewBase):
 
     def step_change(self, step: int, chunk: Chunk, c0: torch.Tensor, c1: torch.Tensor) -> None:
         self.exact[chunk.offset : chunk.offset + chunk.n] += c1 - c0
+
+    def buffer_jump(self, step: int, chunk: Chunk, jump: torch.Tensor) -> None:
+        rows = torch.arange(chunk.n, device=jump.device)
+        self.buffer_change[chunk.offset : chunk.offset + chunk.n] += self.check(jump, chunk, rows)
 
     def integrand(self, seg: Segment, chunk: Chunk) -> JacobianIntegrand:
         if self._phi is None:
@@ -86,17 +105,15 @@ class SimilarityView(ViewBase):
     def _train_statistic(self, seg: Segment) -> torch.Tensor:
         """D_s = Σ_{k∈K} (Δ_s^{(k)})², updating every per-sample momentum buffer by one step."""
         co = seg.coeffs
-        uniq, weights = step_samples(seg.record, "similarity view", self.epk.device, self.epk.dtype)
-        size = sample_chunk(self.train_batch_size, len(uniq), self.epk.layout.total, self.epk.dtype)
-        grads, g_rep = [], torch.zeros(self.epk.layout.total, dtype=self.epk.dtype, device=self.epk.device)
-        for start in range(0, len(uniq), size):
-            sl = slice(start, start + size)
-            G = per_sample_loss_grads(self.epk.functional, self.train, self.loss_fn, seg.theta0, uniq[sl])
-            g_rep += weights[sl] @ G
-            grads.append(G)
-        G = torch.cat(grads)
-        c = measured_grad_scale(seg.record, g_rep, co.active)
-        u = (co.sign * c) * weights.unsqueeze(1) * G  # σ c a G per batch sample
+        dev, dt, P = self.epk.device, self.epk.dtype, self.epk.layout.total
+        step_samples(seg.record, "similarity view", dev, dt)  # the named error for a step without samples
+        parts = list(self.grads.weighted_grads(seg.record, seg.theta0, "similarity view"))
+        idx = torch.cat([i for i, _ in parts])
+        uniq, inv = torch.unique(idx, return_inverse=True)  # a sample in several micro-batches: add up
+        WG = torch.zeros(len(uniq), P, dtype=dt, device=dev)
+        WG.index_add_(0, inv.to(dev), torch.cat([w for _, w in parts]))
+        c = measured_grad_scale(seg.record, WG.sum(0), co.active)
+        u = (co.sign * c) * WG  # σ c a G per batch sample
         pre = co.precond if co.precond is not None else 1.0
         scale = co.lr * pre
         D = torch.zeros(self.epk.layout.total, dtype=self.epk.dtype, device=self.epk.device)

@@ -1,0 +1,329 @@
+r"""Per-sample training gradients for the data and similarity views ("gradient computers").
+
+The data view needs, for every recorded step ``i``, each training sample's share of the gradient
+the optimizer saw: ``w_{i,k} ∇_θ ℓ_k(θ_{i−1})``, summed over the micro-batches of the step. How
+to get it depends on how training ran the model:
+
+* :class:`IndependentGrads` — each sample's loss depends on that sample only (no train-mode
+  normalization, no replayed dropout): per-example gradients of the evaluation-mode model
+  (``torch.func.vmap(grad)``, with a per-example loop for models ``vmap`` cannot handle). One
+  gradient per distinct sample of the step, in chunks.
+* :class:`CoupledGrads` — training forwarded every micro-batch *as a whole*: BatchNorm layers in
+  train mode normalize with the statistics of that batch, so sample ``k``'s loss depends on every
+  sample of its batch. The batch loss ``Σ_k w_k ℓ_k(θ; batch statistics)`` then has gradient
+  exactly ``Σ_k w_k ∇_θ ℓ_k``, each ``ℓ_k`` differentiated *through* the batch statistics, i.e.
+  the rows of the Jacobian of the batch's per-sample loss vector. They are computed by one
+  forward of the recorded micro-batch in training mode and vmapped vector–Jacobian products
+  with one-hot cotangents (a loop of them where ``vmap`` fails). Dropout masks are replayed by
+  restoring the RNG state recorded before the micro-batch's training forward
+  (``MicroBatch.rng_state`` / ``cuda_rng_state``) under :func:`torch.random.fork_rng`.
+
+:func:`select_train_grads` picks one from the recording (the manifest's ``training_modes``, else
+the buffers that moved during training, else the live model) or from
+``EPKOptions.train_grads``. A computer answers two questions:
+
+* :meth:`TrainGrads.weighted_grads` — ``(indices, W)`` pairs, ``W[r] = w_r ∇ℓ_r``; over all pairs of
+  a step, ``Σ_r W[r]`` is the replayed gradient of the step's loss (an index may occur in several
+  pairs when a sample was in several micro-batches; add them up).
+* :meth:`TrainGrads.project` — the same gradients projected on test-side directions
+  ``[D, P]`` per parameter group, plus the replayed gradient (what the data view needs; a
+  forward-mode computer can answer it without ever forming ``W``).
+
+Adding a computer: subclass :class:`TrainGrads`, implement :meth:`~TrainGrads.weighted_grads`
+(and :meth:`~TrainGrads.project` if it can do better than projecting them), and add its name to
+:func:`select_train_grads` and ``options.TRAIN_GRADS``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable, Iterator, List, Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+from torch.func import vjp, vmap
+
+from .._compat import functorch_friendly
+from ..recording.format import MicroBatch, StepRecord
+from .functional import FunctionalModel
+from .training_set import TrainingSet, per_sample_loss_grads, sample_chunk, step_samples
+
+if TYPE_CHECKING:
+    from .engine import ExactPathKernel
+
+__all__ = ["TrainGrads", "IndependentGrads", "CoupledGrads", "TrainingModes", "training_modes",
+           "select_train_grads", "training_forward"]
+
+_NORM = nn.modules.batchnorm._NormBase  # BatchNorm*, SyncBatchNorm, InstanceNorm* (mode-dependent norms)
+_DROPOUT = nn.modules.dropout._DropoutNd
+
+
+@dataclass(frozen=True)
+class TrainingModes:
+    """Which modules ran in a mode-dependent way during training.
+
+    Attributes:
+        batch_norm (list[str]): normalization modules in train mode (batch statistics).
+        dropout (list[str]): dropout modules with p > 0 in train mode.
+        source (str): ``"manifest"`` (recorded), ``"buffers"`` (normalization modules whose
+            running statistics moved during the recorded run) or ``"none"``.
+    """
+
+    batch_norm: List[str] = field(default_factory=list)
+    dropout: List[str] = field(default_factory=list)
+    source: str = "none"
+
+
+def training_modes(trajectory: Any, model: nn.Module) -> TrainingModes:
+    """The training modes of a recorded run.
+
+    Read from the manifest's ``training_modes`` (written by the recorder at the first step). Older
+    recordings do not have it: a normalization module then counts as having run in train mode
+    when its running statistics changed during the run (they only move in train mode), or, for
+    one that keeps no running statistics, when it is in train mode in ``model`` now.
+    """
+    recorded = getattr(trajectory, "manifest", {}).get("training_modes")
+    if isinstance(recorded, dict):
+        return TrainingModes(list(recorded.get("batch_norm", [])), list(recorded.get("dropout", [])), "manifest")
+    changed = set()
+    if trajectory.buffer_steps():
+        first, last = trajectory.buffers(0), trajectory.buffers(trajectory.num_steps)
+        changed = {name.rpartition(".")[0] for name in first if not torch.equal(first[name], last[name])}
+    norms = []
+    for name, mod in model.named_modules():
+        if isinstance(mod, _NORM) and (name in changed or (not mod.track_running_stats and mod.training)):
+            norms.append(name)
+    return TrainingModes(norms, [], "buffers" if norms else "none")
+
+
+@contextlib.contextmanager
+def training_forward(module: nn.Module, modes: TrainingModes, replay_dropout: bool) -> Iterator[None]:
+    """Put ``module`` in the modes training used for the duration (flags restored on exit).
+
+    With ``replay_dropout`` the whole module is in train mode (as ``model.train()`` during
+    training), except normalization and dropout modules the recording lists as not in train
+    mode; otherwise it is in eval mode except the listed normalization modules. Those keep no
+    running statistics while inside (``track_running_stats=False``: normalize with the batch's
+    statistics, as training did, without touching the buffers, which come from the trajectory).
+    """
+    saved = [(m, m.training, getattr(m, "track_running_stats", None)) for m in module.modules()]
+    norms = set(modes.batch_norm)
+    try:
+        if replay_dropout:
+            module.train()
+            listed_dropout = set(modes.dropout) if modes.source == "manifest" else None
+            for name, m in module.named_modules():
+                if isinstance(m, _NORM) and name not in norms:
+                    m.eval()
+                if isinstance(m, _DROPOUT) and listed_dropout is not None and name not in listed_dropout:
+                    m.eval()
+        else:
+            module.eval()
+        for name in norms:
+            m = module.get_submodule(name)
+            m.train()
+            if isinstance(m, _NORM):
+                m.track_running_stats = False
+        yield
+    finally:
+        for m, was_training, track in saved:
+            m.training = was_training
+            if track is not None:
+                m.track_running_stats = track
+
+
+@contextlib.contextmanager
+def _rng_replayed(mb: MicroBatch, device: torch.device) -> Iterator[bool]:
+    """Restore the RNG state recorded before ``mb``'s training forward (inside a fork, so the
+    caller's RNG is untouched); yields whether there was one."""
+    cpu = getattr(mb, "rng_state", None)
+    cuda = getattr(mb, "cuda_rng_state", None)
+    if cpu is None and cuda is None:
+        yield False
+        return
+    devices = [device] if (cuda is not None and device.type == "cuda") else []
+    with torch.random.fork_rng(devices=devices):
+        if cpu is not None:
+            torch.set_rng_state(cpu)
+        if devices:
+            assert cuda is not None  # devices is only non-empty with a recorded CUDA state
+            torch.cuda.set_rng_state(cuda, device)
+        yield True
+
+
+class TrainGrads:
+    """Per-sample training gradients of recorded steps (see the module docstring).
+
+    Args:
+        fm (FunctionalModel): the model at arbitrary parameters (device, dtype, fixed tensors).
+        train (TrainingSet): the training samples by dataset index.
+        loss_fn (Callable): per-sample loss ``loss_fn(raw_outputs, target) -> [m]``.
+        train_batch_size (int, optional): rows of gradients per call (memory control);
+            ``None``: ~256 MiB of gradients.
+    """
+
+    #: the name :func:`select_train_grads` and ``EPKOptions.train_grads`` use
+    name = "base"
+
+    def __init__(self, fm: FunctionalModel, train: TrainingSet, loss_fn: Callable,
+                 train_batch_size: Optional[int] = None) -> None:
+        self.fm, self.train, self.loss_fn = fm, train, loss_fn
+        self.train_batch_size = train_batch_size
+
+    def _chunk(self, m: int) -> int:
+        return sample_chunk(self.train_batch_size, m, self.fm.layout.total, self.fm.dtype)
+
+    def weighted_grads(self, rec: StepRecord, theta: torch.Tensor, what: str = "data view"
+                       ) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
+        """``(indices [m], W [m, P])`` with ``W[r] = w_r ∇_θ ℓ_r(θ)``, the gradient at ``theta`` of
+        sample ``indices[r]``'s weighted loss in step ``rec`` (see the module docstring)."""
+        raise NotImplementedError
+
+    def project(self, rec: StepRecord, theta: torch.Tensor, directions: torch.Tensor,
+                group_slices: Sequence[Sequence[slice]], what: str = "data view"
+                ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Weighted per-sample gradients projected on ``directions``.
+
+        Args:
+            rec (StepRecord): the step. theta (Tensor): θ_{i−1}, [P].
+            directions (Tensor): [D, P] test-side vectors.
+            group_slices (list of list of slice): parameter groups (slices of the flat θ).
+
+        Returns:
+            *tuple[Tensor, Tensor, Tensor]*: ``indices [m]``, ``dots [D, m, G]`` with
+            ``dots[d, r, g] = Σ_{p∈g} directions[d, p] W[r, p]``, and the replayed gradient
+            ``Σ_r W[r]`` [P].
+        """
+        g_rep = torch.zeros(self.fm.layout.total, dtype=self.fm.dtype, device=self.fm.device)
+        idx, dots = [], []
+        for indices, W in self.weighted_grads(rec, theta, what):
+            g_rep += W.sum(0)
+            dots.append(torch.stack(
+                [sum((directions[:, gs] @ W[:, gs].T for gs in group),
+                     torch.zeros(directions.shape[0], W.shape[0], dtype=W.dtype, device=W.device))
+                 for group in group_slices], dim=-1))
+            idx.append(indices)
+        return torch.cat(idx), torch.cat(dots, dim=1), g_rep
+
+
+class IndependentGrads(TrainGrads):
+    """Each sample's loss through the evaluation-mode model, alone (one gradient per distinct
+    sample of a step, weighted by its summed batch weights)."""
+
+    name = "independent"
+
+    def weighted_grads(self, rec: StepRecord, theta: torch.Tensor, what: str = "data view"
+                       ) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
+        uniq, weights = step_samples(rec, what, self.fm.device, self.fm.dtype)
+        size = self._chunk(len(uniq))
+        for start in range(0, len(uniq), size):
+            sl = slice(start, start + size)
+            G = per_sample_loss_grads(self.fm, self.train, self.loss_fn, theta, uniq[sl])
+            yield uniq[sl], weights[sl].unsqueeze(1) * G
+
+
+class CoupledGrads(TrainGrads):
+    """Rows of the Jacobian of each recorded micro-batch's per-sample loss vector, forwarded as
+    training forwarded it (train-mode normalization, replayed dropout).
+
+    Args: as :class:`TrainGrads`, plus
+
+        modes (TrainingModes): which modules ran in train mode.
+    """
+
+    name = "coupled"
+
+    def __init__(self, fm: FunctionalModel, train: TrainingSet, loss_fn: Callable,
+                 train_batch_size: Optional[int] = None, modes: Optional[TrainingModes] = None) -> None:
+        super().__init__(fm, train, loss_fn, train_batch_size)
+        self.modes = modes if modes is not None else TrainingModes()
+        self._loop = False  # vmap over the one-hot cotangents failed once: loop from then on
+
+    def weighted_grads(self, rec: StepRecord, theta: torch.Tensor, what: str = "data view"
+                       ) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
+        step_samples(rec, what, self.fm.device, self.fm.dtype)  # the named error for a step without samples
+        for mb in rec.batches:
+            if mb.indices.numel() == 0:
+                continue
+            w = mb.weights.to(device=self.fm.device, dtype=self.fm.dtype)
+            for rows, J in self.jacobian(mb, theta):
+                yield mb.indices[rows.cpu()], w[rows].unsqueeze(1) * J
+
+    def loss_vector(self, flat: torch.Tensor, mb: MicroBatch, batch: Any, target: Any) -> torch.Tensor:
+        """The micro-batch's per-sample losses ``[B]`` at θ = ``flat``, forwarded as in training."""
+        fm = self.fm
+        params = fm.layout.split(flat)
+        params.update(fm.fixed)
+        with _rng_replayed(mb, fm.device) as replay, training_forward(fm.module, self.modes, replay):
+            return self.loss_fn(batch.call(fm.module, params), target)
+
+    def jacobian(self, mb: MicroBatch, theta: torch.Tensor) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
+        """``(rows, J[rows])`` chunks of the Jacobian ``∂ℓ_r/∂θ`` [B, P] of micro-batch ``mb``."""
+        batch, target = self.train.batch(mb.indices)
+        B = batch.n
+        with functorch_friendly():
+            # vjp is typed as returning 2 or 3 values (3 with has_aux=True); here it is 2
+            losses, pull = vjp(lambda th: self.loss_vector(th, mb, batch, target), theta)  # type: ignore[misc]
+            if losses.shape != (B,):
+                raise ValueError(f"loss_fn must return one loss per sample ([{B}]), got {tuple(losses.shape)}")
+            eye = torch.eye(B, dtype=losses.dtype, device=losses.device)
+            size = self._chunk(B)
+            for start in range(0, B, size):
+                rows = torch.arange(start, min(B, start + size), device=losses.device)
+                yield rows, self._rows(pull, eye[rows])
+
+    def _rows(self, pull: Callable, cotangents: torch.Tensor) -> torch.Tensor:
+        if not self._loop:
+            try:
+                return vmap(pull)(cotangents)[0]
+            except Exception:  # an op without a batching rule in the backward: one vjp per row
+                self._loop = True
+        return torch.stack([pull(c)[0] for c in cotangents])
+
+
+def select_train_grads(epk: "ExactPathKernel", train: TrainingSet, loss_fn: Callable,
+                       choice: Optional[str] = None) -> TrainGrads:
+    """The gradient computer for the data and similarity views of ``epk``'s recording.
+
+    Args:
+        epk (ExactPathKernel): the core (functional model, trajectory, options).
+        train (TrainingSet): training samples. loss_fn (Callable): per-sample loss.
+        choice (str, optional): ``"independent"``, ``"coupled"`` or ``"auto"``; default
+            ``epk.options.train_grads``. ``"auto"`` is ``"coupled"`` when training ran
+            normalization modules in train mode (batch statistics) or recorded the RNG states that
+            replay its dropout masks, else ``"independent"``.
+
+    Returns:
+        *TrainGrads*
+    """
+    choice = choice if choice is not None else getattr(epk.options, "train_grads", "auto")
+    size = epk.options.train_batch_size
+    modes = training_modes(epk.trajectory, epk.model)
+    replayable = _has_rng_states(epk)
+    if modes.dropout and not replayable:
+        # Without the RNG states the masks of training cannot be rebuilt: say which modules, and
+        # let the data view's residual measure what the replay misses (never folded into scores).
+        names = ", ".join(modes.dropout[:6]) + (", ..." if len(modes.dropout) > 6 else "")
+        warnings.warn(
+            f"dropout ran in train mode during training ({names}) but the recording holds no RNG states "
+            "(record_rng was off), so its masks cannot be replayed: per-sample gradients are taken without "
+            "dropout and the mismatch with the recorded updates is reported in the residual",
+            RuntimeWarning,
+            stacklevel=4,
+        )
+    if choice == "auto":
+        coupled = bool(modes.batch_norm) or (bool(modes.dropout) and replayable)
+        choice = "coupled" if coupled else "independent"
+    if choice == "independent":
+        return IndependentGrads(epk.functional, train, loss_fn, size)
+    if choice == "coupled":
+        return CoupledGrads(epk.functional, train, loss_fn, size, modes)
+    raise ValueError(f"train_grads must be 'auto', 'independent' or 'coupled', got {choice!r}")
+
+
+def _has_rng_states(epk: "ExactPathKernel") -> bool:
+    rec = epk.trajectory.record(1)
+    return any(getattr(mb, "rng_state", None) is not None or getattr(mb, "cuda_rng_state", None) is not None
+               for mb in rec.batches)
