@@ -29,12 +29,12 @@ from __future__ import annotations
 import json
 import os
 import re
+import struct
 import zlib
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Mapping, Optional
 
 import torch
-from safetensors.torch import save as _st_save
 
 FORMAT_NAME = "captum_explaind.trajectory"
 FORMAT_VERSION = 2
@@ -142,8 +142,9 @@ def _fsync_dir(path: str) -> None:
         os.close(fd)
 
 
-def atomic_write_bytes(path: str, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that readers see the old file, or the whole new one."""
+def atomic_write_bytes(path: str, data: Any) -> None:
+    """Write ``data`` (bytes, or a list of buffers written one after the other) to ``path`` so
+    that readers see the old file, or the whole new one."""
     tmp = path + TMP_SUFFIX
     try:  # a leftover (or planted) temporary, possibly a symlink: never write through it
         os.unlink(tmp)
@@ -151,7 +152,8 @@ def atomic_write_bytes(path: str, data: bytes) -> None:
         pass
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o644)
     with os.fdopen(fd, "wb") as fh:
-        fh.write(data)
+        for part in (data if isinstance(data, list) else [data]):
+            fh.write(part)
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(tmp, path)
@@ -167,17 +169,41 @@ def write_manifest(path: str, manifest: Dict[str, Any]) -> None:
     atomic_write_json(path, dict(manifest, checksum=manifest_checksum(manifest)))
 
 
+_ST_CODES = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+    torch.bool: "BOOL", torch.complex64: "C64",
+}
+
+
 def write_safetensors(
     path: str, tensors: Mapping[str, torch.Tensor], metadata: Optional[Dict[str, str]] = None
 ) -> None:
-    """Atomically write ``tensors`` (made contiguous, on CPU) as one safetensors file, with the
-    checksum of every tensor (and of the ``"record"`` metadata) in its metadata."""
+    """Atomically write ``tensors`` (on CPU) as one safetensors file, with the checksum of every
+    tensor (and of the ``"record"`` metadata) in its metadata.
+
+    The tensors' bytes are written straight from their memory (no serialized copy of the whole
+    file is built); the layout is safetensors' own: an 8-byte header length, the JSON header
+    padded to 8 bytes, then the tensors back to back, largest element size first.
+    """
     flat = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
     meta = dict(metadata or {})
     meta["checksums"] = json.dumps({k: tensor_checksum(v) for k, v in flat.items()}, sort_keys=True)
     if "record" in meta:
         meta["record_checksum"] = text_checksum(meta["record"])
-    atomic_write_bytes(path, _st_save(flat, metadata=meta))
+    header: Dict[str, Any] = {"__metadata__": meta}
+    parts: List[Any] = []
+    offset = 0
+    for key in sorted(flat, key=lambda k: (-flat[k].element_size(), k)):
+        t = flat[key]
+        n = t.numel() * t.element_size()
+        header[key] = {"dtype": _ST_CODES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + n]}
+        if n:
+            parts.append(t.reshape(-1).view(torch.uint8).numpy())  # zero-copy view of the bytes
+        offset += n
+    text = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    text += b" " * (-len(text) % 8)
+    atomic_write_bytes(path, [struct.pack("<Q", len(text)), text, *parts])
 
 
 _DTYPES = {

@@ -81,6 +81,13 @@ def training_modes(model: nn.Module) -> Dict[str, List[str]]:
     return {"batch_norm": bn, "dropout": drop}
 
 
+def _all_finite(t: torch.Tensor) -> bool:
+    """Whether every entry of ``t`` is finite; NaN and inf propagate into a sum, so a finite sum
+    settles it in one reduction (an overflowing sum falls back to the elementwise test)."""
+    total = t.sum() if t.dtype in (torch.float32, torch.float64) else t.sum(dtype=torch.float32)
+    return bool(torch.isfinite(total)) or bool(torch.isfinite(t).all())
+
+
 def _has_dropout(model: nn.Module) -> bool:
     return any(isinstance(m, nn.modules.dropout._DropoutNd) and float(m.p) > 0 for m in model.modules())
 
@@ -521,11 +528,13 @@ class TrajectoryRecorder:
         return {"aborted": f"write of step {step} failed: {message}", "aborted_at_step": step,
                 "closed_utc": _now()}
 
-    def _stored(self, tensor: torch.Tensor) -> torch.Tensor:
+    def _stored(self, tensor: torch.Tensor, copy: bool = True) -> torch.Tensor:
+        """``tensor`` as it is stored (store dtype, on CPU); ``copy=False`` may return the live
+        memory itself (only for a write that finishes before the tensor changes)."""
         out = tensor.detach()
         if self.store_dtype is not None and out.is_floating_point():
             out = out.to(self.store_dtype)
-        return out.to("cpu", copy=True)
+        return out.to("cpu", copy=copy)
 
     def _write_initial(self) -> None:
         tensors = {fmt.PARAM_PREFIX + n: self._stored(p) for n, p in self.model.named_parameters()}
@@ -737,24 +746,22 @@ class TrajectoryRecorder:
     ) -> Tuple[Dict[str, torch.Tensor], Dict[str, str]]:
         """The tensors and metadata of step ``step``'s file, copied off the live model."""
         assert self._pre is not None
+        # the background writer needs copies (training goes on); a synchronous write is done
+        # before the step returns, so it can read the live tensors
+        copy = self._writer.background
         tensors: Dict[str, torch.Tensor] = {}
         nonfinite = None
         state_step: Dict[str, int] = {}
         for name in self.trainable:
             p = self._params[name]
-            stored = self._stored(p)
-            if (
-                self.check_finite
-                and nonfinite is None
-                and stored.is_floating_point()
-                and not torch.isfinite(stored).all()
-            ):
+            stored = self._stored(p, copy)
+            if self.check_finite and nonfinite is None and stored.is_floating_point() and not _all_finite(stored):
                 nonfinite = name
             tensors[fmt.PARAM_PREFIX + name] = stored
             state = optimizer.state.get(p, {})
             for key in self.state_keys:
                 if key in state and isinstance(state[key], torch.Tensor):
-                    tensors[f"{fmt.STATE_PREFIX}{name}/{key}"] = self._stored(state[key])
+                    tensors[f"{fmt.STATE_PREFIX}{name}/{key}"] = self._stored(state[key], copy)
             if "step" in state:
                 state_step[name] = int(float(state["step"]))
         for name, buf in self._buffers.items():
@@ -1058,9 +1065,13 @@ class _FollowerWriter:
 
     error: Optional[BaseException] = None
     failed_path: Optional[str] = None
+    background = False
 
     def submit(self, path: str, tensors: Any, metadata: Any, done: Any) -> None:
         done()
+
+    def flush(self) -> None:
+        return None
 
     def close(self) -> None:
         return None
