@@ -192,6 +192,19 @@ def test_data_view_equals_brute_force_with_a_round_off_residual(run, brute):
     assert float(res.delta.abs().max()) < 1e-9 * float(change.abs().max())
 
 
+def test_buffers_and_train_grads_survive_save_and_load(run, tmp_path):
+    from captum_explaind.epk.results import DataDecomposition, ScoreResult
+
+    model, traj, X, Y, x = run
+    data = TrainingDataInfluence(model, traj, TensorDataset(X, Y)).explain(x, target=1)
+    data.save(tmp_path / "data")
+    back = DataDecomposition.load(tmp_path / "data")
+    assert back.train_grads == "coupled" and torch.equal(back.buffers, data.buffers)
+    scores = ParameterInfluence(model, traj).explain(x, target=1, layers=["conv", "fc2"])
+    scores.save(tmp_path / "scores")
+    assert torch.equal(ScoreResult.load(tmp_path / "scores").buffers, scores.buffers)
+
+
 def test_independent_per_sample_gradients_miss_under_batch_norm(run, brute):
     """Negative control: the same run explained sample by sample leaves a large residual."""
     model, traj, X, Y, x = run
