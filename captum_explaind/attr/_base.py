@@ -98,6 +98,7 @@ class EPKAttribution(Attribution):
             stacklevel=3,
         )
 
-    def _prepare(self, inputs: Any, target: TargetType, additional_forward_args: Any) -> Tuple[Batch, Target]:
-        batch = self.epk.prepare_inputs(inputs, additional_forward_args)
+    def _prepare(self, inputs: Any, target: TargetType, additional_forward_args: Any,
+                 what: str = "inputs") -> Tuple[Batch, Target]:
+        batch = self.epk.prepare_inputs(inputs, additional_forward_args, what=what)
         return batch, resolve_target(target, batch.n, self.epk.output_shape(batch))

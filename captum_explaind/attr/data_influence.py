@@ -11,6 +11,7 @@ from captum.influence import DataInfluence
 from captum.log import log_usage
 from torch.utils.data import DataLoader
 
+from ..epk import checks
 from ..epk.batch import Batch
 from ..epk.data_view import DataView
 from ..epk.options import EPKOptions
@@ -135,7 +136,9 @@ class TrainingDataInfluence(EPKAttribution, DataInfluence):
         self.train_dataset = train_dataset
         self.train = TrainingSet(train_dataset, self.epk.functional, collate_fn, label_keys)
         self._check_indices()
-        self.loss_fn = check_loss_fn(loss_fn, self.epk.functional, self.epk.theta(0), self.train)
+        with checks.named_errors("train_dataset / loss_fn"):  # the user's data and loss, probed on 2 samples
+            checks.check_loss_arg(loss_fn)
+            self.loss_fn = check_loss_fn(loss_fn, self.epk.functional, self.epk.theta(0), self.train)
 
     @property
     def train_batch_size(self) -> Optional[int]:

@@ -35,12 +35,14 @@ from typing import TYPE_CHECKING, Callable, Dict, List, Optional, Union
 
 import torch
 
+from . import checks
 from .batch import Batch
 from .integrands import VjpIntegrand
 from .results import DataDecomposition, SweepStats
 from .segment import Chunk, Segment
 from .target import Target
 from .train_grads import TrainGrads, select_train_grads
+from .train_jvp import forward_mode
 from .training_set import TrainingSet, measured_grad_scale
 from .views import ViewBase
 
@@ -69,6 +71,11 @@ class DataView(ViewBase):
             or coupled through train-mode batch statistics when the recording shows them).
     """
 
+    # Split over blocks of test inputs (the accumulators are per input); the training side's
+    # measured gradient scales are the same on every rank.
+    shard_sum = ("scores", "regularization", "path", "exact", "buffers")
+    shard_copy = ("grad_scale",)
+
     def __init__(
         self,
         epk: "ExactPathKernel",
@@ -84,7 +91,8 @@ class DataView(ViewBase):
     ) -> None:
         self.epk, self.n, self.target, self.train, self.loss_fn = epk, n, target, train, loss_fn
         if grads is None:
-            grads = select_train_grads(epk, train, loss_fn)
+            # forward mode (.train_jvp) where a step's per-sample gradients do not fit, or by option
+            grads = forward_mode(select_train_grads(epk, train, loss_fn), epk)
         self.grads = grads
         self.windows, self.indexing = windows, indexing
         self.train_batch_size = train_batch_size
@@ -116,6 +124,11 @@ class DataView(ViewBase):
         self._phi: Optional[torch.Tensor] = None
         self._tiny = torch.finfo(dt).eps * 1e-3
         self.group_names = None if groups is None else list(groups)
+
+    @property
+    def per_input_vectors(self) -> int:
+        """Memory model: φ, T and the test directions, plus one accumulator per window."""
+        return 3 + 2 * len(self.windows)
 
     @property
     def integrate_steps(self) -> List[int]:
@@ -217,13 +230,15 @@ class DataView(ViewBase):
             scores = scores[:, :, 0]
         if self.group_names is None:
             scores = scores[..., 0]
-        return DataDecomposition(
+        out = DataDecomposition(
             scores=scores, regularization=reg, residual=residual, change=self.exact + self.buffers,
             delta=self.exact - self.path, buffers=self.buffers, train_grads=self.grads.name,
             grad_scale=dict(sorted(self.grad_scale.items())), windows=list(self.windows), indexing=self.indexing,
             groups=self.group_names, train_indices=torch.arange(self.train.n), stats=stats,
             options=self.epk.options.to_dict(),
         )
+        checks.check_data_result(self, out)  # non-finite scores: error; residual ≫ round-off: warning
+        return out
 
     def done(self, step: int) -> bool:
         return self.indexing == "application" and step <= self.first_window_step and not self._acc
@@ -237,6 +252,7 @@ class DataView(ViewBase):
         Wa, n, P = Ts.shape
         idx, dots, g_rep = self.grads.project(rec, seg.theta0, Ts.reshape(Wa * n, P), self.group_slices)  # at θ_{s−1}
         c = measured_grad_scale(rec, g_rep, seg.coeffs.active)
+        checks.note_replay(self, rec, g_rep * seg.coeffs.active, c)
         self.grad_scale[s] = c
         contrib = -c * dots.reshape(Wa, n, dots.shape[1], dots.shape[2])  # [Wa, n, m, G]
         target_idx = idx.to(self.scores.device)

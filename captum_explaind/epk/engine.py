@@ -25,13 +25,16 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .. import distributed
 from ..errors import TrajectoryError
 from ..recording.format import StepRecord
 from ..recording.trajectory import Trajectory
+from . import checks
 from .batch import Batch
 from .functional import FunctionalModel
 from .integrator import StepStats, integrate_step
 from .layout import ParamLayout
+from .memory import MemoryPlan, activation_bytes, plan, view_bytes
 from .options import EPKOptions, resolve_options
 from .outputs import OutputFn, resolve_output_fn
 from .results import Reconstruction, SweepStats
@@ -50,25 +53,34 @@ class _SweepLog:
         self.steps = steps
         self.errors = {s: torch.zeros(n, dtype=dtype) for s in steps}
         self.evaluations = self.unconverged = self.depth = 0
+        self.unconverged_rows: dict = {}  # step -> inputs left above tolerance
 
     def add(self, step: int, chunk: Chunk, stats: StepStats) -> None:
         self.errors[step][chunk.offset : chunk.offset + chunk.n] = stats.error.detach().cpu()
         self.evaluations += stats.evaluations
         self.unconverged += stats.unconverged
+        if stats.unconverged_rows is not None and stats.unconverged_rows.numel():
+            rows = (stats.unconverged_rows.cpu() + chunk.offset).tolist()
+            self.unconverged_rows.setdefault(step, []).extend(rows)
         self.depth = max(self.depth, stats.depth)
+
+    def reduce(self) -> None:
+        """Combine the logs of all ranks (each (step, input) pair was integrated by one rank)."""
+        if not distributed.active():
+            return
+        errs = [self.errors[s] for s in self.steps]
+        counts = torch.tensor([self.evaluations, self.unconverged], dtype=torch.int64)
+        distributed.all_reduce_sum_(errs + [counts])
+        self.evaluations, self.unconverged = int(counts[0]), int(counts[1])
+        self.depth = distributed.all_reduce_max(self.depth)
 
     def finish(self, max_depth: int, max_evaluations: Optional[int] = None) -> SweepStats:
         n = next(iter(self.errors.values())).shape[0] if self.errors else 0
         err = torch.stack([self.errors[s] for s in self.steps]) if self.steps else torch.zeros(0, n)
         if self.unconverged:
-            warnings.warn(
-                f"{self.unconverged} (step, input) pair(s) did not reach the tolerance within max_depth="
-                f"{max_depth} refinements / max_evaluations={max_evaluations} per input and step (largest "
-                f"step error {float(err.max()):.3g}); the remaining error is in the convergence delta (for a "
-                "quicker look at ReLU networks with many kinks use options='balanced' or 'fast')",
-                RuntimeWarning,
-                stacklevel=4,
-            )
+            msg, category = checks.unconverged_message(self.unconverged_rows, self.errors, self.unconverged,
+                                                       max_depth, max_evaluations)
+            checks.warn(msg, category)
         return SweepStats(list(self.steps), err, self.evaluations, self.unconverged, self.depth)
 
 
@@ -118,21 +130,25 @@ class ExactPathKernel:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         opts = resolve_options(options, **overrides)
+        checks.check_trajectory_arg(trajectory)
         if not isinstance(trajectory, Trajectory):
             trajectory = Trajectory.open(trajectory)
         trajectory.validate(model)
+        checks.check_model_state(model, trajectory)
         if trajectory.num_steps == 0:
             raise TrajectoryError(f"trajectory {trajectory.path!r} holds no steps")
         device = opts.device
         if device is None:
             first = next(iter(model.parameters()), None)
             device = first.device if first is not None else torch.device("cpu")
+        checks.check_device(torch.device(device))
         dtype = opts.dtype if opts.dtype is not None else trajectory.spec[trajectory.trainable[0]].dtype
         self.options: EPKOptions = opts.replace(device=device, dtype=dtype)
         self.model = model
         self.trajectory = trajectory
         self.output_fn = resolve_output_fn(output_fn)
         self.layout = ParamLayout(trajectory.trainable, [trajectory.spec[n].shape for n in trajectory.trainable])
+        self._plan: Optional[MemoryPlan] = None  # batch sizes of the sweep under way (max_memory)
         self._select_parameters(model, parameters)
         fixed = trajectory.frozen_params(device=self.device, dtype=self.dtype)
         self._initial_buffers = trajectory.buffers(0, device=self.device, dtype=self.dtype)
@@ -175,24 +191,75 @@ class ExactPathKernel:
         params = self.trajectory.params(step, device=self.device, dtype=self.dtype)
         flat = self.layout.flatten(params)
         if not bool(torch.isfinite(flat).all()):
-            bad = next(n for n in self.layout.names if not bool(torch.isfinite(params[n]).all()))
-            raise TrajectoryError(
-                f"trajectory {self.trajectory.path!r}: parameter {bad!r} is NaN or infinite at step {step}; "
-                "the run diverged and cannot be explained past this point"
-            )
+            self._raise_first_nonfinite(step)
         return flat
 
-    def prepare_inputs(self, inputs: Any, additional_forward_args: Any = None, what: str = "inputs") -> Batch:
-        """Captum-style inputs as a :class:`~captum_explaind.epk.batch.Batch` on the compute device."""
-        return Batch.from_inputs(inputs, additional_forward_args, device=self.device, dtype=self.dtype, what=what)
+    def _raise_first_nonfinite(self, step: int) -> None:
+        """Name the first step (≤ ``step``) and parameter that went NaN/inf: whichever θ a view reads
+        first, the user needs to know where the run diverged, not where the analysis noticed it."""
+        for s in range(step + 1):
+            params = self.trajectory.params(s, device=self.device, dtype=self.dtype)
+            bad = [n for n in self.layout.names if not bool(torch.isfinite(params[n]).all())]
+            if bad:
+                raise TrajectoryError(
+                    f"trajectory {self.trajectory.path!r}: parameter {bad[0]!r} is NaN or infinite at step {s}; "
+                    "the run diverged and cannot be explained past this point"
+                )
+
+    def prepare_inputs(self, inputs: Any, additional_forward_args: Any = None, what: str = "inputs",
+                       check: bool = True) -> Batch:
+        """Captum-style inputs as a :class:`~captum_explaind.epk.batch.Batch` on the compute device.
+
+        numpy arrays are converted. With ``check`` (default) the inputs must be finite and the model
+        is called on them at θ_0 and θ_N: a model error is raised as
+        :class:`~captum_explaind.errors.InvalidInputError` naming ``what``, and non-finite outputs
+        as :class:`~captum_explaind.errors.NonFiniteError` — before any integration.
+        """
+        batch = Batch.from_inputs(checks.as_tensors(inputs), checks.as_tensors(additional_forward_args),
+                                  device=self.device, dtype=self.dtype, what=what)
+        if check:
+            checks.check_inputs_finite(batch, what)
+            checks.probe_inputs(self, batch, what)
+        return batch
 
     def output_shape(self, batch: Batch) -> torch.Size:
         """Shape of the explained output after the example axis (one forward pass at θ_0)."""
         return self.functional.forward(self.theta(0), batch.row(0)).shape[1:]
 
+    @property
+    def chunk_size(self) -> Optional[int]:
+        """Test inputs per chunk: ``options.batch_size``, or the memory plan's (the smaller)."""
+        size = self.options.batch_size
+        if self._plan is not None:
+            size = self._plan.batch_size if size is None else min(size, self._plan.batch_size)
+        return size
+
     def chunks(self, batch: Batch) -> List[Chunk]:
-        """The batch cut into chunks of ``options.batch_size`` examples."""
-        return [Chunk(off, b.n, b) for off, b in batch.chunks(self.options.batch_size)]
+        """The batch cut into chunks of :attr:`chunk_size` examples."""
+        return [Chunk(off, b.n, b) for off, b in batch.chunks(self.chunk_size)]
+
+    @property
+    def train_grad_bytes(self) -> Optional[int]:
+        """Bytes the training side may hold at once under ``max_memory`` (None: no budget)."""
+        return None if self._plan is None else self._plan.train_bytes
+
+    def train_chunk(self, explicit: Optional[int]) -> Optional[int]:
+        """Training samples per per-sample-gradient call: the caller's, else the memory plan's."""
+        if explicit is not None or self._plan is None:
+            return explicit
+        return self._plan.train_batch_size
+
+    def _memory_plan(self, batch: Batch, view: SweepView) -> Optional[MemoryPlan]:
+        """Batch sizes under ``options.max_memory`` for a sweep of ``view`` over ``batch`` (or None)."""
+        o = self.options
+        if o.max_memory is None or batch.n == 0:
+            return None
+        theta = self.theta(0)
+        return plan(int(o.max_memory), n=batch.n, n_params=self.layout.total, dtype=self.dtype,
+                    activations=activation_bytes(self.functional, theta, batch.row(0)),
+                    view_fixed=view_bytes(view), per_input_vectors=int(getattr(view, "per_input_vectors", 2)),
+                    gradient_payload=bool(getattr(view, "gradient_payload", True)),
+                    max_evaluations=o.max_evaluations, refine=o.refine)
 
     def tolerance(self, c0: torch.Tensor, c1: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """Per-row step tolerance and noise floor from the checked outputs at both ends of a step.
@@ -207,7 +274,8 @@ class ExactPathKernel:
 
     def forward(self, step: int, inputs: Any, additional_forward_args: Any = None) -> torch.Tensor:
         """``f(θ_step; inputs)`` (the explained output) with the buffers in effect after ``step``."""
-        batch = inputs if isinstance(inputs, Batch) else self.prepare_inputs(inputs, additional_forward_args)
+        batch = inputs if isinstance(inputs, Batch) else self.prepare_inputs(inputs, additional_forward_args,
+                                                                             check=False)
         return self._forward_all(step, batch)
 
     def _forward_all(self, step: int, batch: Batch) -> torch.Tensor:
@@ -224,6 +292,8 @@ class ExactPathKernel:
     def _refine_rows(self) -> int:
         """Points per batched call while refining: a vjp integrand holds a parameter-sized
         gradient per point, so bound the batch by ~256 MiB of those (at least 8, at most 1024)."""
+        if self._plan is not None:
+            return self._plan.refine_rows
         per_row = self.layout.total * torch.finfo(self.dtype).bits // 8
         return max(8, min(1024, (256 * 2**20) // max(per_row, 1)))
 
@@ -234,13 +304,17 @@ class ExactPathKernel:
         for ci, ch in enumerate(chunks):
             rows = torch.arange(ch.n, device=self.device)
             c0, c1 = view.check(f0s[ci], ch, rows), view.check(f1s[ci], ch, rows)
+            checks.check_step_outputs(seg.step, ch.offset, c0, c1)
             view.step_change(seg.step, ch, c0, c1)
             tol, noise = self.tolerance(c0, c1)
-            stats: StepStats = integrate_step(
-                view.integrand(seg, ch), c0, c1, rule=o.quadrature, nodes=o.nodes, tol=tol, noise=noise,
-                control=o.refine, max_depth=o.max_depth, max_rows=self._refine_rows,
-                max_points=self._budget(ch.n),
-            )
+            try:
+                stats: StepStats = integrate_step(
+                    view.integrand(seg, ch), c0, c1, rule=o.quadrature, nodes=o.nodes, tol=tol, noise=noise,
+                    control=o.refine, max_depth=o.max_depth, max_rows=self._refine_rows,
+                    max_points=self._budget(ch.n),
+                )
+            except checks.IntegrandNonFinite as err:
+                raise checks.integrand_error(err, seg.step, ch.offset) from None
             log.add(seg.step, ch, stats)
 
     def _budget(self, n: int) -> Optional[int]:
@@ -286,7 +360,13 @@ class ExactPathKernel:
                 raise TrajectoryError(f"step {s} is outside the trajectory (valid: 1..{N})")
         chosen = set(selected)
         todo = chosen if integrate is None else chosen & set(int(s) for s in integrate)
-        state = _ForwardState(self, batch, view, need_precond, sorted(todo))
+        all_todo = sorted(todo)
+        self._plan = self._memory_plan(batch, view)
+        sharded = _shardable(view)
+        if sharded:
+            selected, todo = _shard_steps(view, selected, todo)
+            chosen = set(selected)
+        state = _ForwardState(self, batch, view, need_precond, all_todo)
         bar = self._bar(len(selected), view, desc, show_progress)
         try:
             for s in range(1, (selected[-1] if selected else 0) + 1):
@@ -296,6 +376,9 @@ class ExactPathKernel:
         finally:
             bar.close()
             self.functional.set_fixed(self._initial_buffers)
+            self._plan = None
+        if sharded:
+            _reduce_view(view, state.log)
         return state.log.finish(self.options.max_depth, self.options.max_evaluations)
 
     def sweep_reverse(
@@ -338,8 +421,16 @@ class ExactPathKernel:
         records = [traj.record(s) for s in range(1, last + 1)]
         scalars = [um.scalars(rec) for rec in records]
         buffer_steps = set(traj.buffer_steps())
-        chunks = self.chunks(batch)
+        self._plan = self._memory_plan(batch, view)
+        sharded = _shardable(view)
+        # In a process group each rank takes a contiguous block of the inputs: the accumulators
+        # are per input, so the blocks never interact and the results add up.
+        chunks = self._rank_chunks(batch) if sharded else self.chunks(batch)
         log = _SweepLog(sorted(todo), batch.n, self.dtype)
+        if sharded and not chunks:
+            self._plan = None
+            _reduce_view(view, log)
+            return log.finish(self.options.max_depth, self.options.max_evaluations)
         theta_next = self.theta(last)
         f_next: List[Optional[torch.Tensor]] = [None] * len(chunks)
         bar = self._bar(last, view, desc, show_progress)
@@ -372,7 +463,18 @@ class ExactPathKernel:
         finally:
             bar.close()
             fm.set_fixed(self._initial_buffers)
+            self._plan = None
+        if sharded:
+            _reduce_view(view, log)
         return log.finish(self.options.max_depth, self.options.max_evaluations)
+
+    def _rank_chunks(self, batch: Batch) -> List[Chunk]:
+        """This rank's contiguous block of the inputs, cut into chunks of ``options.batch_size``."""
+        rows = distributed.shard(range(batch.n))
+        if not rows:
+            return []
+        lo, hi = rows[0], rows[-1] + 1
+        return [Chunk(lo + off, b.n, b) for off, b in batch.slice(lo, hi).chunks(self.chunk_size)]
 
     def _buffer_jumps_after(self, s: int, theta: torch.Tensor, chunks: List[Chunk], before: List[torch.Tensor],
                             after: List[Optional[torch.Tensor]], view: SweepView) -> None:
@@ -425,6 +527,34 @@ class ExactPathKernel:
             rows.append(seg.delta * (1.0 - self._subset))
             names.append("other")
         return torch.stack(rows), names
+
+
+def _shardable(view: SweepView) -> bool:
+    """Whether a sweep of ``view`` is split over the ranks: inside a process group, for views
+    that name the accumulators to sum (``shard_sum``). Others run whole on every rank."""
+    return distributed.active() and bool(getattr(view, "shard_sum", ()))
+
+
+def _shard_steps(view: SweepView, selected: List[int], todo: set) -> Tuple[List[int], set]:
+    """This rank's part of a forward sweep: a contiguous block of the integrated steps.
+
+    Only this rank's steps are visited, unless the view does work at every visited step
+    (``visit_every_step``: the similarity view's per-sample momentum buffers); the sweep then
+    stops at this rank's last step.
+    """
+    own = set(distributed.shard(sorted(todo)))
+    if getattr(view, "visit_every_step", False):
+        last = max(own) if own else 0
+        return [s for s in selected if s <= last], own
+    return [s for s in selected if s in own], own
+
+
+def _reduce_view(view: SweepView, log: _SweepLog) -> None:
+    """Sum the view's accumulators and the sweep log over the ranks; copy rank 0's replicated state."""
+    distributed.all_reduce_sum_([getattr(view, name) for name in getattr(view, "shard_sum", ())])
+    for name in getattr(view, "shard_copy", ()):
+        setattr(view, name, distributed.broadcast_object(getattr(view, name)))
+    log.reduce()
 
 
 class _ForwardState:

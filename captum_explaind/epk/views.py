@@ -13,12 +13,14 @@ integral until it matches them. What is integrated, and what is done with it, is
 * ``done(step)`` — reverse sweeps only: ``True`` stops early (nothing earlier can contribute).
 
 Views keep all their state explicitly on themselves (accumulators, carries), so a sweep can be
-split over step ranges. :class:`ViewBase` gives the optional hooks their neutral behaviour.
+split over step ranges or input blocks: inside a process group the engine gives each rank a part
+and sums the accumulators the view names in ``shard_sum``. :class:`ViewBase` gives the optional
+hooks their neutral behaviour.
 """
 
 from __future__ import annotations
 
-from typing import Protocol, runtime_checkable
+from typing import Protocol, Tuple, runtime_checkable
 
 import torch
 
@@ -50,6 +52,24 @@ class ViewBase:
 
     #: shown in progress bars
     label = "steps"
+    #: accumulators (attribute names) that add up over parts of a sweep; a view that names them is
+    #: split over the ranks of a process group (:mod:`captum_explaind.distributed`), the others run
+    #: whole on every rank
+    shard_sum: Tuple[str, ...] = ()
+    #: replicated state every rank computes alike, copied from rank 0 after a split sweep
+    shard_copy: Tuple[str, ...] = ()
+    #: a split forward sweep still visits other ranks' steps (``end_step(seg, False)``)
+    visit_every_step = False
+
+    @property
+    def per_input_vectors(self) -> int:
+        """Memory model (``max_memory``): parameter-sized vectors held per test input."""
+        return 2
+
+    @property
+    def gradient_payload(self) -> bool:
+        """Memory model: whether an integrand row's payload is a gradient (else a few outputs per tangent)."""
+        return True
 
     def check(self, out: torch.Tensor, chunk: Chunk, rows: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError

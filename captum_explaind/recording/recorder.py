@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .. import distributed
 from ..errors import TrajectoryError, TrajectoryWriteError
 from . import directory
 from . import format as fmt
@@ -217,15 +218,21 @@ class TrajectoryRecorder:
         self._failure: Optional[Tuple[int, str]] = None  # (step, message) of the first failed write
         self._refused = 0  # optimizer steps refused after the failure
         self._unbatched: List[int] = []  # steps recorded without a logged batch
-        self._writer = StepWriter(background=background)
+        self._writer: Union[StepWriter, _FollowerWriter] = StepWriter(background=background)
         self._failure_reported = False
         self._closed_versions: Dict[str, int] = {}
         self._steps_after_close = 0
 
-        self._lock = DirectoryLock(self.path)
-        created = self._open_directory(overwrite, resume)
+        self._lock: Union[DirectoryLock, _FollowerLock] = DirectoryLock(self.path)
+        # Under DDP (torchrun) rank 0 writes; the other ranks only hand it their micro-batches.
+        self._follower = distributed.active() and not distributed.is_writer()
+        if self._follower:
+            self._writer, self._lock = _FollowerWriter(), _FollowerLock()
+        created = False if self._follower else self._open_directory(overwrite, resume)
         try:
-            if resume:
+            if self._follower:
+                pass
+            elif resume:
                 self._resume()
             else:
                 self._write_initial()
@@ -241,6 +248,7 @@ class TrajectoryRecorder:
         ]
         if self.record_rng:
             self._handles.append(model.register_forward_pre_hook(self._capture_rng))
+        distributed.barrier()  # θ_0 and the manifest are on disk before any rank trains
 
     # ------------------------------------------------------------------ set-up
     def _name_parameters(self) -> Dict[int, str]:
@@ -380,7 +388,7 @@ class TrajectoryRecorder:
             )
         try:
             self._lock.check()
-            for name in (fmt.MANIFEST, fmt.INITIAL, fmt.STEPS_DIR):
+            for name in (() if self._follower else (fmt.MANIFEST, fmt.INITIAL, fmt.STEPS_DIR)):
                 if not os.path.exists(os.path.join(self.path, name)):
                     raise TrajectoryError(f"{os.path.join(self.path, name)!r} was deleted while recording")
             now = dict(self.model.named_parameters())
@@ -488,6 +496,8 @@ class TrajectoryRecorder:
         return manifest
 
     def _write_manifest(self, status: str, extra: Optional[Dict[str, Any]] = None) -> None:
+        if self._follower:
+            return
         fmt.write_manifest(os.path.join(self.path, fmt.MANIFEST), self._manifest(status, extra))
 
     # ------------------------------------------------------------------ batches
@@ -687,6 +697,8 @@ class TrajectoryRecorder:
         if self._closed or self._pre is None:
             return
         step = self._step + 1
+        if distributed.active():
+            self._pending = _gathered(self._pending)
         if not self._pending:
             self._warn_unbatched(step)
         tensors, metadata = self._collect_step(step, optimizer)
@@ -798,6 +810,7 @@ class TrajectoryRecorder:
             self._finish(status, extra)
         finally:
             self._lock.release()
+        distributed.barrier()  # every rank's trajectory is rank 0's, complete
 
     def _finish(self, status: str, extra: Optional[Dict[str, Any]]) -> None:
         """Warnings and the final manifest of a recording that stops now."""
@@ -850,6 +863,8 @@ class TrajectoryRecorder:
 
     def _exists(self) -> bool:
         """Whether this recorder's directory and lock are still there (not deleted under it)."""
+        if self._follower:
+            return False  # rank 0's to check and finalize
         try:
             self._lock.check()
             return True
@@ -897,3 +912,48 @@ class TrajectoryRecorder:
                 self._lock.release()
         except Exception:
             pass
+
+
+# ---------------------------------------------------------------------- DDP (torchrun)
+def _gathered(pending: List[fmt.MicroBatch]) -> List[fmt.MicroBatch]:
+    """Every rank's micro-batches of this step, in rank order (DDP averages the ranks' gradients,
+    so each sample's weight is its rank's weight ÷ world size; RNG states travel with them)."""
+    world = distributed.world_size()
+    mine = [(mb.indices, mb.weights, getattr(mb, "rng_state", None), getattr(mb, "cuda_rng_state", None))
+            for mb in pending]
+    out = []
+    for part in distributed.all_gather_objects(mine):
+        for idx, w, rng, cuda_rng in part:
+            mb = fmt.MicroBatch(indices=idx, weights=w / world)
+            if rng is not None or cuda_rng is not None:
+                mb.rng_state, mb.cuda_rng_state = rng, cuda_rng
+            out.append(mb)
+    return out
+
+
+class _FollowerWriter:
+    """A non-writing rank's stand-in for the step writer: a step counts once handed over."""
+
+    error: Optional[BaseException] = None
+    failed_path: Optional[str] = None
+
+    def submit(self, path: str, tensors: Any, metadata: Any, done: Any) -> None:
+        done()
+
+    def close(self) -> None:
+        return None
+
+
+class _FollowerLock:
+    """A non-writing rank holds no lock (rank 0 holds the directory's)."""
+
+    stale: Optional[Dict[str, Any]] = None
+
+    def acquire(self) -> None:
+        return None
+
+    def release(self, *, keep_stale: bool = False) -> None:
+        return None
+
+    def check(self) -> None:
+        return None

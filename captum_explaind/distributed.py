@@ -1,0 +1,135 @@
+"""All ``torch.distributed`` state of the library, in one place (nobody else imports it).
+
+Under ``torchrun`` (an initialized default process group, any backend) the engine shards its
+work over the ranks and gives every rank the full result; outside a process group — or in a
+group of one — every function here is the identity and nothing changes. The helpers:
+
+* :func:`active`, :func:`rank`, :func:`world_size`, :func:`is_writer` — where this process stands;
+* :func:`shard` — the contiguous, balanced part of a sequence (steps, input rows) a rank owns;
+* :func:`all_reduce_sum_` / :func:`all_reduce_max` — combining per-rank partial results, in place;
+* :func:`all_gather_objects` / :func:`gather_indices` / :func:`broadcast_object` — small Python
+  payloads (micro-batch indices of a ``DistributedSampler`` run, counters).
+
+Tensors travel on the device the backend supports (``gloo``: CPU; ``nccl``: CUDA) and come back
+where they were, in their own dtype, so float64 results stay float64.
+"""
+
+from __future__ import annotations
+
+from typing import Any, List, Sequence, TypeVar
+
+import torch
+import torch.distributed as dist
+
+__all__ = ["active", "rank", "world_size", "is_writer", "shard", "all_reduce_sum_", "all_reduce_max",
+           "all_gather_objects", "gather_indices", "broadcast_object", "barrier"]
+
+T = TypeVar("T")
+
+
+def active() -> bool:
+    """True inside an initialized default process group of more than one rank."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def rank() -> int:
+    """This process's rank (0 outside a process group)."""
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def world_size() -> int:
+    """Number of ranks (1 outside a process group)."""
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def is_writer() -> bool:
+    """Whether this process writes shared files (rank 0, or the only process)."""
+    return rank() == 0
+
+
+def shard(items: Sequence[T], index: int | None = None, count: int | None = None) -> List[T]:
+    """The contiguous part of ``items`` owned by rank ``index`` of ``count`` (default: this rank).
+
+    Parts differ in length by at most one, earlier ranks taking the longer ones; a rank may get
+    nothing when there are fewer items than ranks.
+    """
+    index = rank() if index is None else index
+    count = world_size() if count is None else count
+    n = len(items)
+    base, extra = divmod(n, count)
+    start = index * base + min(index, extra)
+    stop = start + base + (1 if index < extra else 0)
+    return list(items[start:stop])
+
+
+def _comm_device(t: torch.Tensor) -> torch.device:
+    backend = dist.get_backend()
+    if backend == "nccl":
+        return t.device if t.device.type == "cuda" else torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def all_reduce_sum_(tensors: Sequence[torch.Tensor]) -> None:
+    """Sum every tensor over the ranks, in place (a no-op outside a process group).
+
+    All tensors of one dtype and device go in one flat buffer, so the ranks exchange a few
+    messages however many accumulators a view holds.
+    """
+    if not active():
+        return
+    groups: dict = {}
+    for t in tensors:
+        if t.numel():
+            groups.setdefault((t.dtype, t.device), []).append(t)
+    for (_, device), ts in sorted(groups.items(), key=lambda kv: (str(kv[0][0]), str(kv[0][1]))):
+        flat = torch.cat([t.reshape(-1) for t in ts]).to(_comm_device(ts[0]))
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+        flat = flat.to(device)
+        off = 0
+        for t in ts:
+            t.copy_(flat[off : off + t.numel()].view_as(t))
+            off += t.numel()
+
+
+def all_reduce_max(value: int) -> int:
+    """The largest ``value`` over the ranks."""
+    if not active():
+        return value
+    t = torch.tensor([value], dtype=torch.int64)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t.item())
+
+
+def all_gather_objects(obj: Any) -> List[Any]:
+    """``[obj of rank 0, obj of rank 1, …]`` on every rank (``[obj]`` outside a process group)."""
+    if not active():
+        return [obj]
+    out: List[Any] = [None] * world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def gather_indices(indices: torch.Tensor) -> torch.Tensor:
+    """The micro-batch indices of every rank, concatenated in rank order (CPU int64).
+
+    Under DDP with a ``DistributedSampler`` each rank trains on its own part of the global batch;
+    the optimizer step applies the average of all of them, so the recorded step must hold all.
+    """
+    idx = torch.as_tensor(indices).reshape(-1).to("cpu", torch.int64)
+    parts = all_gather_objects(idx)
+    return torch.cat(parts) if len(parts) > 1 else idx
+
+
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    """``obj`` of rank ``src`` on every rank."""
+    if not active():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def barrier() -> None:
+    """Wait for every rank (no-op outside a process group)."""
+    if active():
+        dist.barrier()

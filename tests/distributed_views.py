@@ -1,0 +1,142 @@
+"""Every view on one recorded run, as plain tensors — computed once in the test process and once
+per rank under ``torchrun`` (``python -m torch.distributed.run ... distributed_views.py``), so
+the test can compare the sharded results with one process.
+
+Run as a script: ``distributed_views.py TRAJECTORY DATA OUT_PREFIX`` (inside a process group:
+each rank writes ``OUT_PREFIX.rank<r>.pt``).
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Dict
+
+import torch
+from torch import nn
+from torch.utils.data import TensorDataset
+
+from captum_explaind import (
+    ExactPathKernel,
+    ParameterInfluence,
+    PredictionSimilarity,
+    StepInfluence,
+    TrainingDataInfluence,
+)
+
+
+def nll(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return nn.functional.nll_loss(out, y, reduction="none")
+
+
+def all_views(model: nn.Module, traj, X: torch.Tensor, Y: torch.Tensor, n_test: int = 5,
+              **options) -> Dict[str, torch.Tensor]:
+    """Reconstruction, model view (per parameter and per layer), training view, data view (two
+    windowings, one input — fewer inputs than ranks), similarity: every number as a tensor."""
+    x, y = X[:n_test], Y[:n_test]
+    out: Dict[str, torch.Tensor] = {}
+    rec = ExactPathKernel(model, traj, **options).reconstruct(x)
+    for k in ("kernel", "regularization", "buffers", "delta"):
+        out[f"reconstruct.{k}"] = getattr(rec, k)
+    out["reconstruct.step_error"] = rec.stats.step_error
+    out["reconstruct.evaluations"] = torch.tensor(rec.stats.evaluations)
+    pi = ParameterInfluence(model, traj, **options)
+    scores, delta = pi.attribute(x, target=y, return_convergence_delta=True)
+    for name, v in scores.items():
+        out[f"model.{name}"] = v
+    out["model.delta"] = delta
+    layers = pi.explain(x, target=y, layers=["fc1", "fc2"])
+    for comp, v in layers.scores.items():
+        out[f"model_layers.{comp}"] = v
+    steps = StepInfluence(model, traj, **options).explain(x, target=y, window=2, component=["kernel",
+                                                                                           "regularization"])
+    for comp, v in steps.scores.items():
+        out[f"steps.{comp}"] = v
+    out["steps.delta"] = steps.delta
+    train = TensorDataset(X, Y)
+    tdi = TrainingDataInfluence(model, traj, train, nll, **options)
+    d = tdi.explain(x, target=y)
+    for k in ("scores", "regularization", "residual", "change", "delta"):
+        out[f"data.{k}"] = getattr(d, k)
+    out["data.grad_scale"] = torch.tensor(list(d.grad_scale.values()))
+    dw = tdi.explain(x, target=y, steps=[range(1, 4), range(4, traj.num_steps + 1)], indexing="gradient")
+    out["data_windows.scores"] = dw.scores
+    one = tdi.explain(x[:1], target=y[:1])
+    out["data_one.scores"] = one.scores
+    out["data_one.grad_scale"] = torch.tensor(list(one.grad_scale.values()))
+    sim = PredictionSimilarity(model, traj, train, nll, **options).explain(x, target=y, steps=range(2, traj.num_steps))
+    out["similarity.gram"] = sim.gram
+    return out
+
+
+def ddp_sampler_indices(n: int, world: int, rank: int, epoch: int) -> "list[int]":
+    """What a ``DistributedSampler`` (shuffle, seed 0) gives ``rank`` in ``epoch``."""
+    from torch.utils.data import DistributedSampler
+
+    sampler = DistributedSampler(range(n), num_replicas=world, rank=rank, shuffle=True, seed=0)
+    sampler.set_epoch(epoch)
+    return list(sampler)
+
+
+def ddp_train_and_record(path: str, X: torch.Tensor, Y: torch.Tensor, epochs: int = 2, batch: int = 4) -> None:
+    """Real DDP training (gloo, CPU) on a ``DistributedSampler``, recorded by every rank's recorder
+    (rank 0 writes; each rank logs its own micro-batches)."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    from captum_explaind import TrajectoryRecorder, distributed
+
+    from training import TanhMLP
+
+    torch.manual_seed(0)
+    model = TanhMLP().double()
+    ddp = DistributedDataParallel(model)
+    opt = torch.optim.AdamW(model.parameters(), lr=0.02, weight_decay=0.1)
+    with TrajectoryRecorder(model, opt, path) as rec:
+        for epoch in range(epochs):
+            mine = ddp_sampler_indices(len(X), distributed.world_size(), distributed.rank(), epoch)
+            for start in range(0, len(mine), batch):
+                idx = torch.tensor(mine[start : start + batch])
+                opt.zero_grad()
+                nll(ddp(X[idx]), Y[idx]).mean().backward()
+                rec.log_batch(idx)
+                opt.step()
+
+
+def main(argv) -> None:
+    from captum_explaind import Trajectory, distributed
+
+    from training import TanhMLP
+
+    traj_path, data_path, prefix = argv[1:4]
+    torch.distributed.init_process_group("gloo")
+    try:
+        X, Y = torch.load(data_path)
+        model = TanhMLP().double()
+        # count this rank's (step, input-chunk) integrations: the work must really be split
+        calls = []
+        original = ExactPathKernel._integrate
+
+        def counted(self, seg, chunks, *args):
+            calls.append(sum(ch.n for ch in chunks))
+            return original(self, seg, chunks, *args)
+
+        ExactPathKernel._integrate = counted
+        out = all_views(model, Trajectory.open(traj_path), X, Y)
+        out["work"] = torch.tensor(sum(calls))
+        out["world_size"] = torch.tensor(distributed.world_size())
+        torch.save(out, f"{prefix}.rank{distributed.rank()}.pt")
+        ExactPathKernel._integrate = original
+        # DDP on a DistributedSampler: one trajectory on disk; then the data view of it, sharded
+        ddp_path = f"{prefix}.ddp"
+        ddp_train_and_record(ddp_path, X[:20], Y[:20])
+        traj = Trajectory.open(ddp_path)
+        d = TrainingDataInfluence(TanhMLP().double(), traj, TensorDataset(X[:20], Y[:20]), nll).explain(
+            X[:5], target=Y[:5])
+        torch.save({"scores": d.scores, "residual": d.residual, "delta": d.delta, "change": d.change,
+                    "regularization": d.regularization},
+                   f"{prefix}.ddp_data.rank{distributed.rank()}.pt")
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(sys.argv)

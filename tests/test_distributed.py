@@ -1,0 +1,177 @@
+"""Every view under a real ``torchrun`` process group (gloo, 2 processes, CPU) equals one process.
+
+The test records a run, computes every view in this process, then launches
+``python -m torch.distributed.run --nproc_per_node=2 distributed_views.py`` and compares what
+*each* rank returns (the full result on every rank) with the single-process numbers, in float64
+to 1e-10 relative. One launch runs all views (process-group start-up costs seconds).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from captum_explaind import distributed
+
+from distributed_views import all_views
+from training import OPTIMIZERS, RunConfig, TanhMLP, make_data, record_run
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def torchrun(script: Path, *args: str, nproc: int = 2, timeout: float = 240) -> subprocess.CompletedProcess:
+    """Launch ``script`` under ``torch.distributed.run`` on CPU (gloo), one thread per rank."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1",
+               PYTHONPATH=os.pathsep.join([str(ROOT), str(HERE), os.environ.get("PYTHONPATH", "")]))
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--nnodes=1",
+           "--master_addr=127.0.0.1", f"--master_port={free_port()}", str(script), *args]
+    proc = subprocess.run(cmd, env=env, cwd=str(ROOT), capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        pytest.fail(f"torchrun failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")
+    return proc
+
+
+ROUND_OFF = ("delta", "step_error", "residual")
+
+
+def assert_equal_results(got: dict, want: dict, rtol: float = 1e-10) -> None:
+    assert set(want) <= set(got), sorted(set(want) - set(got))
+    for key, w in want.items():
+        g = got[key]
+        assert g.shape == w.shape, key
+        if not w.is_floating_point():
+            assert torch.equal(g, w), key
+            continue
+        scale = float(w.abs().max()) if w.numel() else 0.0
+        if key.split(".")[-1] in ROUND_OFF:
+            # a round-off quantity (delta, error, residual): relative to the view's own numbers
+            family = key.split(".")[0]
+            scale = max(float(v.abs().max()) for k, v in want.items()
+                        if k.split(".")[0] == family and v.is_floating_point() and v.numel())
+        err = float((g - w).abs().max()) if w.numel() else 0.0
+        assert err <= rtol * max(scale, 1e-300), f"{key}: max error {err:.3g} against scale {scale:.3g}"
+
+
+@pytest.fixture(scope="module")
+def recorded(tmp_path_factory):
+    torch.manual_seed(0)
+    model = TanhMLP().double()
+    X, Y = make_data("vector", 40)
+    cfg = RunConfig(OPTIMIZERS["adamw_groups"], steps=9, micro=2, clip=0.5)
+    path = tmp_path_factory.mktemp("dist") / "t"
+    traj, _ = record_run(model, X, Y, path, cfg)
+    return model, traj, X, Y, path
+
+
+def test_outside_a_process_group_nothing_is_sharded():
+    assert not distributed.active()
+    assert distributed.rank() == 0 and distributed.world_size() == 1 and distributed.is_writer()
+    t = torch.arange(3.0)
+    distributed.all_reduce_sum_([t])
+    assert torch.equal(t, torch.arange(3.0))
+    assert distributed.shard(list(range(7))) == list(range(7))
+
+
+def test_shard_parts_are_contiguous_balanced_and_cover_everything():
+    for n in range(0, 12):
+        for world in (1, 2, 3, 5):
+            parts = [distributed.shard(list(range(n)), r, world) for r in range(world)]
+            assert sum(parts, []) == list(range(n))
+            sizes = [len(p) for p in parts]
+            assert max(sizes) - min(sizes) <= 1
+
+
+def _views_in_one_process(model, traj, X, Y):
+    """Every view in this process, and how many (step, input) pairs it integrated."""
+    from captum_explaind import ExactPathKernel
+
+    calls = []
+    original = ExactPathKernel._integrate
+
+    def counted(self, seg, chunks, *args):
+        calls.append(sum(ch.n for ch in chunks))
+        return original(self, seg, chunks, *args)
+
+    ExactPathKernel._integrate = counted
+    try:
+        want = all_views(model, traj, X, Y)
+    finally:
+        ExactPathKernel._integrate = original
+    return want, sum(calls)
+
+
+@pytest.fixture(scope="module")
+def launched(recorded, tmp_path_factory):
+    """One torchrun launch (2 ranks) for every distributed check: the views, then a DDP run."""
+    model, traj, X, Y, path = recorded
+    out = tmp_path_factory.mktemp("ranks")
+    data = out / "data.pt"
+    torch.save((X, Y), data)
+    torchrun(HERE / "distributed_views.py", str(path), str(data), str(out / "out"))
+    return out
+
+
+@pytest.mark.slow
+def test_every_view_under_torchrun_equals_one_process(recorded, launched):
+    model, traj, X, Y, path = recorded
+    want, total = _views_in_one_process(model, traj, X, Y)
+    tmp_path = launched
+    work = []
+    for r in range(2):
+        got = torch.load(tmp_path / f"out.rank{r}.pt")
+        assert int(got.pop("world_size")) == 2
+        work.append(int(got.pop("work")))
+        assert_equal_results(got, want)
+    # each rank integrated its own part: (step, input) pairs add up to one process's, split ~evenly
+    assert sum(work) == total and max(work) <= 0.6 * total, (work, total)
+    # the comparison can fail: a rank's share alone is not the result
+    half = dict(want)
+    half["data.scores"] = want["data.scores"].clone()
+    half["data.scores"][3:] = 0
+    with pytest.raises(AssertionError):
+        assert_equal_results(half, want)
+
+
+@pytest.mark.slow
+def test_ddp_recorder_records_every_rank_and_the_data_view_replays_it(recorded, launched):
+    from torch.utils.data import TensorDataset
+
+    from captum_explaind import TrainingDataInfluence, Trajectory
+
+    from distributed_views import ddp_sampler_indices, nll
+
+    model, _, X, Y, _ = recorded
+    X, Y = X[:20], Y[:20]
+    traj = Trajectory.open(launched / "out.ddp")
+    # one writer: every step holds both ranks' micro-batches of the DistributedSampler, in rank order
+    per_rank = [[ddp_sampler_indices(len(X), 2, r, e) for e in range(2)] for r in range(2)]
+    assert traj.num_steps == 2 * 3  # 2 epochs × ceil(10 per rank / 4) steps
+    for s in range(1, traj.num_steps + 1):
+        epoch, j = divmod(s - 1, 3)
+        rec = traj.record(s)
+        want = [per_rank[r][epoch][4 * j : 4 * j + 4] for r in range(2)]
+        assert [mb.indices.tolist() for mb in rec.batches] == want
+        for mb, idx in zip(rec.batches, want):  # DDP averages the ranks' mean losses
+            torch.testing.assert_close(mb.weights, torch.full((len(idx),), 1 / (2 * len(idx)), dtype=torch.float64))
+    # the data view replays it exactly: complete against the real model, nothing left as residual
+    one = TrainingDataInfluence(model, traj, TensorDataset(X, Y), nll).explain(X[:5], target=Y[:5])
+    torch.testing.assert_close(one.scores.sum(1) + one.regularization + one.residual + one.delta, one.change,
+                               rtol=0, atol=1e-12)
+    assert float(one.residual.abs().max()) < 1e-10 * float(one.scores.abs().sum(1).max())
+    for r in range(2):  # and the sharded data view on both ranks equals this process's
+        got = torch.load(launched / f"out.ddp_data.rank{r}.pt")
+        assert_equal_results({f"data.{k}": v for k, v in got.items()},
+                             {f"data.{k}": getattr(one, k) for k in got})
