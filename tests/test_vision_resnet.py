@@ -107,7 +107,8 @@ def test_resnet18_data_view_residual_is_round_off(resnet, tdi18):
     model, traj, X, Y = resnet
     x = X[:1] + 0.05
     res = tdi18.explain(x, target=0)
-    assert res.train_grads == "coupled"
+    # coupled through the batch statistics (for 11 M parameters possibly by forward mode: "coupled+jvp")
+    assert res.train_grads.startswith("coupled")
     change = plain_output(model, traj, x, traj.num_steps)[:, 0] - plain_output(model, traj, x, 0)[:, 0]
     assert float(res.residual.abs().max()) < 1e-10 * float(change.abs().max())
     total = res.scores.sum(1) + res.regularization + res.residual + res.buffers + res.delta
