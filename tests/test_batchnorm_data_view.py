@@ -192,6 +192,19 @@ def test_data_view_equals_brute_force_with_a_round_off_residual(run, brute):
     assert float(res.delta.abs().max()) < 1e-9 * float(change.abs().max())
 
 
+def test_buffers_and_train_grads_survive_save_and_load(run, tmp_path):
+    from captum_explaind.epk.results import DataDecomposition, ScoreResult
+
+    model, traj, X, Y, x = run
+    data = TrainingDataInfluence(model, traj, TensorDataset(X, Y)).explain(x, target=1)
+    data.save(tmp_path / "data")
+    back = DataDecomposition.load(tmp_path / "data")
+    assert back.train_grads == "coupled" and torch.equal(back.buffers, data.buffers)
+    scores = ParameterInfluence(model, traj).explain(x, target=1, layers=["conv", "fc2"])
+    scores.save(tmp_path / "scores")
+    assert torch.equal(ScoreResult.load(tmp_path / "scores").buffers, scores.buffers)
+
+
 def test_independent_per_sample_gradients_miss_under_batch_norm(run, brute):
     """Negative control: the same run explained sample by sample leaves a large residual."""
     model, traj, X, Y, x = run
@@ -270,3 +283,28 @@ def test_models_without_changing_buffers_use_independent_grads_and_zero_buffers(
     assert float(res.buffers.abs().max()) == 0.0
     pi = ParameterInfluence(model, rec.trajectory).explain(X[:2], target=0)
     assert pi.buffers is not None and float(pi.buffers.abs().max()) == 0.0
+
+
+def test_instance_norm_with_running_statistics_replays_exactly(tmp_path):
+    """InstanceNorm normalizes each sample by its own statistics in train mode and by running ones in eval
+    mode; the manifest lists only BatchNorm, the moved statistics reveal it, and the replay is exact."""
+    torch.manual_seed(2)
+    model = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.InstanceNorm2d(2, affine=True, track_running_stats=True),
+                          nn.Tanh(), nn.Flatten(), nn.Linear(2 * 5 * 5, 3)).double()
+    X, Y = torch.randn(12, 1, 5, 5, dtype=torch.float64), torch.randint(0, 3, (12,))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    rec = TrajectoryRecorder(model, opt, tmp_path / "inorm")
+    model.train()
+    with rec:
+        for s in range(3):
+            i = torch.arange(4 * s, 4 * s + 4)
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(X[i]), Y[i]).backward()
+            rec.log_batch(i)
+            opt.step()
+    assert training_modes(rec.trajectory, model).batch_norm == ["1"]
+    res = TrainingDataInfluence(model, rec.trajectory, TensorDataset(X, Y)).explain(X[:2], target=0)
+    assert res.train_grads == "coupled"
+    assert float(res.residual.abs().max()) < 1e-12 * float(res.change.abs().max())
+    total = res.scores.sum(1) + res.regularization + res.residual + res.buffers + res.delta
+    torch.testing.assert_close(total, res.change, rtol=0, atol=1e-12)

@@ -73,10 +73,16 @@ def test_resnet18_model_view_with_batchnorm_buffers_is_complete(resnet):
     torch.testing.assert_close(buffers, jumps, rtol=0, atol=1e-12 * scale)
 
 
-@pytest.mark.slow
-def test_resnet18_coupled_gradients_equal_per_sample_autograd_through_the_batch(resnet):
+@pytest.fixture(scope="module")
+def tdi18(resnet):
     model, traj, X, Y = resnet
-    tdi = TrainingDataInfluence(model, traj, TensorDataset(X, Y), **FAST)
+    return TrainingDataInfluence(model, traj, TensorDataset(X, Y), **FAST)
+
+
+@pytest.mark.slow
+def test_resnet18_coupled_gradients_equal_per_sample_autograd_through_the_batch(resnet, tdi18):
+    model, traj, X, Y = resnet
+    tdi = tdi18
     grads = select_train_grads(tdi.epk, tdi.train, tdi.loss_fn)
     assert isinstance(grads, CoupledGrads)
     rec = traj.record(2)
@@ -96,12 +102,13 @@ def test_resnet18_coupled_gradients_equal_per_sample_autograd_through_the_batch(
 
 
 @pytest.mark.slow
-def test_resnet18_data_view_residual_is_round_off(resnet):
+def test_resnet18_data_view_residual_is_round_off(resnet, tdi18):
     """Fixed 2-node rule (no refinement): the delta is quadrature error, the residual is round-off."""
     model, traj, X, Y = resnet
     x = X[:1] + 0.05
-    res = TrainingDataInfluence(model, traj, TensorDataset(X, Y), **FAST).explain(x, target=0)
-    assert res.train_grads == "coupled"
+    res = tdi18.explain(x, target=0)
+    # coupled through the batch statistics (for 11 M parameters possibly by forward mode: "coupled+jvp")
+    assert res.train_grads.startswith("coupled")
     change = plain_output(model, traj, x, traj.num_steps)[:, 0] - plain_output(model, traj, x, 0)[:, 0]
     assert float(res.residual.abs().max()) < 1e-10 * float(change.abs().max())
     total = res.scores.sum(1) + res.regularization + res.residual + res.buffers + res.delta

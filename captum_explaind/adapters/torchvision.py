@@ -8,7 +8,7 @@ torchvision imports cleanly.
 
 torchvision classifiers need nothing else: ``torchvision.models.resnet18(num_classes=...)``
 records with :class:`~captum_explaind.TrajectoryRecorder` and is explained by every view on
-small inputs (e.g. 3×16×16). Their BatchNorm layers are handled exactly (see ``docs/vision.md``):
+small inputs (e.g. 3×8×8). Their BatchNorm layers are handled exactly (see ``docs/vision.md``):
 the running-statistics change is reported as its own ``buffers`` component, and the data view
 differentiates each sample's loss through the statistics of its training batch.
 

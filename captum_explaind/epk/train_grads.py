@@ -79,22 +79,28 @@ class TrainingModes:
 def training_modes(trajectory: Any, model: nn.Module) -> TrainingModes:
     """The training modes of a recorded run.
 
-    Read from the manifest's ``training_modes`` (written by the recorder at the first step). Older
-    recordings do not have it: a normalization module then counts as having run in train mode
-    when its running statistics changed during the run (they only move in train mode), or, for
-    one that keeps no running statistics, when it is in train mode in ``model`` now.
+    Read from the manifest's ``training_modes`` (written by the recorder at the first step). A
+    normalization module also counts as having run in train mode when its running statistics changed
+    during the run (they only move in train mode) — this covers older recordings without the key and
+    normalization layers the manifest does not list (``InstanceNorm`` with running statistics) — or,
+    for one that keeps no running statistics, when it is in train mode in ``model`` now and the
+    recording does not say otherwise.
     """
     recorded = getattr(trajectory, "manifest", {}).get("training_modes")
-    if isinstance(recorded, dict):
-        return TrainingModes(list(recorded.get("batch_norm", [])), list(recorded.get("dropout", [])), "manifest")
     changed = set()
     if trajectory.buffer_steps():
         first, last = trajectory.buffers(0), trajectory.buffers(trajectory.num_steps)
         changed = {name.rpartition(".")[0] for name in first if not torch.equal(first[name], last[name])}
+    listed = set(recorded.get("batch_norm", [])) if isinstance(recorded, dict) else set()
     norms = []
     for name, mod in model.named_modules():
-        if isinstance(mod, _NORM) and (name in changed or (not mod.track_running_stats and mod.training)):
+        if not isinstance(mod, _NORM):
+            continue
+        live = recorded is None and not mod.track_running_stats and mod.training
+        if name in listed or name in changed or live:
             norms.append(name)
+    if isinstance(recorded, dict):
+        return TrainingModes(norms, list(recorded.get("dropout", [])), "manifest")
     return TrainingModes(norms, [], "buffers" if norms else "none")
 
 
