@@ -13,6 +13,13 @@ __all__ = [
     "TrajectoryWriteError",
     "UnsupportedOptimizerError",
     "MissingOptimizerStateError",
+    "InvalidInputError",
+    "NonFiniteError",
+    "SelectorError",
+    "ExplaindWarning",
+    "ConvergenceWarning",
+    "ModelMismatchWarning",
+    "ResidualWarning",
 ]
 
 
@@ -42,3 +49,40 @@ class UnsupportedOptimizerError(ExplaindError, NotImplementedError):
 
 class MissingOptimizerStateError(TrajectoryError):
     """The trajectory lacks optimizer state that the requested view needs."""
+
+
+# ---------------------------------------------------------------------- analysis-side guards
+class InvalidInputError(ExplaindError, ValueError):
+    """Inputs (or training data) that the model cannot be called with: wrong feature dimension,
+    shape or dtype. The model's own error is chained (``__cause__``) and quoted."""
+
+
+class NonFiniteError(ExplaindError, ValueError):
+    """A test input, a model output or the path integrand is NaN or infinite: no exact
+    decomposition exists, and refinement would spend its whole budget on it."""
+
+
+class SelectorError(ExplaindError, KeyError):
+    """A ``layers=``/``parameters=`` selector that names no parameter or module of the model."""
+
+    def __str__(self) -> str:  # KeyError would print the message with quotes around it
+        return str(self.args[0]) if self.args else ""
+
+
+class ExplaindWarning(UserWarning):
+    """Base class of the warnings of this library (a number is returned, but check it)."""
+
+
+class ConvergenceWarning(ExplaindWarning, RuntimeWarning):
+    """Refinement stopped (``max_depth``/``max_evaluations``) above tolerance for some (step,
+    input) pairs; the error left is in the convergence delta."""
+
+
+class ModelMismatchWarning(ExplaindWarning):
+    """The live model differs from the recording's last step θ_N (trained after the recording
+    ended, or another instance), or has buffers the trajectory does not hold."""
+
+
+class ResidualWarning(ExplaindWarning):
+    """The data view's residual is large relative to the prediction's change: the replayed
+    training gradients do not explain the recorded updates (wrong training set or loss)."""

@@ -11,6 +11,7 @@ from captum.influence import DataInfluence
 from captum.log import log_usage
 from torch.utils.data import DataLoader
 
+from ..epk import checks
 from ..epk.batch import Batch
 from ..epk.data_view import DataView
 from ..epk.options import EPKOptions
@@ -135,7 +136,9 @@ class TrainingDataInfluence(EPKAttribution, DataInfluence):
         self.train_dataset = train_dataset
         self.train = TrainingSet(train_dataset, self.epk.functional, collate_fn, label_keys)
         self._check_indices()
-        self.loss_fn = check_loss_fn(loss_fn, self.epk.functional, self.epk.theta(0), self.train)
+        with checks.named_errors("train_dataset / loss_fn"):  # the user's data and loss, probed on 2 samples
+            checks.check_loss_arg(loss_fn)
+            self.loss_fn = check_loss_fn(loss_fn, self.epk.functional, self.epk.theta(0), self.train)
 
     @property
     def train_batch_size(self) -> Optional[int]:
@@ -226,7 +229,8 @@ class TrainingDataInfluence(EPKAttribution, DataInfluence):
         Args: as :meth:`explain`, plus
 
             return_convergence_delta (bool, optional): also return, per input, ``f(θ_N) − f(θ_0)
-                − Σ scores − regularization − residual`` for the target (over the selected steps).
+                − Σ scores − regularization − residual − buffers`` for the target (over the
+                selected steps; ``buffers``: BatchNorm running statistics, see :meth:`explain`).
 
         Returns:
             *Tensor* **attributions** ``[n_inputs, n_train]`` (plus window/group axes), or
@@ -234,6 +238,7 @@ class TrainingDataInfluence(EPKAttribution, DataInfluence):
             parts beside the scores.
         """
         res = self.explain(inputs, target, additional_forward_args, layers, steps, indexing)
+        self._note_buffers(res.buffers, res.change)
         if return_convergence_delta:
             return res.scores, res.delta
         return res.scores

@@ -12,6 +12,7 @@ from typing import Any, Callable, Optional, Sequence, Union
 import torch
 from captum.log import log_usage
 
+from ..epk import checks
 from ..epk.options import EPKOptions
 from ..epk.outputs import OutputFn
 from ..epk.results import SimilarityResult
@@ -71,7 +72,9 @@ class PredictionSimilarity(EPKAttribution):
         UpdateModel(traj, self.epk.layout, device=self.epk.device, dtype=self.epk.dtype, need_precond=True)
         self.train_batch_size = self.epk.options.train_batch_size
         self.train = TrainingSet(train_dataset, self.epk.functional, collate_fn, label_keys)
-        self.loss_fn = check_loss_fn(loss_fn, self.epk.functional, self.epk.theta(0), self.train)
+        with checks.named_errors("train_dataset / loss_fn"):  # the user's data and loss, probed on 2 samples
+            checks.check_loss_arg(loss_fn)
+            self.loss_fn = check_loss_fn(loss_fn, self.epk.functional, self.epk.theta(0), self.train)
 
     @log_usage()
     def explain(
@@ -96,7 +99,7 @@ class PredictionSimilarity(EPKAttribution):
         n_self = batch.n
         if others is not None:
             ob, tgt_o = self._prepare(others, target if other_target is None else other_target,
-                                      additional_forward_args)
+                                      additional_forward_args, what="others")
             if tgt.index is None and tgt_o.index is None:
                 index = None
             elif tgt.index is None or tgt_o.index is None:

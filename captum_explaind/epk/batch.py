@@ -124,10 +124,12 @@ class Batch:
         else:
             args, kwargs = (x,) + tuple(extra), {}
         n = count_examples((x,))
-        if n is None or n == 0:
+        if n == 0:
+            raise ValueError(f"{what} must hold at least one example: its example axis (dim 0) has length 0")
+        if n is None:
             raise ValueError(
                 f"{what} must hold at least one example: no tensor in {type(inputs).__name__} has an example "
-                "axis (dim 0 = examples)"
+                "axis (dim 0 = examples); pass a torch.Tensor (or a tuple/Mapping of them) with examples first"
             )
         batch = cls(args, kwargs, n)
         if not isinstance(x, dict):

@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Callable, Dict, List, Optional, Union
 
 import torch
 
+from . import checks
 from .batch import Batch
 from .integrands import VjpIntegrand
 from .results import DataDecomposition, SweepStats
@@ -231,13 +232,15 @@ class DataView(ViewBase):
             scores = scores[:, :, 0]
         if self.group_names is None:
             scores = scores[..., 0]
-        return DataDecomposition(
+        out = DataDecomposition(
             scores=scores, regularization=reg, residual=residual, change=self.exact + self.buffers,
             delta=self.exact - self.path, buffers=self.buffers, train_grads=self.grads.name,
             grad_scale=dict(sorted(self.grad_scale.items())), windows=list(self.windows), indexing=self.indexing,
             groups=self.group_names, train_indices=torch.arange(self.train.n), stats=stats,
             options=self.epk.options.to_dict(),
         )
+        checks.check_data_result(self, out)  # non-finite scores: error; residual ≫ round-off: warning
+        return out
 
     def done(self, step: int) -> bool:
         return self.indexing == "application" and step <= self.first_window_step and not self._acc
@@ -251,6 +254,7 @@ class DataView(ViewBase):
         Wa, n, P = Ts.shape
         idx, dots, g_rep = self.grads.project(rec, seg.theta0, Ts.reshape(Wa * n, P), self.group_slices)  # at θ_{s−1}
         c = measured_grad_scale(rec, g_rep, seg.coeffs.active)
+        checks.note_replay(self, rec, g_rep * seg.coeffs.active, c)
         self.grad_scale[s] = c
         contrib = -c * dots.reshape(Wa, n, dots.shape[1], dots.shape[2])  # [Wa, n, m, G]
         target_idx = idx.to(self.scores.device)

@@ -30,6 +30,7 @@ from .. import distributed
 from ..errors import TrajectoryError
 from ..recording.format import StepRecord
 from ..recording.trajectory import Trajectory
+from . import checks
 from .batch import Batch
 from .functional import FunctionalModel
 from .integrator import StepStats, integrate_step
@@ -53,11 +54,15 @@ class _SweepLog:
         self.steps = steps
         self.errors = {s: torch.zeros(n, dtype=dtype) for s in steps}
         self.evaluations = self.unconverged = self.depth = 0
+        self.unconverged_rows: dict = {}  # step -> inputs left above tolerance
 
     def add(self, step: int, chunk: Chunk, stats: StepStats) -> None:
         self.errors[step][chunk.offset : chunk.offset + chunk.n] = stats.error.detach().cpu()
         self.evaluations += stats.evaluations
         self.unconverged += stats.unconverged
+        if stats.unconverged_rows is not None and stats.unconverged_rows.numel():
+            rows = (stats.unconverged_rows.cpu() + chunk.offset).tolist()
+            self.unconverged_rows.setdefault(step, []).extend(rows)
         self.depth = max(self.depth, stats.depth)
 
     def reduce(self) -> None:
@@ -74,14 +79,9 @@ class _SweepLog:
         n = next(iter(self.errors.values())).shape[0] if self.errors else 0
         err = torch.stack([self.errors[s] for s in self.steps]) if self.steps else torch.zeros(0, n)
         if self.unconverged:
-            warnings.warn(
-                f"{self.unconverged} (step, input) pair(s) did not reach the tolerance within max_depth="
-                f"{max_depth} refinements / max_evaluations={max_evaluations} per input and step (largest "
-                f"step error {float(err.max()):.3g}); the remaining error is in the convergence delta (for a "
-                "quicker look at ReLU networks with many kinks use options='balanced' or 'fast')",
-                RuntimeWarning,
-                stacklevel=4,
-            )
+            msg, category = checks.unconverged_message(self.unconverged_rows, self.errors, self.unconverged,
+                                                       max_depth, max_evaluations)
+            checks.warn(msg, category)
         return SweepStats(list(self.steps), err, self.evaluations, self.unconverged, self.depth)
 
 
@@ -131,15 +131,18 @@ class ExactPathKernel:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         opts = resolve_options(options, **overrides)
+        checks.check_trajectory_arg(trajectory)
         if not isinstance(trajectory, Trajectory):
             trajectory = Trajectory.open(trajectory)
         trajectory.validate(model)
+        checks.check_model_state(model, trajectory)
         if trajectory.num_steps == 0:
             raise TrajectoryError(f"trajectory {trajectory.path!r} holds no steps")
         device = opts.device
         if device is None:
             first = next(iter(model.parameters()), None)
             device = first.device if first is not None else torch.device("cpu")
+        checks.check_device(torch.device(device))
         dtype = opts.dtype if opts.dtype is not None else trajectory.spec[trajectory.trainable[0]].dtype
         self.options: EPKOptions = opts.replace(device=device, dtype=dtype)
         self.model = model
@@ -189,16 +192,36 @@ class ExactPathKernel:
         params = self.trajectory.params(step, device=self.device, dtype=self.dtype)
         flat = self.layout.flatten(params)
         if not bool(torch.isfinite(flat).all()):
-            bad = next(n for n in self.layout.names if not bool(torch.isfinite(params[n]).all()))
-            raise TrajectoryError(
-                f"trajectory {self.trajectory.path!r}: parameter {bad!r} is NaN or infinite at step {step}; "
-                "the run diverged and cannot be explained past this point"
-            )
+            self._raise_first_nonfinite(step)
         return flat
 
-    def prepare_inputs(self, inputs: Any, additional_forward_args: Any = None, what: str = "inputs") -> Batch:
-        """Captum-style inputs as a :class:`~captum_explaind.epk.batch.Batch` on the compute device."""
-        return Batch.from_inputs(inputs, additional_forward_args, device=self.device, dtype=self.dtype, what=what)
+    def _raise_first_nonfinite(self, step: int) -> None:
+        """Name the first step (≤ ``step``) and parameter that went NaN/inf: whichever θ a view reads
+        first, the user needs to know where the run diverged, not where the analysis noticed it."""
+        for s in range(step + 1):
+            params = self.trajectory.params(s, device=self.device, dtype=self.dtype)
+            bad = [n for n in self.layout.names if not bool(torch.isfinite(params[n]).all())]
+            if bad:
+                raise TrajectoryError(
+                    f"trajectory {self.trajectory.path!r}: parameter {bad[0]!r} is NaN or infinite at step {s}; "
+                    "the run diverged and cannot be explained past this point"
+                )
+
+    def prepare_inputs(self, inputs: Any, additional_forward_args: Any = None, what: str = "inputs",
+                       check: bool = True) -> Batch:
+        """Captum-style inputs as a :class:`~captum_explaind.epk.batch.Batch` on the compute device.
+
+        numpy arrays are converted. With ``check`` (default) the inputs must be finite and the model
+        is called on them at θ_0 and θ_N: a model error is raised as
+        :class:`~captum_explaind.errors.InvalidInputError` naming ``what``, and non-finite outputs
+        as :class:`~captum_explaind.errors.NonFiniteError` — before any integration.
+        """
+        batch = Batch.from_inputs(checks.as_tensors(inputs), checks.as_tensors(additional_forward_args),
+                                  device=self.device, dtype=self.dtype, what=what)
+        if check:
+            checks.check_inputs_finite(batch, what)
+            checks.probe_inputs(self, batch, what)
+        return batch
 
     def output_shape(self, batch: Batch) -> torch.Size:
         """Shape of the explained output after the example axis (one forward pass at θ_0)."""
@@ -252,7 +275,8 @@ class ExactPathKernel:
 
     def forward(self, step: int, inputs: Any, additional_forward_args: Any = None) -> torch.Tensor:
         """``f(θ_step; inputs)`` (the explained output) with the buffers in effect after ``step``."""
-        batch = inputs if isinstance(inputs, Batch) else self.prepare_inputs(inputs, additional_forward_args)
+        batch = inputs if isinstance(inputs, Batch) else self.prepare_inputs(inputs, additional_forward_args,
+                                                                             check=False)
         return self._forward_all(step, batch)
 
     def _forward_all(self, step: int, batch: Batch) -> torch.Tensor:
@@ -281,13 +305,17 @@ class ExactPathKernel:
         for ci, ch in enumerate(chunks):
             rows = torch.arange(ch.n, device=self.device)
             c0, c1 = view.check(f0s[ci], ch, rows), view.check(f1s[ci], ch, rows)
+            checks.check_step_outputs(seg.step, ch.offset, c0, c1)
             view.step_change(seg.step, ch, c0, c1)
             tol, noise = self.tolerance(c0, c1)
-            stats: StepStats = integrate_step(
-                view.integrand(seg, ch), c0, c1, rule=o.quadrature, nodes=o.nodes, tol=tol, noise=noise,
-                control=o.refine, max_depth=o.max_depth, max_rows=self._refine_rows,
-                max_points=self._budget(ch.n),
-            )
+            try:
+                stats: StepStats = integrate_step(
+                    view.integrand(seg, ch), c0, c1, rule=o.quadrature, nodes=o.nodes, tol=tol, noise=noise,
+                    control=o.refine, max_depth=o.max_depth, max_rows=self._refine_rows,
+                    max_points=self._budget(ch.n),
+                )
+            except checks.IntegrandNonFinite as err:
+                raise checks.integrand_error(err, seg.step, ch.offset) from None
             log.add(seg.step, ch, stats)
 
     def _budget(self, n: int) -> Optional[int]:

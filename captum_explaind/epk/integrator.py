@@ -33,6 +33,7 @@ from typing import Any, Callable, List, Optional, Protocol, Sequence, Tuple, Uni
 
 import torch
 
+from .checks import check_integrand
 from .kinks import kink_roots
 from .quadrature import quadrature_rule
 
@@ -69,12 +70,14 @@ class StepStats:
         evaluations (int): integrand evaluation calls (each over any number of rows).
         depth (int): deepest refinement level used.
         unconverged (int): inputs still above tolerance when ``max_depth`` stopped refinement.
+        unconverged_rows (Tensor, optional): which rows of the chunk they are.
     """
 
     error: torch.Tensor
     evaluations: int
     depth: int
     unconverged: int
+    unconverged_rows: Optional[torch.Tensor] = None
 
 
 def _bcast(w: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -463,11 +466,13 @@ def integrate_step(
     # Level 0: one shared parameter point per node, all rows in one call.
     rows = torch.arange(m, device=device)
     contrib, total, g, evaluations = _base_pass(integrand, t_nodes, w_nodes, rows)
+    check_integrand(total, rows, "the rule's nodes")  # NaN never converges: stop before refining
     pairs = _Pairs.whole_step(rows, f0, f1)
     ends = _known_points(t_nodes, dtype, device)
     sub_ends = _known_points(sub_rule[0], dtype, device)
     depth = 0
     unconverged = 0
+    bad_rows: Optional[torch.Tensor] = None
     points = m * len(t_nodes)  # integrand rows evaluated so far (the work the budget bounds)
 
     while True:
@@ -477,7 +482,8 @@ def integrate_step(
         keep = _accepted(err, pairs, acc_err, tol, noise, final)
         all_kept = _accumulate(integrand, keep, pairs.rows, contrib, total, err, acc_total, acc_err)
         if final and control:
-            unconverged = int((acc_err > tol + noise).sum())
+            bad_rows = (acc_err > tol + noise).nonzero().reshape(-1)
+            unconverged = int(bad_rows.numel())
         if all_kept:
             break
         rej_mask = ~keep
@@ -495,9 +501,11 @@ def integrate_step(
         # the old level's while the next is built would double the peak memory of refinement
         del contrib
         contrib, total, g, calls = _sub_pass(integrand, pairs, sub_rule, max_rows)
+        check_integrand(total, pairs.rows, pairs.a)
         evaluations += calls
         # each child: its nodes plus the check at its cut (ends and kink probes are extra, small)
         points += len(pairs.rows) * (len(sub_rule[0]) + 1)
         depth += 1
     error = (acc_total - (f1 - f0)).abs().amax(dim=1)
-    return StepStats(error=error, evaluations=evaluations, depth=depth, unconverged=unconverged)
+    return StepStats(error=error, evaluations=evaluations, depth=depth, unconverged=unconverged,
+                     unconverged_rows=bad_rows)

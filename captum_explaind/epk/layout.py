@@ -55,7 +55,8 @@ class ParamLayout:
         """Views of ``flat[..., P]`` as a dict of tensors with their parameter shapes."""
         lead = flat.shape[:-1]
         parts = torch.split(flat, self.numels, dim=-1)
-        return {n: p.reshape(*lead, *s) for n, p, s in zip(self.names, parts, self.shapes)}
+        # a tuple, not *args: a 0-dim parameter (a learned scalar) of an unbatched flat has shape ()
+        return {n: p.reshape(tuple(lead) + tuple(s)) for n, p, s in zip(self.names, parts, self.shapes)}
 
     def flatten(self, tensors: Mapping[str, torch.Tensor], *, dtype: Optional[torch.dtype] = None,
                 device: Optional[torch.device] = None) -> torch.Tensor:

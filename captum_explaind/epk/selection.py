@@ -20,6 +20,8 @@ from typing import Any, List, Mapping, Sequence, Tuple, Union
 
 from torch import nn
 
+from ..errors import SelectorError
+
 __all__ = ["resolve_parameters", "resolve_groups", "Selector"]
 
 Selector = Union[str, nn.Module, nn.Parameter]
@@ -45,15 +47,15 @@ def _resolve_one(model: nn.Module, sel: Any, all_names: Sequence[str]) -> Tuple[
         for n, p in model.named_parameters():
             if p is sel:
                 return n, [n]
-        raise KeyError(f"{_describe(sel)} is not a parameter of the model")
+        raise SelectorError(f"{_describe(sel)} is not a parameter of the model")
     if isinstance(sel, nn.Module):
         for n, mod in model.named_modules():
             if mod is sel:
                 names = _under(n, all_names)
                 if not names:
-                    raise KeyError(f"module {n or type(sel).__name__!r} has no parameters")
+                    raise SelectorError(f"module {n or type(sel).__name__!r} has no parameters")
                 return n or type(sel).__name__, names
-        raise KeyError(f"{_describe(sel)} is not a submodule of the model")
+        raise SelectorError(f"{_describe(sel)} is not a submodule of the model")
     if isinstance(sel, str):
         if sel in all_names:
             return sel, [sel]
@@ -61,7 +63,7 @@ def _resolve_one(model: nn.Module, sel: Any, all_names: Sequence[str]) -> Tuple[
         if sel in modules:
             names = _under(sel, all_names)
             if not names:
-                raise KeyError(f"module {sel!r} has no parameters")
+                raise SelectorError(f"module {sel!r} has no parameters")
             return sel or "<model>", names
         if any(ch in sel for ch in "*?["):
             chosen = {n for n in all_names if fnmatch.fnmatchcase(n, sel)}
@@ -70,9 +72,17 @@ def _resolve_one(model: nn.Module, sel: Any, all_names: Sequence[str]) -> Tuple[
                     chosen.update(_under(mname, all_names))
             if chosen:
                 return sel, [n for n in all_names if n in chosen]
-            raise KeyError(f"pattern {sel!r} matches no parameter or module of the model")
-        raise KeyError(f"{sel!r} is neither a parameter nor a module of the model")
+            raise SelectorError(f"pattern {sel!r} matches no parameter or module of the model")
+        raise SelectorError(f"{sel!r} is neither a parameter nor a module of the model")
     raise TypeError(f"cannot select parameters with {type(sel).__name__}; use a name, pattern, module or parameter")
+
+
+def _check_sequence(selectors: Any, what: str) -> None:
+    if isinstance(selectors, (bytes, Mapping)) or not isinstance(selectors, (Sequence, set, frozenset)):
+        raise TypeError(
+            f"{what} must be a name, glob, module or parameter, or a list of them, got {type(selectors).__name__}"
+            f" {selectors!r}"[:300]
+        )
 
 
 def resolve_parameters(model: nn.Module, selectors: Union[Selector, Sequence[Selector], None]) -> List[str]:
@@ -85,6 +95,7 @@ def resolve_parameters(model: nn.Module, selectors: Union[Selector, Sequence[Sel
         return all_names
     if isinstance(selectors, (str, nn.Module)):
         selectors = [selectors]
+    _check_sequence(selectors, "parameters")
     chosen = set()
     for sel in selectors:
         chosen.update(_resolve_one(model, sel, all_names)[1])
@@ -106,9 +117,13 @@ def resolve_groups(
     all_names = [n for n, _ in model.named_parameters()]
     groups: "OrderedDict[str, List[str]]" = OrderedDict()
     if isinstance(layers, Mapping):
+        if not layers:
+            raise ValueError("layers is an empty mapping: give at least one group name -> selector(s)")
         for gname, sels in layers.items():
             if isinstance(sels, (str, nn.Module)) or not isinstance(sels, Sequence):
                 sels = [sels]
+            if not sels:
+                raise ValueError(f"layers[{gname!r}] is empty: give the group a selector")
             chosen = set()
             for sel in sels:
                 chosen.update(_resolve_one(model, sel, all_names)[1])
@@ -116,6 +131,7 @@ def resolve_groups(
         return groups
     if isinstance(layers, (str, nn.Module)):
         layers = [layers]
+    _check_sequence(layers, "layers")
     for sel in layers:
         name, names = _resolve_one(model, sel, all_names)
         base, k = name, 2

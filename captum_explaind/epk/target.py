@@ -13,6 +13,7 @@ Captum's own ``_select_targets`` lives in a private module; these are the public
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple, Union
 
@@ -86,6 +87,11 @@ def resolve_target(target: TargetType, n: int, out_shape: Sequence[int]) -> Targ
         n_out *= d
     if target is None:
         return Target(None, n_out)
+    if type(target).__module__ == "numpy":  # a numpy array or integer: as a tensor / an int
+        target = torch.as_tensor(target)
+    if isinstance(target, list):
+        target = [int(t) if isinstance(t, numbers.Integral) and not isinstance(t, bool) else t  # type: ignore[assignment]
+                  for t in target]
     if isinstance(target, bool):
         raise TypeError("target must be an int, tuple, tensor or list, not bool")
     if isinstance(target, int):
@@ -121,4 +127,6 @@ def resolve_target(target: TargetType, n: int, out_shape: Sequence[int]) -> Targ
             else:
                 raise TypeError(f"target entry {k} must be an int or tuple, got {type(t).__name__}")
         return Target(torch.tensor(flat, dtype=torch.int64), n_out)
-    raise TypeError(f"unsupported target type {type(target).__name__}")
+    raise TypeError(
+        f"target must be None, an int, a tuple of ints, an integer tensor or a list, got {type(target).__name__}"
+    )

@@ -300,22 +300,14 @@ def pack_batches(batches: List[MicroBatch]) -> Dict[str, torch.Tensor]:
 def unpack_batches(
     index: torch.Tensor,
     weight: torch.Tensor,
-    micro: torch.Tensor,
-    n_micro: int,
+    sizes: List[int],
     rng: Optional[Mapping[int, torch.Tensor]] = None,
     cuda_rng: Optional[Mapping[int, torch.Tensor]] = None,
 ) -> List[MicroBatch]:
-    """Inverse of :func:`pack_batches`; ``rng``/``cuda_rng`` map micro-batch numbers to states."""
+    """Inverse of :func:`pack_batches`: split the entries into micro-batches of ``sizes``;
+    ``rng``/``cuda_rng`` map micro-batch numbers to their RNG states."""
     rng, cuda_rng = rng or {}, cuda_rng or {}
-    out = []
-    for i in range(n_micro):
-        sel = micro == i
-        out.append(
-            MicroBatch(
-                indices=index[sel].clone(),
-                weights=weight[sel].clone(),
-                rng_state=rng.get(i),
-                cuda_rng_state=cuda_rng.get(i),
-            )
-        )
-    return out
+    return [
+        MicroBatch(indices=i.clone(), weights=w.clone(), rng_state=rng.get(j), cuda_rng_state=cuda_rng.get(j))
+        for j, (i, w) in enumerate(zip(torch.split(index, sizes), torch.split(weight, sizes)))
+    ]
