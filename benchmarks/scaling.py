@@ -239,10 +239,13 @@ def rank_worker(args: argparse.Namespace) -> None:
             w = distributed.world_size()
             run_job(job, model, traj, X, Y, x[:w], y[:w], "cpu")
             distributed.barrier()
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             run_job(job, model, traj, X, Y, x, y, "cpu")
+            c1 = time.process_time()
             distributed.barrier()
             result[job] = time.perf_counter() - t0
+            # CPU seconds of the busiest rank: the work split, whatever else runs on the machine
+            result[job + " cpu"] = max(distributed.all_gather_objects(c1 - c0))
         if distributed.is_writer():
             with open(args.out, "w", encoding="utf-8") as fh:
                 json.dump(result, fh)
@@ -341,11 +344,16 @@ def write_report(rows: List[Row], big: Optional[Row], ranks: List[Dict[str, Any]
                   f"{big.delta:.1e}; {big.info}. Options: {big.note}.", ""]
     if ranks:
         lines += ["## 1 vs 2 ranks (torchrun, gloo, one thread per rank, same job)", "",
-                  "Time of each call between barriers on rank 0 (start-up excluded).", "",
-                  "| job | 1 rank (s) | 2 ranks (s) | speed-up |", "|---|---|---|---|"]
+                  f"P = {args.rank_P:,}, N = {args.rank_N}, n_test = {args.rank_n_test}, n_train = 256, batch 16. Wall "
+                  "time of each call between barriers (start-up excluded), and the CPU seconds of the busiest rank "
+                  "(the work split, independent of what else runs on the machine).", "",
+                  "| job | 1 rank wall (s) | 2 ranks wall (s) | wall speed-up | 1 rank CPU (s) "
+                  "| busiest of 2 ranks CPU (s) | CPU speed-up |", "|---|---|---|---|---|---|---|"]
         one, two = ranks[0], ranks[1]
         for job in ("reconstruct", "training view", "data view"):
-            lines.append(f"| {job} | {one[job]:.2f} | {two[job]:.2f} | {one[job] / two[job]:.2f}× |")
+            c1, c2 = one.get(job + " cpu"), two.get(job + " cpu")
+            cpu = f"{c1:.2f} | {c2:.2f} | {c1 / c2:.2f}×" if c1 and c2 else "– | – | –"
+            lines.append(f"| {job} | {one[job]:.2f} | {two[job]:.2f} | {one[job] / two[job]:.2f}× | {cpu} |")
         lines += ["", f"Others' CPU load right before the launches: 1 rank {ranks[0]['load_before']}, "
                   f"2 ranks {ranks[1]['load_before']} (fraction of the machine).", ""]
     Path(path).write_text("\n".join(lines) + "\n", encoding="utf-8")
@@ -357,6 +365,8 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--only", choices=["sweeps", "big", "ranks"], action="append")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "scaling.md"))
+    ap.add_argument("--sweep", action="append", help="run only these sweeps (P, N, n_train, batch, n_test)")
+    ap.add_argument("--merge", help="rows (and the big row) from an earlier run's JSON, e.g. to re-time the ranks")
     ap.add_argument("--rank-worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--traj", help=argparse.SUPPRESS)
     ap.add_argument("--rank-P", type=int, default=100_000, help="P of the 1 vs 2 ranks job")
@@ -374,9 +384,18 @@ def main() -> None:
     rows: List[Row] = []
     big = None
     ranks: List[Dict[str, Any]] = []
+    if args.merge:
+        with open(args.merge, encoding="utf-8") as fh:
+            old = json.load(fh)
+        rows = [Row(**r) for r in old["rows"]]
+        big = Row(**old["big"]) if old.get("big") else None
+        ranks = old.get("ranks", [])
+        load_note += f"; sweep rows and the big row from an earlier run ({args.merge})"
     with tempfile.TemporaryDirectory() as tmp:
         if "sweeps" in parts:
-            for sweep, s, extra, note in sweeps(args.quick):
+            todo = [t for t in sweeps(args.quick) if not args.sweep or t[0] in args.sweep]
+            rows = [r for r in rows if not any(r.sweep == t[0] for t in todo)]  # re-run ones replace merged
+            for sweep, s, extra, note in todo:
                 # the ≥ 10M data view is the "big" row below (under a memory budget)
                 jobs = [j for j in JOBS_OF[sweep] if not (s.P >= 10_000_000 and j == "data view")]
                 try:

@@ -13,7 +13,7 @@ plus what one chunk of test inputs costs while a step is integrated:
   of a sample each) of one chunk of the step's samples.
 
 :func:`plan` splits the budget: the fixed part first (an error naming it when it alone is over),
-then a quarter of the rest for the training side, a quarter for one batched refinement call and
+then a quarter of the rest for the training side, an eighth for one batched refinement call and
 the rest for the chunk's held payloads, from which the test inputs per chunk follow. The result
 does not depend on the chunking (every input is integrated on its own), so it equals the
 unbatched one.
@@ -122,7 +122,7 @@ def plan(budget: int, *, n: int, n_params: int, dtype: torch.dtype, activations:
     row = (2 * vec if gradient_payload else 4 * e) + activations  # one evaluated integrand row
     train_bytes = free // 4
     train_batch_size = max(1, train_bytes // (2 * vec + activations))
-    refine_rows = max(1, min(1024, (free // 4) // row))
+    refine_rows = max(1, min(1024, (free // 8) // row))  # rows per batched call: speed, not exactness
     held = vec if gradient_payload else 4 * e
     levels = 1 if not refine else max(1, (max_evaluations or 4096) // 3)
     per_input = levels * held + row

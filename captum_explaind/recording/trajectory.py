@@ -336,6 +336,11 @@ class Trajectory:
                         f"{where}: {key!r} is {list(info.shape)} {info.dtype}; expected a vector of "
                         f"{_BATCH_DTYPES[key]} as long as {fmt.BATCH_INDEX!r}"
                     )
+            elif (key.startswith(fmt.REG_PREFIX) and key[len(fmt.REG_PREFIX):] in self.trainable
+                  and self.keep_every > 1):
+                # keep_every: a macro-step's summed regularization part, shaped as its parameter
+                spec = self.spec[key[len(fmt.REG_PREFIX):]]
+                _check_entry(where, key, info, spec.shape, None, "regularization sum")
             elif _rng_slot(key) is not None:
                 i = _rng_slot(key) or 0
                 if info.dtype != torch.uint8 or len(info.shape) != 1 or info.shape[0] > _MAX_RNG_BYTES:
@@ -360,13 +365,15 @@ class Trajectory:
         (only never backwards when the recording keeps every k-th step)."""
         if previous is None or self.family not in ("adam", "adamw"):
             return
-        every = self.keep_every
         before, now = previous.get("state_step") or {}, record.get("state_step") or {}
         inactive = set(record.get("inactive") or [])
+        k = self.keep_every
         for name, count in now.items():
             if name in before:
                 expected = before[name] + (0 if name in inactive else 1)
-                if count != expected if every == 1 else count < before[name]:
+                if k > 1 and 0 <= count - before[name] <= k:
+                    continue  # a macro-step of keep_every optimizer steps (inactivity per step not kept)
+                if count != expected:
                     raise TrajectoryCorruptError(
                         f"{self._step_path(step)}: field 'state_step' gives {name!r} the count {count}, but it was "
                         f"{before[name]} after step {step - 1} (expected {expected})"
@@ -623,7 +630,7 @@ class Trajectory:
             return None
         self._check_step(step, allow_zero=False)
         with self._open(step) as fh:
-            return {k[len(fmt.REG_PREFIX):]: self._cast(fh.get_tensor(k), device, dtype)
+            return {k[len(fmt.REG_PREFIX):]: self._cast(fh.get(k), device, dtype)
                     for k in fh.keys() if k.startswith(fmt.REG_PREFIX)}
 
     def _check_names(self, names: Optional[Sequence[str]]) -> List[str]:
