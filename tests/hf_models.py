@@ -252,7 +252,8 @@ class OptimizerLike(list):
         self.defaults = {k: v for k, v in inner.defaults.items() if k in accepted}
 
 
-def windows_from(served: Sequence[int], batch_sizes: Sequence[int], accumulation: Sequence[int]) -> List[List[List[int]]]:
+def windows_from(served: Sequence[int], batch_sizes: Sequence[int],
+                 accumulation: Sequence[int]) -> List[List[List[int]]]:
     """Cut the served row order into micro-batches of ``batch_sizes`` and steps of ``accumulation``."""
     out, pos, b = [], 0, 0
     for n_micro in accumulation:
@@ -291,7 +292,7 @@ def _grad_of(model, traj, flat, inputs, scalar):
     return g
 
 
-def bruteforce_adamw_data_view(model, traj, rows, collate, test_inputs, explained, sample_loss, nodes=16):
+def bruteforce_adamw_data_view(model, traj, rows, collate, test_inputs, explained, sample_loss, nodes=8):
     """Γ(x, k) = Σ_s φ_s(x) · Δ_s^{(k)} for torch AdamW, written from MATH.md with nothing from the
     library's epk/attr code: every training row collated *alone* (no padding) and differentiated with
     plain autograd; ``Δ_s^{(k)} = −lr_s/(1−β1^s) · (1−β1) Σ_{i≤s} β1^{s−i} c_i w_{i,k} g_{i,k} / d_s``
