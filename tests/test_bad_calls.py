@@ -128,6 +128,11 @@ CASES = {
     "trajectory-an-int": Case(lambda c: ExactPathKernel(c.model, 3), TypeError, r"trajectory must be a Trajectory"),
     "trajectory-none-in-a-view": Case(lambda c: ParameterInfluence(c.model, None), TypeError,
                                       r"trajectory must be a Trajectory"),
+    "gauss-nodes-a-million": Case(lambda c: ExactPathKernel(c.model, c.traj, nodes=10**6), ValueError,
+                                  r"nodes=1000000 is more than 128 for quadrature='gauss'"),
+    "midpoint-nodes-a-hundred-thousand": Case(
+        lambda c: StepInfluence(c.model, c.traj, quadrature="midpoint", nodes=10**5), ValueError,
+        r"nodes=100000 is more than 10000 for quadrature='midpoint'"),
     "target-a-float": Case(lambda c: ParameterInfluence(c.model, c.traj).attribute(c.x, target=0.5),
                            TypeError, r"target must be None, an int.*got float"),
     "target-a-string": Case(lambda c: StepInfluence(c.model, c.traj).attribute(c.x, target="cat"),
