@@ -104,6 +104,9 @@ CASES = {
         InvalidInputError, r"train_dataset / loss_fn"),
     "a-loss-class-instead-of-a-loss": Case(lambda c: TrainingDataInfluence(c.model, c.traj, c.ds, nn.CrossEntropyLoss),
                                            TypeError, r"loss_fn is the class CrossEntropyLoss.*instance"),
+    "train_subset-of-ten-million": Case(
+        lambda c: PredictionSimilarity(c.model, c.traj, c.ds, NLL).attribute(c.x, target=0, train_subset=range(10**7)),
+        ValueError, r"train_subset must be a sequence of at most 24"),
     # ---- layer and parameter selections
     "layers-empty-mapping": Case(lambda c: ParameterInfluence(c.model, c.traj).attribute(c.x, target=0, layers={}),
                                  ValueError, r"layers is an empty mapping"),
