@@ -69,14 +69,14 @@ __all__ = [
 #: wrong training set or loss leaves a residual of the order of the change itself.
 RESIDUAL_WARN_RATIO = 1e-2
 
-_PKG_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_PKG_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
 
 
 def warn(message: str, category: type) -> None:
     """``warnings.warn`` pointing at the user's call: the first frame outside this package and
     Captum (whose ``log_usage`` decorator wraps the public methods)."""
     captum = getattr(sys.modules.get("captum"), "__file__", None)  # looked up now: imported after us
-    skip = (_PKG_DIR, os.path.dirname(os.path.abspath(captum))) if captum else (_PKG_DIR,)
+    skip = (_PKG_DIR, os.path.dirname(os.path.abspath(captum)) + os.sep) if captum else (_PKG_DIR,)
     level, frame = 2, sys._getframe(1)  # stacklevel 2 is the caller of warn()
     while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(skip):
         frame = frame.f_back  # type: ignore[assignment]
