@@ -43,6 +43,7 @@ from .errors import (  # noqa: E402
     TrajectoryCorruptError,
     TrajectoryError,
     TrajectoryMismatchError,
+    TrajectoryWriteError,
     UnsupportedOptimizerError,
 )
 from .recording import Trajectory, TrajectoryRecorder  # noqa: E402
@@ -64,6 +65,7 @@ __all__ = [
     "ExplaindError",
     "TrajectoryError",
     "TrajectoryCorruptError",
+    "TrajectoryWriteError",
     "TrajectoryMismatchError",
     "UnsupportedOptimizerError",
     "MissingOptimizerStateError",

@@ -10,6 +10,7 @@ __all__ = [
     "TrajectoryError",
     "TrajectoryMismatchError",
     "TrajectoryCorruptError",
+    "TrajectoryWriteError",
     "UnsupportedOptimizerError",
     "MissingOptimizerStateError",
     "InvalidInputError",
@@ -32,6 +33,10 @@ class TrajectoryError(ExplaindError, ValueError):
 
 class TrajectoryCorruptError(TrajectoryError):
     """A trajectory directory is truncated, corrupted or not a trajectory at all."""
+
+
+class TrajectoryWriteError(TrajectoryError):
+    """A recording failed to write a step; it records nothing more (the run is aborted there)."""
 
 
 class TrajectoryMismatchError(TrajectoryError):

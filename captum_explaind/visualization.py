@@ -16,7 +16,7 @@ draws on ``ax`` when one is given.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -234,3 +234,46 @@ def plot_similarity(sim: torch.Tensor, labels: Optional[Sequence[str]] = None, a
         ax.set_yticklabels(labels)
     fig.tight_layout()
     return fig, ax
+
+
+def plot_pruning(levels: Sequence[float], summary: Mapping[str, Mapping[str, Sequence[Sequence[float]]]],
+                 metrics: Sequence[str] = ("accuracy", "agreement", "kl"), ax: Any = None) -> Any:
+    """Pruning curves in the style of the ExPLAIND paper's Fig. 2: each metric against sparsity.
+
+    Args:
+        levels (sequence of float): the sparsity levels (fractions, e.g. 0.7 … 0.999).
+        summary (mapping): ``method → metric → [means, stds]`` (one value per level), as written by
+            ``benchmarks/pruning.py``.
+        metrics (sequence of str): panels, left to right. Default: accuracy, agreement, KL
+        ax (optional): a sequence of matplotlib axes, one per metric.
+
+    Returns:
+        *matplotlib.figure.Figure*
+    """
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    if ax is None:
+        fig, axes = plt.subplots(1, len(metrics), figsize=(4.2 * len(metrics), 3.4))
+        axes = np.atleast_1d(axes)
+    else:
+        axes = np.atleast_1d(ax)
+        fig = axes[0].figure
+    x = 1.0 - np.asarray(levels, dtype=float)  # remaining fraction, log scale: 70 % … 99.9 % spread evenly
+    titles = {"accuracy": "test accuracy", "agreement": "agreement with unpruned", "kl": "KL(unpruned ‖ pruned)"}
+    for a, metric in zip(axes, metrics):
+        for method, per in summary.items():
+            mean, std = (np.asarray(v, dtype=float) for v in per[metric])
+            a.plot(x, mean, marker="o", ms=3, label=method)
+            a.fill_between(x, mean - std, mean + std, alpha=0.2)
+        a.set_xscale("log")
+        a.invert_xaxis()
+        a.set_xticks(x)
+        a.set_xticklabels([f"{100 * s:g}" for s in levels], rotation=45, fontsize=7)
+        a.set_xlabel("sparsity (%)")
+        a.set_title(titles.get(metric, metric))
+        if metric == "kl":
+            a.set_yscale("symlog", linthresh=1e-3)
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    return fig

@@ -68,6 +68,39 @@ def all_views(model: nn.Module, traj, X: torch.Tensor, Y: torch.Tensor, n_test: 
     return out
 
 
+def ddp_sampler_indices(n: int, world: int, rank: int, epoch: int) -> "list[int]":
+    """What a ``DistributedSampler`` (shuffle, seed 0) gives ``rank`` in ``epoch``."""
+    from torch.utils.data import DistributedSampler
+
+    sampler = DistributedSampler(range(n), num_replicas=world, rank=rank, shuffle=True, seed=0)
+    sampler.set_epoch(epoch)
+    return list(sampler)
+
+
+def ddp_train_and_record(path: str, X: torch.Tensor, Y: torch.Tensor, epochs: int = 2, batch: int = 4) -> None:
+    """Real DDP training (gloo, CPU) on a ``DistributedSampler``, recorded by every rank's recorder
+    (rank 0 writes; each rank logs its own micro-batches)."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    from captum_explaind import TrajectoryRecorder, distributed
+
+    from training import TanhMLP
+
+    torch.manual_seed(0)
+    model = TanhMLP().double()
+    ddp = DistributedDataParallel(model)
+    opt = torch.optim.AdamW(model.parameters(), lr=0.02, weight_decay=0.1)
+    with TrajectoryRecorder(model, opt, path) as rec:
+        for epoch in range(epochs):
+            mine = ddp_sampler_indices(len(X), distributed.world_size(), distributed.rank(), epoch)
+            for start in range(0, len(mine), batch):
+                idx = torch.tensor(mine[start : start + batch])
+                opt.zero_grad()
+                nll(ddp(X[idx]), Y[idx]).mean().backward()
+                rec.log_batch(idx)
+                opt.step()
+
+
 def main(argv) -> None:
     from captum_explaind import Trajectory, distributed
 
@@ -91,6 +124,16 @@ def main(argv) -> None:
         out["work"] = torch.tensor(sum(calls))
         out["world_size"] = torch.tensor(distributed.world_size())
         torch.save(out, f"{prefix}.rank{distributed.rank()}.pt")
+        ExactPathKernel._integrate = original
+        # DDP on a DistributedSampler: one trajectory on disk; then the data view of it, sharded
+        ddp_path = f"{prefix}.ddp"
+        ddp_train_and_record(ddp_path, X[:20], Y[:20])
+        traj = Trajectory.open(ddp_path)
+        d = TrainingDataInfluence(TanhMLP().double(), traj, TensorDataset(X[:20], Y[:20]), nll).explain(
+            X[:5], target=Y[:5])
+        torch.save({"scores": d.scores, "residual": d.residual, "delta": d.delta, "change": d.change,
+                    "regularization": d.regularization},
+                   f"{prefix}.ddp_data.rank{distributed.rank()}.pt")
     finally:
         torch.distributed.destroy_process_group()
 

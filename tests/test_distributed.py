@@ -113,13 +113,22 @@ def _views_in_one_process(model, traj, X, Y):
     return want, sum(calls)
 
 
+@pytest.fixture(scope="module")
+def launched(recorded, tmp_path_factory):
+    """One torchrun launch (2 ranks) for every distributed check: the views, then a DDP run."""
+    model, traj, X, Y, path = recorded
+    out = tmp_path_factory.mktemp("ranks")
+    data = out / "data.pt"
+    torch.save((X, Y), data)
+    torchrun(HERE / "distributed_views.py", str(path), str(data), str(out / "out"))
+    return out
+
+
 @pytest.mark.slow
-def test_every_view_under_torchrun_equals_one_process(recorded, tmp_path):
+def test_every_view_under_torchrun_equals_one_process(recorded, launched):
     model, traj, X, Y, path = recorded
     want, total = _views_in_one_process(model, traj, X, Y)
-    data = tmp_path / "data.pt"
-    torch.save((X, Y), data)
-    torchrun(HERE / "distributed_views.py", str(path), str(data), str(tmp_path / "out"))
+    tmp_path = launched
     work = []
     for r in range(2):
         got = torch.load(tmp_path / f"out.rank{r}.pt")
@@ -134,3 +143,35 @@ def test_every_view_under_torchrun_equals_one_process(recorded, tmp_path):
     half["data.scores"][3:] = 0
     with pytest.raises(AssertionError):
         assert_equal_results(half, want)
+
+
+@pytest.mark.slow
+def test_ddp_recorder_records_every_rank_and_the_data_view_replays_it(recorded, launched):
+    from torch.utils.data import TensorDataset
+
+    from captum_explaind import TrainingDataInfluence, Trajectory
+
+    from distributed_views import ddp_sampler_indices, nll
+
+    model, _, X, Y, _ = recorded
+    X, Y = X[:20], Y[:20]
+    traj = Trajectory.open(launched / "out.ddp")
+    # one writer: every step holds both ranks' micro-batches of the DistributedSampler, in rank order
+    per_rank = [[ddp_sampler_indices(len(X), 2, r, e) for e in range(2)] for r in range(2)]
+    assert traj.num_steps == 2 * 3  # 2 epochs × ceil(10 per rank / 4) steps
+    for s in range(1, traj.num_steps + 1):
+        epoch, j = divmod(s - 1, 3)
+        rec = traj.record(s)
+        want = [per_rank[r][epoch][4 * j : 4 * j + 4] for r in range(2)]
+        assert [mb.indices.tolist() for mb in rec.batches] == want
+        for mb, idx in zip(rec.batches, want):  # DDP averages the ranks' mean losses
+            torch.testing.assert_close(mb.weights, torch.full((len(idx),), 1 / (2 * len(idx)), dtype=torch.float64))
+    # the data view replays it exactly: complete against the real model, nothing left as residual
+    one = TrainingDataInfluence(model, traj, TensorDataset(X, Y), nll).explain(X[:5], target=Y[:5])
+    torch.testing.assert_close(one.scores.sum(1) + one.regularization + one.residual + one.delta, one.change,
+                               rtol=0, atol=1e-12)
+    assert float(one.residual.abs().max()) < 1e-10 * float(one.scores.abs().sum(1).max())
+    for r in range(2):  # and the sharded data view on both ranks equals this process's
+        got = torch.load(launched / f"out.ddp_data.rank{r}.pt")
+        assert_equal_results({f"data.{k}": v for k, v in got.items()},
+                             {f"data.{k}": getattr(one, k) for k in got})

@@ -24,7 +24,7 @@ from captum_explaind import (
     TrainingDataInfluence,
     TrajectoryRecorder,
 )
-from captum_explaind.errors import ModelMismatchWarning
+from captum_explaind.errors import ModelMismatchWarning, TrajectoryMismatchError
 
 from recording_utils import BNNet, nll
 from training import TanhMLP, make_data
@@ -99,7 +99,8 @@ def test_a_model_buffer_the_trajectory_lacks_is_named(tmp_path):
     X, Y = make_data("vector", 24)
     traj, _ = _record(model, tmp_path / "run", X, Y)
     model.register_buffer("scale", torch.ones(3, dtype=torch.float64))
-    with pytest.warns(ModelMismatchWarning, match=r"buffer\(s\) \['scale'\] that trajectory .* does not hold"):
+    # Trajectory.validate refuses it (the recording holds no values of that buffer over training).
+    with pytest.raises(TrajectoryMismatchError, match=r"buffer 'scale', which was not recorded"):
         ExactPathKernel(model, traj)
 
 

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import warnings
 from typing import Any, List, Optional, Sequence, Tuple, Union
 
+import torch
 from captum.attr import Attribution
 from torch import nn
 
@@ -72,6 +74,29 @@ class EPKAttribution(Attribution):
     @property
     def multiplies_by_inputs(self) -> bool:
         return False
+
+    def _note_buffers(self, buffers: Optional[torch.Tensor], change: torch.Tensor) -> None:
+        """Say (once per explainer) that buffers moved the prediction outside the attributions.
+
+        Buffers that change without gradients (BatchNorm running statistics) move the output
+        between steps; that part belongs to no parameter, step or training sample. It is reported
+        as the ``buffers`` component of :meth:`explain`'s result and is neither in the returned
+        attributions nor in the convergence delta (``change = Σ scores + buffers + delta``).
+        """
+        if buffers is None or getattr(self, "_buffers_noted", False) or buffers.numel() == 0:
+            return
+        size, scale = float(buffers.abs().max()), float(change.abs().max())
+        if size <= 1e3 * torch.finfo(buffers.dtype).eps * max(scale, 1.0):
+            return
+        self._buffers_noted = True
+        warnings.warn(
+            f"buffers that changed without gradients (BatchNorm running statistics) moved the target output by "
+            f"up to {size:.3g} (largest change {scale:.3g}); that part is the `buffers` component of explain(...) "
+            "and is neither in these attributions nor in the convergence delta: "
+            "change = sum(attributions) + buffers + delta",
+            UserWarning,
+            stacklevel=3,
+        )
 
     def _prepare(self, inputs: Any, target: TargetType, additional_forward_args: Any,
                  what: str = "inputs") -> Tuple[Batch, Target]:

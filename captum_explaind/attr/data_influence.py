@@ -229,7 +229,8 @@ class TrainingDataInfluence(EPKAttribution, DataInfluence):
         Args: as :meth:`explain`, plus
 
             return_convergence_delta (bool, optional): also return, per input, ``f(θ_N) − f(θ_0)
-                − Σ scores − regularization − residual`` for the target (over the selected steps).
+                − Σ scores − regularization − residual − buffers`` for the target (over the
+                selected steps; ``buffers``: BatchNorm running statistics, see :meth:`explain`).
 
         Returns:
             *Tensor* **attributions** ``[n_inputs, n_train]`` (plus window/group axes), or
@@ -237,6 +238,7 @@ class TrainingDataInfluence(EPKAttribution, DataInfluence):
             parts beside the scores.
         """
         res = self.explain(inputs, target, additional_forward_args, layers, steps, indexing)
+        self._note_buffers(res.buffers, res.change)
         if return_convergence_delta:
             return res.scores, res.delta
         return res.scores

@@ -30,8 +30,10 @@ class ParameterInfluence(EPKAttribution):
 
     split into its kernel part (``Δ_s − R_s``: gradient-driven) and its regularization part
     (``R_s``: weight decay). Scores are signed contributions to the output — positive pushed the
-    target output up — and they add up exactly: ``Σ_p Ψ_p(x) + delta = f_j(θ_N; x) − f_j(θ_0; x)``,
-    with ``delta`` the quadrature error (the convergence delta).
+    target output up — and they add up exactly: ``Σ_p Ψ_p(x) + buffers + delta = f_j(θ_N; x) −
+    f_j(θ_0; x)``, with ``delta`` the quadrature error (the convergence delta) and ``buffers`` the
+    change caused by buffers that moved without gradients (BatchNorm running statistics; zero for
+    models without them), reported by :meth:`explain`.
 
     Args:
         model (nn.Module): an instance of the trained architecture (Captum's ``forward_func``);
@@ -130,7 +132,10 @@ class ParameterInfluence(EPKAttribution):
                 importance (eq. 6): absolute value after the sum over steps and outputs, then
                 summed over inputs. Default: None
             return_convergence_delta (bool, optional): also return ``f(θ_b) − f(θ_{a−1}) − Σ
-                scores`` per input (per window) for the target. Default: False
+                scores − buffers`` per input (per window) for the target, the quadrature error;
+                ``buffers`` (the output change caused by BatchNorm running statistics, no
+                parameter's score) is in :meth:`explain`'s result and noted by a warning when
+                it is not zero. Default: False
             method (str, optional): ``"auto"``, ``"vjp"`` or ``"jvp"`` (layers only). Default: "auto"
 
         Returns:
@@ -144,6 +149,11 @@ class ParameterInfluence(EPKAttribution):
         comps, single = parse_components(component, COMPONENTS)
         multi = is_window_list(steps)
         res = self.explain(inputs, target, additional_forward_args, steps, layers, component, method)
+        self._note_buffers(res.buffers, res.change)
+        return self._formatted(res, comps, single, multi, layers, aggregate, return_convergence_delta)
+
+    def _formatted(self, res: ScoreResult, comps: List[str], single: bool, multi: bool, layers: LayersType,
+                   aggregate: Optional[str], return_convergence_delta: bool) -> Any:
         groups = None
         if res.groups is not None:
             assert layers is not None  # explain() has groups exactly when layers are given
@@ -234,6 +244,7 @@ class ParameterInfluence(EPKAttribution):
         steps: StepsType = None,
         parameters: Union[None, Selector, Sequence[Selector]] = None,
         component: str = "total",
+        model: Optional[nn.Module] = None,
     ) -> Dict[Tuple[nn.Module, str], torch.Tensor]:
         r"""Importance scores in the form ``torch.nn.utils.prune.global_unstructured`` takes.
 
@@ -243,6 +254,9 @@ class ParameterInfluence(EPKAttribution):
         Args:
             inputs, target, additional_forward_args, steps, component: as in :meth:`attribute`.
             parameters (optional): which parameters (names, modules, globs); default all trainable.
+            model (nn.Module, optional): the module the keys refer to — e.g. a copy holding the
+                trained weights (:func:`captum_explaind.pruning.model_at`); same parameter names
+                as the explainer's model. Default: the explainer's model
 
         Returns:
             *dict[tuple[nn.Module, str], Tensor]*: ``{(module, "weight"): importance, ...}``,
@@ -251,15 +265,18 @@ class ParameterInfluence(EPKAttribution):
                 prune.global_unstructured(list(scores), pruning_method=prune.L1Unstructured,
                                           importance_scores=scores, amount=0.5)
         """
-        imp = self.attribute(inputs, target=target, additional_forward_args=additional_forward_args, steps=steps,
-                             component=component, aggregate="abs_sum")
+        comps, single = parse_components(component, COMPONENTS)
+        res = self.explain(inputs, target, additional_forward_args, steps, None, component)
+        # importance only: the buffers' share of the change is nobody's parameter score (no note needed)
+        imp = self._formatted(res, comps, True, is_window_list(steps), None, "abs_sum", False)
         chosen = set(resolve_parameters(self.model, parameters))
+        owner = self.model if model is None else model
         out: Dict[Tuple[nn.Module, str], torch.Tensor] = {}
         for name, value in imp.items():
             if name not in chosen:
                 continue
             mod_name, _, attr = name.rpartition(".")
-            module = self.model.get_submodule(mod_name) if mod_name else self.model
+            module = owner.get_submodule(mod_name) if mod_name else owner
             ref = getattr(module, attr)
             out[(module, attr)] = value.detach().to(device=ref.device, dtype=ref.dtype)
         if not out:

@@ -136,7 +136,8 @@ class StepInfluence(EPKAttribution):
                 ``"total"``, or a list (a dict per component). Default: "total"
             aggregate (str, optional): ``"sum"`` or ``"abs_sum"`` over inputs. Default: None
             return_convergence_delta (bool, optional): also return, per input, the exact change
-                of the target over all windows minus the sum of the returned scores.
+                of the target over all windows minus the sum of the scores and of the
+                ``buffers`` component (BatchNorm running statistics; see :meth:`explain`).
             method (str, optional): ``"auto"``, ``"jvp"`` or ``"vjp"``. Default: "auto"
 
         Returns:
@@ -149,6 +150,7 @@ class StepInfluence(EPKAttribution):
             raise ValueError(f"aggregate must be None, 'sum' or 'abs_sum', got {aggregate!r}")
         comps, single = parse_components(component, COMPONENTS)
         res = self.explain(inputs, target, additional_forward_args, window, steps, layers, component, method)
+        self._note_buffers(res.buffers, res.change)
         out = {}
         for comp in comps:
             scores = res.scores[comp]  # [n, W, G]

@@ -42,6 +42,7 @@ from .results import DataDecomposition, SweepStats
 from .segment import Chunk, Segment
 from .target import Target
 from .train_grads import TrainGrads, select_train_grads
+from .train_jvp import forward_mode
 from .training_set import TrainingSet, measured_grad_scale
 from .views import ViewBase
 
@@ -72,7 +73,7 @@ class DataView(ViewBase):
 
     # Split over blocks of test inputs (the accumulators are per input); the training side's
     # measured gradient scales are the same on every rank.
-    shard_sum = ("scores", "regularization", "path", "exact")
+    shard_sum = ("scores", "regularization", "path", "exact", "buffers")
     shard_copy = ("grad_scale",)
 
     def __init__(
@@ -90,7 +91,8 @@ class DataView(ViewBase):
     ) -> None:
         self.epk, self.n, self.target, self.train, self.loss_fn = epk, n, target, train, loss_fn
         if grads is None:
-            grads = select_train_grads(epk, train, loss_fn)
+            # forward mode (.train_jvp) where a step's per-sample gradients do not fit, or by option
+            grads = forward_mode(select_train_grads(epk, train, loss_fn), epk)
         self.grads = grads
         self.windows, self.indexing = windows, indexing
         self.train_batch_size = train_batch_size
@@ -122,6 +124,11 @@ class DataView(ViewBase):
         self._phi: Optional[torch.Tensor] = None
         self._tiny = torch.finfo(dt).eps * 1e-3
         self.group_names = None if groups is None else list(groups)
+
+    @property
+    def per_input_vectors(self) -> int:
+        """Memory model: φ, T and the test directions, plus one accumulator per window."""
+        return 3 + 2 * len(self.windows)
 
     @property
     def integrate_steps(self) -> List[int]:

@@ -34,6 +34,7 @@ from .batch import Batch
 from .functional import FunctionalModel
 from .integrator import StepStats, integrate_step
 from .layout import ParamLayout
+from .memory import MemoryPlan, activation_bytes, plan, view_bytes
 from .options import EPKOptions, resolve_options
 from .outputs import OutputFn, resolve_output_fn
 from .results import Reconstruction, SweepStats
@@ -147,6 +148,7 @@ class ExactPathKernel:
         self.trajectory = trajectory
         self.output_fn = resolve_output_fn(output_fn)
         self.layout = ParamLayout(trajectory.trainable, [trajectory.spec[n].shape for n in trajectory.trainable])
+        self._plan: Optional[MemoryPlan] = None  # batch sizes of the sweep under way (max_memory)
         self._select_parameters(model, parameters)
         fixed = trajectory.frozen_params(device=self.device, dtype=self.dtype)
         self._initial_buffers = trajectory.buffers(0, device=self.device, dtype=self.dtype)
@@ -224,9 +226,40 @@ class ExactPathKernel:
         """Shape of the explained output after the example axis (one forward pass at θ_0)."""
         return self.functional.forward(self.theta(0), batch.row(0)).shape[1:]
 
+    @property
+    def chunk_size(self) -> Optional[int]:
+        """Test inputs per chunk: ``options.batch_size``, or the memory plan's (the smaller)."""
+        size = self.options.batch_size
+        if self._plan is not None:
+            size = self._plan.batch_size if size is None else min(size, self._plan.batch_size)
+        return size
+
     def chunks(self, batch: Batch) -> List[Chunk]:
-        """The batch cut into chunks of ``options.batch_size`` examples."""
-        return [Chunk(off, b.n, b) for off, b in batch.chunks(self.options.batch_size)]
+        """The batch cut into chunks of :attr:`chunk_size` examples."""
+        return [Chunk(off, b.n, b) for off, b in batch.chunks(self.chunk_size)]
+
+    @property
+    def train_grad_bytes(self) -> Optional[int]:
+        """Bytes the training side may hold at once under ``max_memory`` (None: no budget)."""
+        return None if self._plan is None else self._plan.train_bytes
+
+    def train_chunk(self, explicit: Optional[int]) -> Optional[int]:
+        """Training samples per per-sample-gradient call: the caller's, else the memory plan's."""
+        if explicit is not None or self._plan is None:
+            return explicit
+        return self._plan.train_batch_size
+
+    def _memory_plan(self, batch: Batch, view: SweepView) -> Optional[MemoryPlan]:
+        """Batch sizes under ``options.max_memory`` for a sweep of ``view`` over ``batch`` (or None)."""
+        o = self.options
+        if o.max_memory is None or batch.n == 0:
+            return None
+        theta = self.theta(0)
+        return plan(int(o.max_memory), n=batch.n, n_params=self.layout.total, dtype=self.dtype,
+                    activations=activation_bytes(self.functional, theta, batch.row(0)),
+                    view_fixed=view_bytes(view), per_input_vectors=int(getattr(view, "per_input_vectors", 2)),
+                    gradient_payload=bool(getattr(view, "gradient_payload", True)),
+                    max_evaluations=o.max_evaluations, refine=o.refine)
 
     def tolerance(self, c0: torch.Tensor, c1: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """Per-row step tolerance and noise floor from the checked outputs at both ends of a step.
@@ -259,6 +292,8 @@ class ExactPathKernel:
     def _refine_rows(self) -> int:
         """Points per batched call while refining: a vjp integrand holds a parameter-sized
         gradient per point, so bound the batch by ~256 MiB of those (at least 8, at most 1024)."""
+        if self._plan is not None:
+            return self._plan.refine_rows
         per_row = self.layout.total * torch.finfo(self.dtype).bits // 8
         return max(8, min(1024, (256 * 2**20) // max(per_row, 1)))
 
@@ -326,6 +361,7 @@ class ExactPathKernel:
         chosen = set(selected)
         todo = chosen if integrate is None else chosen & set(int(s) for s in integrate)
         all_todo = sorted(todo)
+        self._plan = self._memory_plan(batch, view)
         sharded = _shardable(view)
         if sharded:
             selected, todo = _shard_steps(view, selected, todo)
@@ -340,6 +376,7 @@ class ExactPathKernel:
         finally:
             bar.close()
             self.functional.set_fixed(self._initial_buffers)
+            self._plan = None
         if sharded:
             _reduce_view(view, state.log)
         return state.log.finish(self.options.max_depth, self.options.max_evaluations)
@@ -384,12 +421,14 @@ class ExactPathKernel:
         records = [traj.record(s) for s in range(1, last + 1)]
         scalars = [um.scalars(rec) for rec in records]
         buffer_steps = set(traj.buffer_steps())
+        self._plan = self._memory_plan(batch, view)
         sharded = _shardable(view)
         # In a process group each rank takes a contiguous block of the inputs: the accumulators
         # are per input, so the blocks never interact and the results add up.
         chunks = self._rank_chunks(batch) if sharded else self.chunks(batch)
         log = _SweepLog(sorted(todo), batch.n, self.dtype)
         if sharded and not chunks:
+            self._plan = None
             _reduce_view(view, log)
             return log.finish(self.options.max_depth, self.options.max_evaluations)
         theta_next = self.theta(last)
@@ -424,9 +463,18 @@ class ExactPathKernel:
         finally:
             bar.close()
             fm.set_fixed(self._initial_buffers)
+            self._plan = None
         if sharded:
             _reduce_view(view, log)
         return log.finish(self.options.max_depth, self.options.max_evaluations)
+
+    def _rank_chunks(self, batch: Batch) -> List[Chunk]:
+        """This rank's contiguous block of the inputs, cut into chunks of ``options.batch_size``."""
+        rows = distributed.shard(range(batch.n))
+        if not rows:
+            return []
+        lo, hi = rows[0], rows[-1] + 1
+        return [Chunk(lo + off, b.n, b) for off, b in batch.slice(lo, hi).chunks(self.chunk_size)]
 
     def _buffer_jumps_after(self, s: int, theta: torch.Tensor, chunks: List[Chunk], before: List[torch.Tensor],
                             after: List[Optional[torch.Tensor]], view: SweepView) -> None:
@@ -441,14 +489,6 @@ class ExactPathKernel:
         for ch, a, b in zip(chunks, after, before):
             assert a is not None  # filled above
             view.buffer_jump(s, ch, a - b)
-
-    def _rank_chunks(self, batch: Batch) -> List[Chunk]:
-        """This rank's contiguous block of the inputs, cut into chunks of ``options.batch_size``."""
-        rows = distributed.shard(range(batch.n))
-        if not rows:
-            return []
-        lo, hi = rows[0], rows[-1] + 1
-        return [Chunk(lo + off, b.n, b) for off, b in batch.slice(lo, hi).chunks(self.options.batch_size)]
 
     # ------------------------------------------------------------------ reconstruction
     def reconstruct(self, inputs: Any, additional_forward_args: Any = None) -> Reconstruction:

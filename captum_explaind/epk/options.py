@@ -25,6 +25,7 @@ from typing import Any, Dict, Mapping, Optional, Union
 
 import torch
 
+from .memory import parse_bytes
 from .quadrature import RULES, quadrature_rule
 
 __all__ = ["EPKOptions", "PRESETS", "PER_SAMPLE", "TRAIN_GRADS", "resolve_options"]
@@ -79,6 +80,15 @@ class EPKOptions:
             (coupled exactly when the recording shows train-mode normalization or replayable
             dropout; see :mod:`~captum_explaind.epk.train_grads`). Default: "auto"
         show_progress (bool): tqdm progress bars over steps. Default: False
+        max_memory (str, int or None): a memory budget for every sweep, e.g. ``"2GiB"``,
+            ``"500MB"`` or bytes: the test inputs per chunk, the rows per refinement call and the
+            training samples per per-sample-gradient call are chosen so the estimated peak stays
+            under it (:mod:`.memory`); results equal the unbatched ones. Needs a bounded
+            refinement (``max_evaluations``). ``None``: no budget. Default: None
+        train_jvp (bool or None): the data view's training side by forward mode
+            (:mod:`.train_jvp`: ``∇ℓ_k·T`` as a jvp of the batch's per-sample losses, never the
+            ``[m, P]`` per-sample gradients); ``None``: only when a step's per-sample gradients
+            do not fit (the 256 MiB chunk, or the ``max_memory`` plan). Default: None
     """
 
     quadrature: str = "gauss"
@@ -95,6 +105,8 @@ class EPKOptions:
     per_sample: str = "auto"
     train_grads: str = "auto"
     show_progress: bool = False
+    max_memory: Union[str, int, None] = None
+    train_jvp: Optional[bool] = None
 
     def __post_init__(self) -> None:
         if self.quadrature not in RULES:
@@ -130,6 +142,12 @@ class EPKOptions:
             raise ValueError(f"train_grads must be one of {TRAIN_GRADS}, got {self.train_grads!r}")
         if not isinstance(self.show_progress, bool):
             raise TypeError(f"show_progress must be a bool, got {self.show_progress!r}")
+        if self.train_jvp is not None and not isinstance(self.train_jvp, bool):
+            raise TypeError(f"train_jvp must be a bool or None, got {self.train_jvp!r}")
+        object.__setattr__(self, "max_memory", parse_bytes(self.max_memory))
+        if self.max_memory is not None and self.max_evaluations is None and self.refine:
+            raise ValueError("max_memory needs a bounded refinement: set max_evaluations (the memory refinement may "
+                             "hold grows with it), or turn error_control off")
 
     @property
     def refine(self) -> bool:

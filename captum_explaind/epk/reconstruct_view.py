@@ -30,6 +30,14 @@ class ReconstructView(ViewBase):
     label = "reconstruct"
     shard_sum = ("parts", "buffers")
 
+    @property
+    def per_input_vectors(self) -> int:
+        return 0  # forward mode only: no parameter-sized vector per input
+
+    @property
+    def gradient_payload(self) -> bool:
+        return False
+
     def __init__(self, epk: "ExactPathKernel", n: int, out_shape: torch.Size) -> None:
         self.epk = epk
         self.out_shape = out_shape

@@ -67,7 +67,12 @@ class ScoreView(ViewBase):
         method (str): ``"vjp"`` or ``"jvp"`` (already chosen).
     """
 
-    shard_sum = ("acc", "exact")
+    shard_sum = ("acc", "exact", "buffers")
+
+    @property
+    def gradient_payload(self) -> bool:
+        """Memory model: the vjp path's integrand rows are gradients."""
+        return self.method == "vjp"
 
     def __init__(
         self,

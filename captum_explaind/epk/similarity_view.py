@@ -24,6 +24,7 @@ import torch
 from .integrands import JacobianIntegrand
 from .segment import Chunk, Segment
 from .train_grads import TrainGrads, select_train_grads
+from .train_jvp import forward_mode
 from .training_set import TrainingSet, measured_grad_scale, step_samples
 from .views import ViewBase
 
@@ -38,15 +39,20 @@ class SimilarityView(ViewBase):
 
     # Split over steps: the Gram matrix is a sum over steps; the per-sample momentum buffers need
     # every earlier step's training side, so each rank visits the steps before its own too.
-    shard_sum = ("gram", "exact")
+    shard_sum = ("gram", "exact", "buffer_change")
     visit_every_step = True
+
+    @property
+    def per_input_vectors(self) -> int:
+        """Memory model: φ of every selected output (and its scaled copy)."""
+        return 2 * int(self.outputs.shape[1])
 
     def __init__(self, epk: "ExactPathKernel", n: int, outputs: torch.Tensor, train: TrainingSet, loss_fn: Callable,
                  subset: Optional[torch.Tensor], mask: Optional[torch.Tensor], integrate: List[int],
                  train_batch_size: Optional[int], grads: Optional[TrainGrads] = None) -> None:
         self.epk, self.n, self.outputs, self.train, self.loss_fn = epk, n, outputs, train, loss_fn
         # per-sample training gradients: independent, or coupled through train-mode batch statistics
-        self.grads = grads if grads is not None else select_train_grads(epk, train, loss_fn)
+        self.grads = grads if grads is not None else forward_mode(select_train_grads(epk, train, loss_fn), epk)
         self.mask = mask
         self.integrate = set(integrate)
         self.train_batch_size = train_batch_size

@@ -37,6 +37,7 @@ Adding a computer: subclass :class:`TrainGrads`, implement :meth:`~TrainGrads.we
 from __future__ import annotations
 
 import contextlib
+import warnings
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Iterator, List, Optional, Sequence, Tuple
 
@@ -300,8 +301,20 @@ def select_train_grads(epk: "ExactPathKernel", train: TrainingSet, loss_fn: Call
     choice = choice if choice is not None else getattr(epk.options, "train_grads", "auto")
     size = epk.options.train_batch_size
     modes = training_modes(epk.trajectory, epk.model)
+    replayable = _has_rng_states(epk)
+    if modes.dropout and not replayable:
+        # Without the RNG states the masks of training cannot be rebuilt: say which modules, and
+        # let the data view's residual measure what the replay misses (never folded into scores).
+        names = ", ".join(modes.dropout[:6]) + (", ..." if len(modes.dropout) > 6 else "")
+        warnings.warn(
+            f"dropout ran in train mode during training ({names}) but the recording holds no RNG states "
+            "(record_rng was off), so its masks cannot be replayed: per-sample gradients are taken without "
+            "dropout and the mismatch with the recorded updates is reported in the residual",
+            RuntimeWarning,
+            stacklevel=4,
+        )
     if choice == "auto":
-        coupled = bool(modes.batch_norm) or (bool(modes.dropout) and _has_rng_states(epk))
+        coupled = bool(modes.batch_norm) or (bool(modes.dropout) and replayable)
         choice = "coupled" if coupled else "independent"
     if choice == "independent":
         return IndependentGrads(epk.functional, train, loss_fn, size)

@@ -240,11 +240,15 @@ def _per_sample(loss_fn: Any) -> Any:
 def check_loss_fn(loss_fn: Any, fm: FunctionalModel, theta: torch.Tensor, train: TrainingSet) -> Callable:
     """Validate that ``loss_fn(outputs, target)`` returns one loss per sample.
 
-    ``None`` means cross-entropy of the explained output. A ``torch.nn`` loss with
+    ``None`` means the default an adapter registered for the model's family
+    (:func:`captum_explaind.extensions.default_loss_for`; e.g. the per-sample form of a Hugging
+    Face model's own loss), else cross-entropy of the explained output. A ``torch.nn`` loss with
     ``reduction="sum"`` or ``"mean"`` (what ``TracInCP`` users pass) is used per sample, with a note.
     """
     if loss_fn is None:
-        loss_fn = _DefaultLoss()
+        from ..extensions import default_loss_for
+
+        loss_fn = default_loss_for(fm.module) or _DefaultLoss()
     if not callable(loss_fn):
         raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
     loss_fn = _per_sample(loss_fn)

@@ -61,6 +61,16 @@ class ViewBase:
     #: a split forward sweep still visits other ranks' steps (``end_step(seg, False)``)
     visit_every_step = False
 
+    @property
+    def per_input_vectors(self) -> int:
+        """Memory model (``max_memory``): parameter-sized vectors held per test input."""
+        return 2
+
+    @property
+    def gradient_payload(self) -> bool:
+        """Memory model: whether an integrand row's payload is a gradient (else a few outputs per tangent)."""
+        return True
+
     def check(self, out: torch.Tensor, chunk: Chunk, rows: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 

@@ -16,12 +16,20 @@ counts). Nothing on the load path is pickled.
 
 Every file is written to a temporary name, flushed to disk and then renamed into place, so a
 crash leaves either a complete step file or none: a readable prefix of the run.
+
+Integrity (format version 2): each safetensors file's metadata holds ``"checksums"``, a JSON
+object mapping every tensor to the CRC-32 of its dtype, shape and bytes, and step files also
+``"record_checksum"``, the CRC-32 of the record's JSON text; ``manifest.json`` holds
+``"checksum"``, the CRC-32 of its other keys (canonical JSON). Readers verify each tensor as it
+is read. Version-1 recordings have no checksums and are read without that verification.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
+import zlib
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Mapping, Optional
 
@@ -29,11 +37,17 @@ import torch
 from safetensors.torch import save as _st_save
 
 FORMAT_NAME = "captum_explaind.trajectory"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 MANIFEST = "manifest.json"
 INITIAL = "initial.safetensors"
 STEPS_DIR = "steps"
 TMP_SUFFIX = ".tmp"
+
+# Bounds on what a reader parses (far above anything a recording of a real model needs).
+MAX_JSON_BYTES = 256 << 20  # manifest.json
+MAX_HEADER_BYTES = 100 << 20  # a safetensors header (safetensors' own limit)
+MAX_JSON_DEPTH = 64
+CHECKSUM = "crc32"
 
 PARAM_PREFIX = "param/"
 BUFFER_PREFIX = "buffer/"
@@ -51,6 +65,11 @@ __all__ = [
     "StepRecord",
     "step_filename",
     "parse_step_filename",
+    "looks_like_step_file",
+    "tensor_checksum",
+    "text_checksum",
+    "manifest_checksum",
+    "write_manifest",
     "atomic_write_bytes",
     "atomic_write_json",
     "write_safetensors",
@@ -64,12 +83,46 @@ def step_filename(step: int) -> str:
     return f"step_{step:08d}.safetensors"
 
 
+_STEP_RE = re.compile(r"step_([0-9]{8,18})\.safetensors", re.ASCII)
+
+
 def parse_step_filename(name: str) -> Optional[int]:
-    """Inverse of :func:`step_filename`; ``None`` for names that are not step files."""
-    if not (name.startswith("step_") and name.endswith(".safetensors")):
+    """Inverse of :func:`step_filename`; ``None`` for names that are not (canonical) step files.
+
+    Only ASCII digits are accepted and the number must be written exactly as
+    :func:`step_filename` writes it, so one step cannot have two file names.
+    """
+    m = _STEP_RE.fullmatch(name)
+    if m is None:
         return None
-    core = name[len("step_") : -len(".safetensors")]
-    return int(core) if core.isdigit() else None
+    step = int(m.group(1))
+    return step if step >= 1 and step_filename(step) == name else None
+
+
+def looks_like_step_file(name: str) -> bool:
+    """A name a step file could be mistaken for (``step_*.safetensors``)."""
+    return name.startswith("step_") and name.endswith(".safetensors")
+
+
+def tensor_checksum(tensor: torch.Tensor) -> str:
+    """CRC-32 (hex) of a CPU tensor's dtype, shape and bytes."""
+    t = tensor.detach().contiguous()
+    crc = zlib.crc32(f"{dtype_to_str(t.dtype)}{list(t.shape)}".encode("ascii"))
+    if t.numel():
+        data: Any = t.reshape(-1).view(torch.uint8).numpy()  # zero-copy buffer of the bytes
+        crc = zlib.crc32(data, crc)
+    return f"{crc:08x}"
+
+
+def text_checksum(text: str) -> str:
+    """CRC-32 (hex) of a string's UTF-8 bytes."""
+    return f"{zlib.crc32(text.encode('utf-8')):08x}"
+
+
+def manifest_checksum(manifest: Mapping[str, Any]) -> str:
+    """CRC-32 of a manifest's keys other than ``"checksum"``, as canonical JSON."""
+    body = {k: v for k, v in manifest.items() if k != "checksum"}
+    return text_checksum(json.dumps(body, sort_keys=True, separators=(",", ":")))
 
 
 def _fsync_dir(path: str) -> None:
@@ -100,12 +153,22 @@ def atomic_write_json(path: str, obj: Any) -> None:
     atomic_write_bytes(path, json.dumps(obj, indent=1, sort_keys=True).encode("utf-8"))
 
 
+def write_manifest(path: str, manifest: Dict[str, Any]) -> None:
+    """Atomically write ``manifest`` with its checksum."""
+    atomic_write_json(path, dict(manifest, checksum=manifest_checksum(manifest)))
+
+
 def write_safetensors(
     path: str, tensors: Mapping[str, torch.Tensor], metadata: Optional[Dict[str, str]] = None
 ) -> None:
-    """Atomically write ``tensors`` (made contiguous, on CPU) as one safetensors file."""
+    """Atomically write ``tensors`` (made contiguous, on CPU) as one safetensors file, with the
+    checksum of every tensor (and of the ``"record"`` metadata) in its metadata."""
     flat = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
-    atomic_write_bytes(path, _st_save(flat, metadata=metadata))
+    meta = dict(metadata or {})
+    meta["checksums"] = json.dumps({k: tensor_checksum(v) for k, v in flat.items()}, sort_keys=True)
+    if "record" in meta:
+        meta["record_checksum"] = text_checksum(meta["record"])
+    atomic_write_bytes(path, _st_save(flat, metadata=meta))
 
 
 _DTYPES = {
@@ -192,6 +255,7 @@ class StepRecord:
             "grad_sq": self.grad_sq,
             "state_step": self.state_step,
             "n_micro": len(self.batches),
+            "micro_sizes": [int(b.indices.numel()) for b in self.batches],
         }
 
     @classmethod
@@ -234,22 +298,14 @@ def pack_batches(batches: List[MicroBatch]) -> Dict[str, torch.Tensor]:
 def unpack_batches(
     index: torch.Tensor,
     weight: torch.Tensor,
-    micro: torch.Tensor,
-    n_micro: int,
+    sizes: List[int],
     rng: Optional[Mapping[int, torch.Tensor]] = None,
     cuda_rng: Optional[Mapping[int, torch.Tensor]] = None,
 ) -> List[MicroBatch]:
-    """Inverse of :func:`pack_batches`; ``rng``/``cuda_rng`` map micro-batch numbers to states."""
+    """Inverse of :func:`pack_batches`: split the entries into micro-batches of ``sizes``;
+    ``rng``/``cuda_rng`` map micro-batch numbers to their RNG states."""
     rng, cuda_rng = rng or {}, cuda_rng or {}
-    out = []
-    for i in range(n_micro):
-        sel = micro == i
-        out.append(
-            MicroBatch(
-                indices=index[sel].clone(),
-                weights=weight[sel].clone(),
-                rng_state=rng.get(i),
-                cuda_rng_state=cuda_rng.get(i),
-            )
-        )
-    return out
+    return [
+        MicroBatch(indices=i.clone(), weights=w.clone(), rng_state=rng.get(j), cuda_rng_state=cuda_rng.get(j))
+        for j, (i, w) in enumerate(zip(torch.split(index, sizes), torch.split(weight, sizes)))
+    ]

@@ -18,7 +18,6 @@ from __future__ import annotations
 import datetime
 import json
 import os
-import shutil
 import warnings
 from typing import Any, Dict, List, Optional, Tuple, Union
 
@@ -26,11 +25,16 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..errors import TrajectoryError
+from .. import distributed
+from ..errors import TrajectoryError, TrajectoryWriteError
+from . import directory
 from . import format as fmt
 from .indexing import TrackedDataLoader
+from .lock import DirectoryLock
 from .optim_spec import group_hyperparameters, optimizer_family, unwrap_optimizer
+from .resume import check_manifest_compatible, check_state_matches
 from .trajectory import Trajectory
+from .writer import StepWriter
 
 __all__ = ["TrajectoryRecorder"]
 
@@ -40,12 +44,19 @@ __all__ = ["TrajectoryRecorder"]
 _STATE_KEYS = {"adam": ("exp_avg_sq", "max_exp_avg_sq"), "adamw": ("exp_avg_sq", "max_exp_avg_sq")}
 
 
-def _is_trajectory_dir(path: str) -> bool:
+def _now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat()
+
+
+def _describe_holder(info: Dict[str, Any]) -> str:
+    return f"process {info.get('pid', '?')} on host {info.get('host', '?')}, started {info.get('started_utc', '?')}"
+
+
+def _remove_empty_dir(path: str) -> None:
     try:
-        with open(os.path.join(path, fmt.MANIFEST), "r", encoding="utf-8") as fh:
-            return json.load(fh).get("format") == fmt.FORMAT_NAME
-    except (OSError, ValueError, AttributeError):
-        return False
+        os.rmdir(path)
+    except OSError:
+        pass
 
 
 def training_modes(model: nn.Module) -> Dict[str, List[str]]:
@@ -115,11 +126,16 @@ class TrajectoryRecorder:
         optimizer (torch.optim.Optimizer): its optimizer; wrappers exposing ``.optimizer`` (such as
             accelerate's ``AcceleratedOptimizer``) are unwrapped.
         path (str or os.PathLike): directory to create. It must not exist (or be empty) unless
-            ``overwrite=True``, which replaces an existing *trajectory* (never another directory).
+            ``overwrite=True`` or ``resume=True``. A lock file (``.lock``) keeps a second recorder
+            (in this process or another) out while this one records.
         scheduler (optional): the learning-rate scheduler, recorded for reference. Learning rates
             are always read from the optimizer right before each step, so any scheduler, stepped
             at any point of the loop, is recorded correctly.
-        overwrite (bool, optional): replace an existing trajectory at ``path``. Default: False
+        overwrite (bool, optional): replace an existing *trajectory* at ``path`` (never another
+            directory): only the files this library wrote are removed. Default: False
+        resume (bool, optional): append to the recording at ``path`` (interrupted, or closed),
+            after checking that the model's parameters and buffers and the optimizer's recorded
+            state equal (as stored) those of its last complete step. Default: False
         store_dtype (torch.dtype, optional): dtype parameters and optimizer state are stored in;
             ``None`` keeps each tensor's own dtype. ``torch.float64`` is useful when training in
             float64 for exactness studies. Default: None
@@ -137,6 +153,14 @@ class TrajectoryRecorder:
             with ``p > 0``. A forward pre-hook on the model captures the state at the first
             training-mode forward of each logged micro-batch (whether ``log_batch`` is called
             before or after it), unless ``log_batch`` was given ``rng_state``. Default: "auto"
+        background (bool, optional): write step files in a background thread, so training does
+            not wait for the disk; a step counts (``num_steps``) once its file is durably in
+            place, :meth:`close` waits for every pending write, and a failed write is raised at
+            the next step or at close. Default: False
+
+    Any failed write stops the recording (fail closed): later ``optimizer.step()`` calls raise
+    :class:`TrajectoryWriteError` naming the first failure, and the manifest marks the run
+    aborted at that step, so no later step can be recorded under a wrong number.
     """
 
     def __init__(
@@ -147,11 +171,13 @@ class TrajectoryRecorder:
         *,
         scheduler: Any = None,
         overwrite: bool = False,
+        resume: bool = False,
         store_dtype: Optional[torch.dtype] = None,
         record_optimizer_state: bool = True,
         reduction: str = "mean",
         check_finite: bool = True,
         record_rng: Union[str, bool] = "auto",
+        background: bool = False,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -161,6 +187,8 @@ class TrajectoryRecorder:
             raise ValueError(f"store_dtype must be a floating torch.dtype or None, got {store_dtype!r}")
         if record_rng not in ("auto", True, False):
             raise ValueError(f"record_rng must be 'auto', True or False, got {record_rng!r}")
+        if overwrite and resume:
+            raise ValueError("pass overwrite=True (replace the recording) or resume=True (continue it), not both")
         self.model = model
         self.optimizer = unwrap_optimizer(optimizer)
         self.path = os.fspath(path)
@@ -170,30 +198,57 @@ class TrajectoryRecorder:
         self.check_finite = check_finite
         self.family = optimizer_family(self.optimizer)
         self.state_keys = _STATE_KEYS.get(self.family, ()) if record_optimizer_state else ()
-
         # "auto": any dropout with p > 0, whatever the mode now (models often start in eval mode)
         self.record_rng = _has_dropout(model) if record_rng == "auto" else bool(record_rng)
         self._names = self._name_parameters()
         self._buffers = dict(model.named_buffers())
-        self._prepare_directory(overwrite)
 
-        self._step = 0
+        self._step = 0  # steps handed to the writer (the number the next step gets is _step + 1)
+        self._durable = 0  # steps whose files are durably written (the complete prefix)
         self._pending: List[fmt.MicroBatch] = []
         self._awaiting_rng = False  # the last logged micro-batch waits for its forward's RNG state
+        self._unclaimed_rng: Optional[Tuple[torch.Tensor, Optional[torch.Tensor]]] = None
         self._pre: Optional[Dict[str, Any]] = None
         self._closed = False
+        self._handles: List[Any] = []
         self._nonfinite_warned = False
         self._training_modes: Optional[Dict[str, List[str]]] = None
+        self._initial_groups = group_hyperparameters(self.optimizer)
+        self._history: Dict[str, Any] = {}  # manifest keys kept across writes (resumes, warnings)
+        self._failure: Optional[Tuple[int, str]] = None  # (step, message) of the first failed write
+        self._refused = 0  # optimizer steps refused after the failure
+        self._unbatched: List[int] = []  # steps recorded without a logged batch
+        self._writer: Union[StepWriter, _FollowerWriter] = StepWriter(background=background)
+        self._failure_reported = False
+        self._closed_versions: Dict[str, int] = {}
+        self._steps_after_close = 0
+
+        self._lock: Union[DirectoryLock, _FollowerLock] = DirectoryLock(self.path)
+        # Under DDP (torchrun) rank 0 writes; the other ranks only hand it their micro-batches.
+        self._follower = distributed.active() and not distributed.is_writer()
+        if self._follower:
+            self._writer, self._lock = _FollowerWriter(), _FollowerLock()
+        created = False if self._follower else self._open_directory(overwrite, resume)
+        try:
+            if self._follower:
+                pass
+            elif resume:
+                self._resume()
+            else:
+                self._write_initial()
+                self._write_manifest(status="recording")
+        except BaseException:
+            self._abandon(created)
+            raise
         self._last_buffers = {k: v.detach().to("cpu", copy=True) for k, v in self._buffers.items()}
-        self._write_initial()
-        self._write_manifest(status="recording")
+        self._versions = self._param_versions()
         self._handles = [
             self.optimizer.register_step_pre_hook(self._pre_step),
             self.optimizer.register_step_post_hook(self._post_step),
         ]
-        self._unclaimed_rng: Optional[Tuple[torch.Tensor, Optional[torch.Tensor]]] = None
         if self.record_rng:
             self._handles.append(model.register_forward_pre_hook(self._capture_rng))
+        distributed.barrier()  # θ_0 and the manifest are on disk before any rank trains
 
     # ------------------------------------------------------------------ set-up
     def _name_parameters(self) -> Dict[int, str]:
@@ -230,23 +285,146 @@ class TrajectoryRecorder:
         self._params = dict(self.model.named_parameters())
         return names
 
-    def _prepare_directory(self, overwrite: bool) -> None:
-        if os.path.exists(self.path):
-            if not os.path.isdir(self.path):
-                raise FileExistsError(f"trajectory path {self.path!r} exists and is not a directory")
-            if os.listdir(self.path):
-                if not overwrite:
-                    raise FileExistsError(
-                        f"trajectory path {self.path!r} already exists and is not empty; pass "
-                        "overwrite=True to replace a previous recording, or choose another path"
-                    )
-                if not _is_trajectory_dir(self.path):
-                    raise FileExistsError(
-                        f"refusing to overwrite {self.path!r}: it is not empty and is not a trajectory "
-                        "recorded by this library (no captum_explaind manifest.json)"
-                    )
-                shutil.rmtree(self.path)
+    # ------------------------------------------------------------------ directory
+    def _open_directory(self, overwrite: bool, resume: bool) -> bool:
+        """Create ``path`` if needed, take its lock, and clear it for a new recording (or check
+        that there is one to resume). Returns whether the directory was created here."""
+        if os.path.lexists(self.path) and not os.path.isdir(self.path):
+            raise FileExistsError(f"trajectory path {self.path!r} exists and is not a directory")
+        created = not os.path.exists(self.path)
+        os.makedirs(self.path, exist_ok=True)
+        try:
+            self._lock.acquire()
+        except BaseException:
+            if created:
+                _remove_empty_dir(self.path)
+            raise
+        try:
+            self._check_directory(overwrite, resume)
+        except BaseException:
+            self._abandon(created)
+            raise
         os.makedirs(os.path.join(self.path, fmt.STEPS_DIR), exist_ok=True)
+        return created
+
+    def _check_directory(self, overwrite: bool, resume: bool) -> None:
+        stale = self._lock.stale
+        died = (f" Its previous recorder ({_describe_holder(stale)}) died without closing it (stale lock)."
+                if stale else "")
+        others = directory.other_entries(self.path)
+        ours = directory.library_files(self.path)
+        if resume:
+            if not directory.is_trajectory_dir(self.path):
+                raise FileNotFoundError(
+                    f"resume=True, but {self.path!r} holds no trajectory to resume (no captum_explaind "
+                    "manifest.json); start a new recording without resume=True"
+                )
+        elif ours or others:
+            if not directory.is_trajectory_dir(self.path):
+                raise FileExistsError(
+                    f"refusing to record into {self.path!r}: it is not empty and is not a trajectory recorded by "
+                    f"this library (no captum_explaind manifest.json; it holds {others[:5]}); choose another path"
+                )
+            if not overwrite:
+                raise FileExistsError(
+                    f"trajectory path {self.path!r} already holds a recording.{died} Pass resume=True to continue "
+                    "an interrupted recording from its last complete step (the model and optimizer must be in "
+                    "that step's state), overwrite=True to replace it (only the files this library wrote are "
+                    "removed), or choose another path"
+                )
+            directory.remove_library_files(self.path)
+        if stale:
+            warnings.warn(
+                f"{self.path!r}: took over the stale lock of {_describe_holder(stale)}, which died while "
+                f"recording there; {'resuming' if resume else 'replacing'} its recording",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+
+    def _abandon(self, created: bool) -> None:
+        """Undo a failed construction: release the lock (and drop a directory created here)."""
+        self._writer.close()
+        self._lock.release(keep_stale=True)
+        if created:
+            _remove_empty_dir(os.path.join(self.path, fmt.STEPS_DIR))
+            _remove_empty_dir(self.path)
+
+    def _resume(self) -> None:
+        """Continue the recording at ``path`` after checking the model and optimizer match its end."""
+        steps = os.path.join(self.path, fmt.STEPS_DIR)
+        for name in os.listdir(steps):  # files a killed writer left half-written
+            if name.endswith(fmt.TMP_SUFFIX) and fmt.parse_step_filename(name[: -len(fmt.TMP_SUFFIX)]):
+                os.unlink(os.path.join(steps, name))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "not closed", "aborted": expected of what is resumed
+            traj = Trajectory.open(self.path)
+        old = traj.manifest
+        check_manifest_compatible(old, self._manifest("recording"), self.path)
+        check_state_matches(traj, self.model, self.optimizer, self._stored, self.trainable)
+        self._step = self._durable = traj.num_steps
+        self._created = old.get("created_utc")
+        self._initial_groups = old["optimizer"].get("groups", self._initial_groups)
+        self._training_modes = old.get("training_modes")
+        for key in ("resumed", "modified_outside_step", "steps_without_batch"):
+            if key in old:
+                self._history[key] = old[key]
+        self._history.setdefault("resumed", []).append({"at_step": traj.num_steps, "utc": _now()})
+        self._write_manifest(status="recording")
+
+    def _check_alive(self) -> None:
+        """Before a step: refuse after a failure; detect a lost directory or a replaced layer."""
+        if self._failure is None and self._writer.error is not None:
+            failed = os.path.basename(self._writer.failed_path or "")
+            self._fail(fmt.parse_step_filename(failed) or self._durable + 1, self._writer.error)
+        if self._failure is not None:
+            self._refused += 1
+            self._failure_reported = True
+            step, message = self._failure
+            raise TrajectoryWriteError(
+                f"recording to {self.path!r} failed at step {step} ({message}); it holds the complete steps "
+                f"1..{step - 1} and records nothing more, so no later step can take a wrong number. This "
+                "optimizer step was not taken. Fix the cause, then resume=True from a checkpoint of step "
+                f"{step - 1}, or record anew"
+            )
+        try:
+            self._lock.check()
+            for name in (() if self._follower else (fmt.MANIFEST, fmt.INITIAL, fmt.STEPS_DIR)):
+                if not os.path.exists(os.path.join(self.path, name)):
+                    raise TrajectoryError(f"{os.path.join(self.path, name)!r} was deleted while recording")
+            now = dict(self.model.named_parameters())
+            for name, p in self._params.items():
+                if now.get(name) is not p:
+                    raise TrajectoryError(
+                        f"the model's parameter {name!r} is no longer the tensor being recorded (a layer was "
+                        "replaced or removed after the recorder was created); record the model as it trains: "
+                        "start a new recording after changing the model"
+                    )
+        except TrajectoryError as err:
+            self._fail(self._step + 1, err)
+            self._failure_reported = True
+            raise
+
+    def _fail(self, step: int, err: BaseException) -> None:
+        """Fail closed: remember the first failure, drop its partial file, mark the run aborted."""
+        if self._failure is not None:
+            return
+        self._failure = (step, f"{type(err).__name__}: {err}")
+        target = os.path.join(self.path, fmt.STEPS_DIR, fmt.step_filename(step))
+        for p in (target, target + fmt.TMP_SUFFIX):
+            try:
+                os.unlink(p)
+            except OSError:
+                pass
+        try:
+            self._write_manifest(status="closed", extra=self._aborted_info())
+        except Exception:  # noqa: BLE001 - the disk may be full; open() then says "not closed"
+            pass
+
+    def _aborted_info(self) -> Dict[str, Any]:
+        assert self._failure is not None
+        step, message = self._failure
+        return {"aborted": f"write of step {step} failed: {message}", "aborted_at_step": step,
+                "closed_utc": _now()}
 
     def _stored(self, tensor: torch.Tensor) -> torch.Tensor:
         out = tensor.detach()
@@ -282,9 +460,8 @@ class TrajectoryRecorder:
             "format": fmt.FORMAT_NAME,
             "version": fmt.FORMAT_VERSION,
             "status": status,
-            "num_steps": self._step if status != "recording" else None,
-            "created_utc": getattr(self, "_created", None)
-            or datetime.datetime.now(datetime.timezone.utc).isoformat(),
+            "num_steps": self._durable if status != "recording" else None,
+            "created_utc": getattr(self, "_created", None) or _now(),
             "library_version": _library_version(),
             "torch_version": torch.__version__,
             "model": {
@@ -299,7 +476,7 @@ class TrajectoryRecorder:
                 "module": type(opt).__module__,
                 "family": self.family,
                 "n_groups": len(opt.param_groups),
-                "groups": group_hyperparameters(opt),
+                "groups": self._initial_groups,
                 "state_keys": list(self.state_keys),
             },
             "scheduler": None if self.scheduler is None else type(self.scheduler).__qualname__,
@@ -313,12 +490,15 @@ class TrajectoryRecorder:
         self._created = manifest["created_utc"]
         if self._training_modes is not None:
             manifest["training_modes"] = self._training_modes
+        manifest.update(self._history)
         if extra:
             manifest.update(extra)
         return manifest
 
     def _write_manifest(self, status: str, extra: Optional[Dict[str, Any]] = None) -> None:
-        fmt.atomic_write_json(os.path.join(self.path, fmt.MANIFEST), self._manifest(status, extra))
+        if self._follower:
+            return
+        fmt.write_manifest(os.path.join(self.path, fmt.MANIFEST), self._manifest(status, extra))
 
     # ------------------------------------------------------------------ batches
     def log_batch(
@@ -345,7 +525,7 @@ class TrajectoryRecorder:
             cuda_rng_state (Tensor, optional): ``torch.cuda.get_rng_state(device)`` likewise.
         """
         if self._closed:
-            raise RuntimeError("this recorder is closed")
+            raise RuntimeError(f"this recorder of {self.path!r} is closed")
         idx = torch.as_tensor(np.asarray(indices.cpu() if isinstance(indices, torch.Tensor) else indices))
         if idx.dim() != 1:
             idx = idx.reshape(-1)
@@ -416,9 +596,31 @@ class TrajectoryRecorder:
         return TrackedDataLoader(loader, self.log_batch)
 
     # ------------------------------------------------------------------ hooks
+    def _param_versions(self) -> Dict[str, int]:
+        # torch bumps a tensor's version at every in-place change: optimizer.step(), but also
+        # p.mul_(), load_state_dict, ... — so a change between steps is seen without a copy.
+        return {n: p._version for n, p in self._params.items()}
+
+    def _check_versions(self, step: int) -> None:
+        changed = [n for n, v in self._param_versions().items() if v != self._versions.get(n)]
+        if not changed:
+            return
+        first = "modified_outside_step" not in self._history
+        self._history.setdefault("modified_outside_step", []).append(step)
+        if first:
+            warnings.warn(
+                f"{self.path!r}: parameters {changed[:5]} changed outside optimizer.step() before step {step} "
+                "(an in-place edit, load_state_dict, ...); the recorded update of that step includes the "
+                "change, so explanations of it will not match the optimizer's rule (its residual shows it)",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+
     def _pre_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         if self._closed:
             return
+        self._check_alive()
+        self._check_versions(self._step + 1)
         for name in self._frozen_in_optimizer:
             if self._params[name].grad is not None:
                 # The optimizer would move it, but the trajectory stores it only at θ_0.
@@ -447,10 +649,11 @@ class TrajectoryRecorder:
         lrs = [float(h.pop("lr")) for h in hyper]
         self._pre = {"lr": lrs, "groups": hyper, "inactive": inactive, "grad_sq": grad_sq}
 
-    def _post_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-        if self._closed or self._pre is None:
-            return
-        step = self._step + 1
+    def _collect_step(
+        self, step: int, optimizer: torch.optim.Optimizer
+    ) -> Tuple[Dict[str, torch.Tensor], Dict[str, str]]:
+        """The tensors and metadata of step ``step``'s file, copied off the live model."""
+        assert self._pre is not None
         tensors: Dict[str, torch.Tensor] = {}
         nonfinite = None
         state_step: Dict[str, int] = {}
@@ -471,18 +674,44 @@ class TrajectoryRecorder:
                     tensors[f"{fmt.STATE_PREFIX}{name}/{key}"] = self._stored(state[key])
             if "step" in state:
                 state_step[name] = int(float(state["step"]))
-        changed_buffers = {}
         for name, buf in self._buffers.items():
-            if not torch.equal(buf.detach().to("cpu"), self._last_buffers[name]):
-                changed_buffers[name] = buf.detach().to("cpu", copy=True)
+            now = buf.detach().to("cpu", copy=True)
+            if not torch.equal(now, self._last_buffers[name]):
+                self._last_buffers[name] = now
                 tensors[fmt.BUFFER_PREFIX + name] = self._stored(buf)
         record = fmt.StepRecord(step=step, state_step=state_step, batches=self._pending, **self._pre)
         tensors.update(fmt.pack_batches(self._pending))
-        metadata = {"record": json.dumps(record.to_json())}
-        fmt.write_safetensors(os.path.join(self.path, fmt.STEPS_DIR, fmt.step_filename(step)), tensors, metadata)
-        # Only a step that reached the disk counts: a failed write leaves the completed prefix intact.
+        obj = record.to_json()
+        obj["family"] = self.family
+        if nonfinite is not None and not self._nonfinite_warned:
+            self._nonfinite_warned = True
+            warnings.warn(
+                f"step {step}: parameter {nonfinite!r} is not finite (NaN/inf); the step is "
+                "recorded, but the trajectory cannot be explained past it",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+        return tensors, {"record": json.dumps(obj)}
+
+    def _post_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        if self._closed or self._pre is None:
+            return
+        step = self._step + 1
+        if distributed.active():
+            self._pending = _gathered(self._pending)
+        if not self._pending:
+            self._warn_unbatched(step)
+        tensors, metadata = self._collect_step(step, optimizer)
+        path = os.path.join(self.path, fmt.STEPS_DIR, fmt.step_filename(step))
+        try:
+            self._writer.submit(path, tensors, metadata, self._step_written)
+        except BaseException as err:
+            self._fail(step, err)
+            self._failure_reported = True
+            raise
+        # Numbers advance only here: a failed step keeps its number and stops the recording.
         self._step = step
-        self._last_buffers.update(changed_buffers)
+        self._versions = self._param_versions()
         self._pending = []
         self._pre = None
         self._awaiting_rng = False
@@ -491,20 +720,39 @@ class TrajectoryRecorder:
             # how the model normalized and dropped out while training (read at the first step)
             self._training_modes = self._first_modes
             self._write_manifest(status="recording")
-        if nonfinite is not None and not self._nonfinite_warned:
-            self._nonfinite_warned = True
+
+    def _step_written(self) -> None:
+        """Called (possibly by the writer thread) once a step file is durably in place."""
+        self._durable += 1
+
+    def _warn_unbatched(self, step: int) -> None:
+        self._unbatched.append(step)
+        if len(self._unbatched) == 1:
             warnings.warn(
-                f"step {step}: parameter {nonfinite!r} is not finite (NaN/inf); the step is "
-                "recorded, but the trajectory cannot be explained past it",
+                f"{self.path!r}: step {step} was taken with no logged batch (call recorder.log_batch(indices) "
+                "for each micro-batch, or iterate recorder.track(loader)); the data view cannot attribute "
+                "such steps to training samples",
                 RuntimeWarning,
-                stacklevel=2,
+                stacklevel=4,
+            )
+
+    def _after_close(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        """Post-hook left in place by close(): a step now is not recorded, so say so (once)."""
+        self._steps_after_close += 1
+        if self._steps_after_close == 1:
+            warnings.warn(
+                f"optimizer.step() was called after the recorder of {self.path!r} was closed: this step is not "
+                f"recorded, so the model no longer matches the trajectory's last step θ_{self._durable}; "
+                "explanations of the model as it is now will not be complete",
+                RuntimeWarning,
+                stacklevel=3,
             )
 
     # ------------------------------------------------------------------ lifecycle
     @property
     def num_steps(self) -> int:
-        """Number of optimizer steps recorded so far."""
-        return self._step
+        """Number of optimizer steps recorded so far (durably written; see ``background``)."""
+        return self._durable
 
     def bytes_per_step(self) -> int:
         """Approximate size on disk of one recorded step (parameters + optimizer state)."""
@@ -516,40 +764,112 @@ class TrajectoryRecorder:
             total += p.numel() * itemsize * (1 + len([k for k in self.state_keys if k != "max_exp_avg_sq"]))
         return total
 
+    def modified_since_close(self) -> List[str]:
+        """Parameters changed in place since :meth:`close` (e.g. by a later ``optimizer.step()``),
+        so that the model no longer equals the trajectory's last step."""
+        if not self._closed:
+            return []
+        return [n for n, v in self._param_versions().items() if v != self._closed_versions.get(n)]
+
     def close(self) -> Trajectory:
-        """Stop recording, finalize the manifest and return the :class:`Trajectory`.
+        """Stop recording, wait for pending writes, finalize the manifest and return the trajectory.
 
         Returns:
             *Trajectory*: the recorded run, opened and validated.
+
+        Raises:
+            TrajectoryWriteError: a step failed to be written (the run is marked aborted at it).
         """
         if not self._closed:
             self._close(status="closed")
+        self._raise_unreported()
         return Trajectory.open(self.path)
+
+    def _raise_unreported(self) -> None:
+        """Raise a write failure the training loop has not seen yet (a background write's)."""
+        if self._failure is not None and not self._failure_reported:
+            self._failure_reported = True
+            step, message = self._failure
+            raise TrajectoryWriteError(
+                f"recording to {self.path!r} failed at step {step} ({message}); the trajectory holds the "
+                f"complete steps 1..{step - 1} and is marked aborted at step {step}"
+            )
 
     def _close(self, status: str, extra: Optional[Dict[str, Any]] = None) -> None:
         for h in self._handles:
             h.remove()
         self._closed = True
+        self._writer.close()
+        if self._failure is None and self._writer.error is not None:
+            failed = os.path.basename(self._writer.failed_path or "")
+            self._fail(fmt.parse_step_filename(failed) or self._durable + 1, self._writer.error)
+        self._closed_versions = self._param_versions()
+        self._steps_after_close = 0
+        self._handles = [self.optimizer.register_step_post_hook(self._after_close)]
+        try:
+            self._finish(status, extra)
+        finally:
+            self._lock.release()
+        distributed.barrier()  # every rank's trajectory is rank 0's, complete
+
+    def _finish(self, status: str, extra: Optional[Dict[str, Any]]) -> None:
+        """Warnings and the final manifest of a recording that stops now."""
         if self._pending:
             warnings.warn(
                 f"{len(self._pending)} logged micro-batch(es) were not followed by an optimizer "
                 "step and are not part of the trajectory",
                 RuntimeWarning,
-                stacklevel=3,
+                stacklevel=4,
             )
             self._pending = []
-        changed = self._changed_frozen()
         info = dict(extra or {})
-        info["closed_utc"] = datetime.datetime.now(datetime.timezone.utc).isoformat()
-        if changed:
-            info["frozen_changed"] = changed
+        info["closed_utc"] = _now()
+        if self._failure is not None:
+            step, message = self._failure
+            info.update(self._aborted_info())
+            if self._refused:
+                info["aborted"] += f"; {self._refused} later optimizer step(s) were refused"
             warnings.warn(
-                f"parameters not owned by the optimizer changed during training: {changed}; "
-                "the trajectory stores them only at θ_0, so explanations will not be complete",
+                f"{self.path!r}: the recording failed at step {step} ({message}); it holds the complete steps "
+                f"1..{step - 1}"
+                + (f" and refused {self._refused} later optimizer step(s)" if self._refused else ""),
                 RuntimeWarning,
-                stacklevel=3,
+                stacklevel=4,
             )
-        self._write_manifest(status=status, extra=info)
+        elif self._exists():
+            changed = self._changed_frozen()
+            if changed:
+                info["frozen_changed"] = changed
+                warnings.warn(
+                    f"parameters not owned by the optimizer changed during training: {changed}; "
+                    "the trajectory stores them only at θ_0, so explanations will not be complete",
+                    RuntimeWarning,
+                    stacklevel=4,
+                )
+            stale = [n for n, b in self._buffers.items()
+                     if not torch.equal(b.detach().to("cpu"), self._last_buffers[n])]
+            if stale:
+                info["buffers_changed_after_last_step"] = stale
+                warnings.warn(
+                    f"buffers {stale[:5]} changed after the last recorded step (a training-mode forward after "
+                    "it?); the trajectory holds their values as of that step",
+                    RuntimeWarning,
+                    stacklevel=4,
+                )
+        if self._unbatched:
+            info["steps_without_batch"] = len(self._unbatched)
+        if self._exists():
+            self._write_manifest(status=status, extra=info)
+
+    def _exists(self) -> bool:
+        """Whether this recorder's directory and lock are still there (not deleted under it)."""
+        if self._follower:
+            return False  # rank 0's to check and finalize
+        try:
+            self._lock.check()
+            return True
+        except TrajectoryError:
+            return False
 
     def _changed_frozen(self) -> List[str]:
         if not self.frozen:
@@ -577,8 +897,10 @@ class TrajectoryRecorder:
             return
         if exc_type is None:
             self._close(status="closed")
+            self._raise_unreported()
         else:
             # Training failed: keep every completed step and say so in the manifest.
+            self._failure_reported = True  # the training loop's own exception says what happened
             self._close(status="closed", extra={"aborted": f"{exc_type.__name__}: {exc}"})
 
     def __del__(self) -> None:  # pragma: no cover - best effort, never raise in GC
@@ -586,5 +908,52 @@ class TrajectoryRecorder:
             if not self._closed:
                 for h in self._handles:
                     h.remove()
+                self._writer.close()
+                self._lock.release()
         except Exception:
             pass
+
+
+# ---------------------------------------------------------------------- DDP (torchrun)
+def _gathered(pending: List[fmt.MicroBatch]) -> List[fmt.MicroBatch]:
+    """Every rank's micro-batches of this step, in rank order (DDP averages the ranks' gradients,
+    so each sample's weight is its rank's weight ÷ world size; RNG states travel with them)."""
+    world = distributed.world_size()
+    mine = [(mb.indices, mb.weights, getattr(mb, "rng_state", None), getattr(mb, "cuda_rng_state", None))
+            for mb in pending]
+    out = []
+    for part in distributed.all_gather_objects(mine):
+        for idx, w, rng, cuda_rng in part:
+            mb = fmt.MicroBatch(indices=idx, weights=w / world)
+            if rng is not None or cuda_rng is not None:
+                mb.rng_state, mb.cuda_rng_state = rng, cuda_rng
+            out.append(mb)
+    return out
+
+
+class _FollowerWriter:
+    """A non-writing rank's stand-in for the step writer: a step counts once handed over."""
+
+    error: Optional[BaseException] = None
+    failed_path: Optional[str] = None
+
+    def submit(self, path: str, tensors: Any, metadata: Any, done: Any) -> None:
+        done()
+
+    def close(self) -> None:
+        return None
+
+
+class _FollowerLock:
+    """A non-writing rank holds no lock (rank 0 holds the directory's)."""
+
+    stale: Optional[Dict[str, Any]] = None
+
+    def acquire(self) -> None:
+        return None
+
+    def release(self, *, keep_stale: bool = False) -> None:
+        return None
+
+    def check(self) -> None:
+        return None

@@ -2,19 +2,18 @@
 
 from __future__ import annotations
 
-import json
 import os
-import struct
 import warnings
 from dataclasses import dataclass
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Set, Tuple, Union
 
 import torch
-from safetensors import safe_open
 from torch import nn
 
 from ..errors import MissingOptimizerStateError, TrajectoryCorruptError, TrajectoryError, TrajectoryMismatchError
 from . import format as fmt
+from .reader import SafeFile, TensorInfo, parse_json, read_json
+from .schema import validate_manifest, validate_record
 
 __all__ = ["Trajectory", "ParamSpec", "StepData"]
 
@@ -57,68 +56,68 @@ class StepData:
     state: Dict[str, Dict[str, torch.Tensor]]
 
 
-def _read_header(path: str) -> Tuple[Dict[str, Any], Dict[str, str]]:
-    """Parse a safetensors header and check that the file holds all the bytes it announces."""
-    try:
-        size = os.path.getsize(path)
-        with open(path, "rb") as fh:
-            raw = fh.read(8)
-            if len(raw) < 8:
-                raise ValueError("shorter than a safetensors header")
-            (n,) = struct.unpack("<Q", raw)
-            if n > size - 8:
-                raise ValueError("header length exceeds file size")
-            header = json.loads(fh.read(n).decode("utf-8"))
-    except (OSError, ValueError, UnicodeDecodeError) as err:
-        raise TrajectoryCorruptError(f"{path} is not a readable safetensors file ({err})") from err
-    meta = header.pop("__metadata__", None) or {}
-    end = max((int(v["data_offsets"][1]) for v in header.values()), default=0)
-    if 8 + n + end > size:
-        raise TrajectoryCorruptError(
-            f"{path} is truncated: it announces {8 + n + end} bytes but holds {size}"
-        )
-    return header, meta
-
-
 def _read_manifest(path: str) -> Dict[str, Any]:
     """The manifest of the trajectory directory ``path``, checked to be one this library reads."""
     mpath = os.path.join(path, fmt.MANIFEST)
     if not os.path.isdir(path):
         raise TrajectoryCorruptError(f"no trajectory at {path!r}: not a directory")
-    if not os.path.exists(mpath):
+    if not os.path.lexists(mpath):
         raise TrajectoryCorruptError(f"{path!r} is not a trajectory: {fmt.MANIFEST} is missing")
-    try:
-        with open(mpath, "r", encoding="utf-8") as fh:
-            manifest = json.load(fh)
-    except (OSError, ValueError) as err:
-        raise TrajectoryCorruptError(f"{mpath} is not valid JSON ({err})") from err
+    manifest = read_json(mpath, path)
+    if not isinstance(manifest, dict):
+        raise TrajectoryCorruptError(f"{mpath} is a JSON {type(manifest).__name__}, not a trajectory manifest")
     if manifest.get("format") != fmt.FORMAT_NAME:
         raise TrajectoryCorruptError(f"{mpath} is not a captum_explaind trajectory manifest")
     version = manifest.get("version")
     if not isinstance(version, int) or isinstance(version, bool) or not 1 <= version <= fmt.FORMAT_VERSION:
         raise TrajectoryCorruptError(
-            f"{mpath} has format version {version!r}; this library reads versions <= {fmt.FORMAT_VERSION}"
+            f"{mpath} has format version {version!r:.40}; this library reads versions <= {fmt.FORMAT_VERSION}"
         )
-    for key in ("model", "optimizer"):
-        if key not in manifest:
-            raise TrajectoryCorruptError(f"{mpath} lacks the {key!r} section")
+    validate_manifest(manifest, mpath)
+    if version >= 2:
+        if not isinstance(manifest.get("checksum"), str):
+            raise TrajectoryCorruptError(f"{mpath}: field 'checksum' is missing (format version {version} has one)")
+        if manifest["checksum"] != fmt.manifest_checksum(manifest):
+            raise TrajectoryCorruptError(
+                f"{mpath}: field 'checksum' does not match the manifest's content (the manifest was edited or "
+                "damaged after it was written)"
+            )
     return manifest
 
 
 def _check_initial_file(path: str, manifest: Dict[str, Any]) -> None:
-    """Check that θ_0 exists and holds every parameter of the manifest, with its shape."""
+    """Check that θ_0 exists and holds every parameter and buffer of the manifest, with its
+    shape and dtype, and nothing else."""
     init = os.path.join(path, fmt.INITIAL)
-    if not os.path.exists(init):
+    if not os.path.lexists(init):
         raise TrajectoryCorruptError(f"{path!r} is truncated: {fmt.INITIAL} (θ_0) is missing")
-    header, _ = _read_header(init)
-    for p in manifest["model"]["params"]:
-        key = fmt.PARAM_PREFIX + p["name"]
-        if key not in header:
-            raise TrajectoryCorruptError(f"{init} lacks parameter {p['name']!r}")
-        if list(header[key]["shape"]) != list(p["shape"]):
-            raise TrajectoryCorruptError(
-                f"{init}: parameter {p['name']!r} has shape {header[key]['shape']}, manifest says {p['shape']}"
-            )
+    with SafeFile(init, path) as fh:
+        header = fh.tensors
+        expected = {fmt.PARAM_PREFIX + p["name"]: p for p in manifest["model"]["params"]}
+        expected.update({fmt.BUFFER_PREFIX + b["name"]: b for b in manifest["model"].get("buffers", [])})
+        for key, spec in expected.items():
+            what = "parameter" if key.startswith(fmt.PARAM_PREFIX) else "buffer"
+            if key not in header:
+                raise TrajectoryCorruptError(f"{init} lacks {what} {spec['name']!r}")
+            _check_entry(init, key, header[key], tuple(spec["shape"]), fmt.str_to_dtype(spec["dtype"]), what)
+        extra = sorted(set(header) - set(expected))
+        if extra:
+            raise TrajectoryCorruptError(f"{init} holds tensor {extra[0]!r}, which the manifest does not describe")
+        if manifest["version"] >= 2 and fh.checksums is None:
+            raise TrajectoryCorruptError(f"{init}: metadata 'checksums' is missing")
+
+
+def _check_entry(where: str, key: str, info: TensorInfo, shape: Tuple[int, ...], dtype: Optional[torch.dtype],
+                 what: str) -> None:
+    """A header entry must have the shape (and dtype) the manifest gives, before it is read."""
+    if info.shape != tuple(shape):
+        raise TrajectoryCorruptError(
+            f"{where}: {what} {key.split('/', 1)[-1]!r} has shape {list(info.shape)}, the manifest says {list(shape)}"
+        )
+    if dtype is not None and info.dtype != dtype:
+        raise TrajectoryCorruptError(
+            f"{where}: {what} {key.split('/', 1)[-1]!r} has dtype {info.dtype}, the manifest says {dtype}"
+        )
 
 
 def _count_steps(path: str) -> int:
@@ -129,7 +128,14 @@ def _count_steps(path: str) -> int:
     steps_dir = os.path.join(path, fmt.STEPS_DIR)
     found: List[int] = []
     partial: List[str] = []
-    if os.path.isdir(steps_dir):
+    if os.path.lexists(steps_dir):
+        if not os.path.isdir(steps_dir):
+            raise TrajectoryCorruptError(f"{steps_dir} is not a directory")
+        real, base = os.path.realpath(steps_dir), os.path.realpath(path)
+        if not real.startswith(base.rstrip(os.sep) + os.sep):
+            raise TrajectoryCorruptError(
+                f"{steps_dir} resolves to {real!r}, outside the trajectory directory (another run's steps?)"
+            )
         for name in os.listdir(steps_dir):
             if name.endswith(fmt.TMP_SUFFIX):
                 partial.append(name)
@@ -137,6 +143,11 @@ def _count_steps(path: str) -> int:
             s = fmt.parse_step_filename(name)
             if s is not None:
                 found.append(s)
+            elif fmt.looks_like_step_file(name):
+                raise TrajectoryCorruptError(
+                    f"{os.path.join(steps_dir, name)!r} is named like a step file but not as this library names "
+                    f"them (step_<8+ ASCII digits>.safetensors, e.g. {fmt.step_filename(1)})"
+                )
     found.sort()
     if partial:
         warnings.warn(
@@ -145,14 +156,18 @@ def _count_steps(path: str) -> int:
             RuntimeWarning,
             stacklevel=3,  # attributed to the caller of Trajectory.open
         )
-    if found and found[0] < 1:
-        raise TrajectoryCorruptError(f"{path!r}: invalid step file number {found[0]}")
-    expected = list(range(1, len(found) + 1))
-    if found != expected:
-        missing = sorted(set(range(1, found[-1] + 1)) - set(found))
+    if found and found[-1] != len(found):
+        # the first ten gaps, walking the sorted numbers: no range over an untrusted number is built
+        missing: List[int] = []
+        prev = 0
+        for s in found:
+            while prev + 1 < s and len(missing) < 10:
+                prev += 1
+                missing.append(prev)
+            prev = s
         raise TrajectoryCorruptError(
-            f"{path!r} is missing step(s) {missing[:10]}{'...' if len(missing) > 10 else ''} "
-            f"(found {len(found)} step files up to step {found[-1]}); a trajectory must hold every step"
+            f"{path!r} is missing step(s) {missing}{'...' if len(missing) == 10 else ''} "
+            f"(found {len(found)} step files, numbered up to {found[-1]}); a trajectory must hold every step"
         )
     return len(found)
 
@@ -164,6 +179,9 @@ def _check_step_count(path: str, manifest: Dict[str, Any], n: int) -> None:
     if status == "closed" and declared is not None and int(declared) != n:
         raise TrajectoryCorruptError(
             f"{path!r} is truncated: its manifest records {declared} steps but only {n} step files exist"
+            if int(declared) > n else
+            f"{path!r}: its manifest records {declared} steps but {n} step files exist (a step file from "
+            "another run?)"
         )
     # stacklevel=3: the warnings are attributed to the caller of Trajectory.open
     if status != "closed":
@@ -180,6 +198,27 @@ def _check_step_count(path: str, manifest: Dict[str, Any], n: int) -> None:
             RuntimeWarning,
             stacklevel=3,
         )
+
+
+_BATCH_DTYPES = {fmt.BATCH_INDEX: torch.int64, fmt.BATCH_WEIGHT: torch.float64, fmt.BATCH_MICRO: torch.int32}
+_MAX_RNG_BYTES = 1 << 20
+
+
+def _rng_slot(key: str) -> Optional[int]:
+    """The micro-batch number of an RNG-state tensor name (``None`` for other names)."""
+    for prefix in (fmt.BATCH_RNG, fmt.BATCH_CUDA_RNG):
+        if key.startswith(prefix):
+            digits = key[len(prefix):]
+            return int(digits) if digits.isascii() and digits.isdigit() and len(digits) < 10 else -1
+    return None
+
+
+def _human_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} TB"  # pragma: no cover
 
 
 class Trajectory:
@@ -222,6 +261,8 @@ class Trajectory:
         self.n_groups: int = int(opt["n_groups"])
         self.state_keys: List[str] = list(opt.get("state_keys", []))
         self._buffer_changes: Optional[Dict[str, List[int]]] = None
+        self._bytes_per_step: Optional[float] = None
+        self._buffer_specs = {b["name"]: b for b in manifest["model"].get("buffers", [])}
 
     # ------------------------------------------------------------------ opening
     @classmethod
@@ -230,14 +271,17 @@ class Trajectory:
 
         Args:
             path (str or os.PathLike): directory written by :class:`TrajectoryRecorder`.
-            verify (bool, optional): check every step file's header and size (cheap: no tensor is
-                read), so a truncated or corrupted file is reported now, by name. Default: True
+            verify (bool, optional): check every step file's header, size and record against the
+                manifest (cheap: no tensor is read), so a truncated, corrupted or edited file is
+                reported now, by name. Tensor bytes are checked against their checksums whenever
+                they are read (and all at once by :meth:`check_integrity`). Default: True
 
         Returns:
             *Trajectory*: the run, with ``num_steps`` complete steps.
 
         Raises:
-            TrajectoryCorruptError: not a trajectory, unreadable manifest or files, missing steps.
+            TrajectoryCorruptError: not a trajectory, unreadable manifest or files, missing steps,
+                a file or field that contradicts the manifest (naming the file and the field).
         """
         path = os.fspath(path)
         manifest = _read_manifest(path)
@@ -246,36 +290,133 @@ class Trajectory:
         _check_step_count(path, manifest, n)
         traj = cls(path, manifest, n)
         if verify:
+            previous: Optional[Dict[str, Any]] = None
             for s in range(1, n + 1):
-                traj._check_step_file(s)
+                record = traj._check_step_file(s)
+                traj._check_step_counts(s, previous, record)
+                previous = record
         return traj
 
     def _step_path(self, step: int) -> str:
         return os.path.join(self.path, fmt.STEPS_DIR, fmt.step_filename(step))
 
-    def _check_step_file(self, step: int) -> None:
-        path = self._step_path(step)
-        header, meta = _read_header(path)
-        if "record" not in meta:
-            raise TrajectoryCorruptError(f"{path} lacks its step record metadata")
+    def _check_step_file(self, step: int) -> Dict[str, Any]:
+        """Check step ``step``'s header and record against the manifest; return the record."""
+        with SafeFile(self._step_path(step), self.path) as fh:
+            obj = self._parse_record(fh, step)
+            self._check_step_tensors(fh, obj)
+        return obj
+
+    def _check_step_tensors(self, fh: SafeFile, obj: Dict[str, Any]) -> None:
+        """Every tensor of a step file must be one the manifest describes, with its shape/dtype."""
+        where, header = fh.path, fh.tensors
+        buffers = {b["name"]: b for b in self.manifest["model"].get("buffers", [])}
+        n_micro = obj.get("n_micro") or 0
+        for key, info in header.items():
+            if key.startswith(fmt.PARAM_PREFIX) and key[len(fmt.PARAM_PREFIX):] in self.trainable:
+                spec = self.spec[key[len(fmt.PARAM_PREFIX):]]
+                _check_entry(where, key, info, spec.shape, spec.dtype, "parameter")
+            elif key.startswith(fmt.STATE_PREFIX) and "/" in key[len(fmt.STATE_PREFIX):]:
+                name, skey = key[len(fmt.STATE_PREFIX):].rsplit("/", 1)
+                if name not in self.trainable or skey not in self.state_keys:
+                    raise TrajectoryCorruptError(f"{where} holds optimizer state {key!r} the manifest does not record")
+                _check_entry(where, key, info, self.spec[name].shape, None, "optimizer state")
+                if not info.dtype.is_floating_point:
+                    raise TrajectoryCorruptError(f"{where}: optimizer state {key!r} has dtype {info.dtype}")
+            elif key.startswith(fmt.BUFFER_PREFIX) and key[len(fmt.BUFFER_PREFIX):] in buffers:
+                b = buffers[key[len(fmt.BUFFER_PREFIX):]]
+                _check_entry(where, key, info, tuple(b["shape"]), fmt.str_to_dtype(b["dtype"]), "buffer")
+            elif key in _BATCH_DTYPES:
+                n = header[fmt.BATCH_INDEX].shape if fmt.BATCH_INDEX in header else None
+                if info.dtype != _BATCH_DTYPES[key] or len(info.shape) != 1 or info.shape != n:
+                    raise TrajectoryCorruptError(
+                        f"{where}: {key!r} is {list(info.shape)} {info.dtype}; expected a vector of "
+                        f"{_BATCH_DTYPES[key]} as long as {fmt.BATCH_INDEX!r}"
+                    )
+            elif _rng_slot(key) is not None:
+                i = _rng_slot(key) or 0
+                if info.dtype != torch.uint8 or len(info.shape) != 1 or info.shape[0] > _MAX_RNG_BYTES:
+                    raise TrajectoryCorruptError(f"{where}: {key!r} is not an RNG state (a uint8 vector)")
+                if not 0 <= i < n_micro:
+                    raise TrajectoryCorruptError(f"{where}: {key!r} names micro-batch {i} of {n_micro}")
+            else:
+                raise TrajectoryCorruptError(f"{where} holds tensor {key!r}, which the manifest does not describe")
         for name in self.trainable:
-            key = fmt.PARAM_PREFIX + name
-            if key not in header:
-                raise TrajectoryCorruptError(f"{path} lacks trainable parameter {name!r}")
-            if tuple(header[key]["shape"]) != self.spec[name].shape:
-                raise TrajectoryCorruptError(f"{path}: parameter {name!r} has the wrong shape {header[key]['shape']}")
+            if fmt.PARAM_PREFIX + name not in header:
+                raise TrajectoryCorruptError(f"{where} lacks trainable parameter {name!r}")
+        if self.manifest["version"] >= 2 and fh.checksums is None:
+            raise TrajectoryCorruptError(f"{where}: metadata 'checksums' is missing")
+
+    def _check_step_counts(self, step: int, previous: Optional[Dict[str, Any]], record: Dict[str, Any]) -> None:
+        """Adam's per-parameter step counts move by one exactly when the parameter had a gradient."""
+        if previous is None:
+            return
+        before, now = previous.get("state_step") or {}, record.get("state_step") or {}
+        inactive = set(record.get("inactive") or [])
+        for name, count in now.items():
+            if name in before:
+                expected = before[name] + (0 if name in inactive else 1)
+                if count != expected:
+                    raise TrajectoryCorruptError(
+                        f"{self._step_path(step)}: field 'state_step' gives {name!r} the count {count}, but it was "
+                        f"{before[name]} after step {step - 1} (expected {expected})"
+                    )
+
+    def _parse_record(self, fh: SafeFile, step: int) -> Dict[str, Any]:
+        """The JSON record of ``step`` from its open file, checksum-verified and validated."""
+        where = fh.path
+        text = fh.metadata.get("record")
+        if text is None:
+            raise TrajectoryCorruptError(f"{where} lacks its step record metadata")
+        if self.manifest["version"] >= 2:
+            crc = fh.metadata.get("record_checksum")
+            if crc is None:
+                raise TrajectoryCorruptError(f"{where}: metadata 'record_checksum' is missing")
+            if crc != fmt.text_checksum(text):
+                raise TrajectoryCorruptError(
+                    f"{where}: the step record fails its checksum (metadata 'record' was edited or damaged)"
+                )
+        obj = parse_json(text, f"{where}: step record")
+        index = fh.tensors.get(fmt.BATCH_INDEX)
+        n_entries = index.shape[0] if index is not None and len(index.shape) == 1 else 0
+        validate_record(obj, step=step, manifest=self.manifest, trainable=self.trainable, n_entries=n_entries,
+                        where=where)
+        return obj
 
     # ------------------------------------------------------------------ description
     def __len__(self) -> int:
         return self.num_steps
 
+    @property
+    def bytes_per_step(self) -> float:
+        """Mean size on disk of one step file, in bytes (0 for a run without steps)."""
+        if self._bytes_per_step is None:
+            total = sum(os.path.getsize(self._step_path(s)) for s in range(1, self.num_steps + 1))
+            self._bytes_per_step = total / self.num_steps if self.num_steps else 0.0
+        return self._bytes_per_step
+
     def __repr__(self) -> str:
         n_train = sum(self.spec[n].numel for n in self.trainable)
+        try:
+            size = f", {_human_bytes(self.bytes_per_step)}/step"
+        except OSError:  # a step file vanished since open()
+            size = ""
         return (
             f"Trajectory({self.path!r}, steps={self.num_steps}, optimizer={self.optimizer_class} "
             f"[{self.family}], trainable={len(self.trainable)} tensors / {n_train} values, "
-            f"frozen={len(self.frozen)})"
+            f"frozen={len(self.frozen)}{size})"
         )
+
+    def check_integrity(self) -> None:
+        """Read every tensor of θ_0 and of every step and verify its checksum (format version 2).
+
+        Raises:
+            TrajectoryCorruptError: naming the first file and tensor whose bytes changed.
+        """
+        for s in range(0, self.num_steps + 1):
+            with self._open(s) as fh:
+                for key in list(fh.keys()):
+                    fh.get(key)
 
     @property
     def status(self) -> str:
@@ -329,6 +470,12 @@ class Trajectory:
                 "which was not recorded"
             )
         mbufs = dict(model.named_buffers())
+        unrecorded = [n for n in mbufs if n not in self._buffer_specs]
+        if unrecorded:
+            raise TrajectoryMismatchError(
+                f"model does not match trajectory {self.path!r}: the model has buffer {unrecorded[0]!r}, "
+                "which was not recorded"
+            )
         for b in self.manifest["model"].get("buffers", []):
             if b["name"] not in mbufs:
                 raise TrajectoryMismatchError(
@@ -348,19 +495,24 @@ class Trajectory:
         if not lo <= step <= self.num_steps:
             raise TrajectoryError(f"step {step} is outside the trajectory (valid: {lo}..{self.num_steps})")
 
-    def _open(self, step: int):
+    def _open(self, step: int) -> SafeFile:
         path = os.path.join(self.path, fmt.INITIAL) if step == 0 else self._step_path(step)
-        try:
-            return safe_open(path, framework="pt", device="cpu")
-        except Exception as err:  # safetensors raises several error types
-            raise TrajectoryCorruptError(f"cannot read {path}: {err}") from err
+        return SafeFile(path, self.path)
 
-    @staticmethod
-    def _get(fh: Any, key: str, where: str) -> torch.Tensor:
-        try:
-            return fh.get_tensor(key)
-        except Exception as err:
-            raise TrajectoryCorruptError(f"cannot read {key!r} from {where}: {err}") from err
+    def _get(self, fh: SafeFile, key: str) -> torch.Tensor:
+        """Tensor ``key`` of an open file, its header entry checked against the manifest first."""
+        info = fh.tensors.get(key)
+        if info is None:
+            raise TrajectoryCorruptError(f"cannot read {key!r} from {fh.path}: the file lacks it")
+        name = key.split("/", 1)[-1]
+        if key.startswith(fmt.PARAM_PREFIX) and name in self.spec:
+            _check_entry(fh.path, key, info, self.spec[name].shape, self.spec[name].dtype, "parameter")
+        elif key.startswith(fmt.STATE_PREFIX) and name.rsplit("/", 1)[0] in self.spec:
+            _check_entry(fh.path, key, info, self.spec[name.rsplit("/", 1)[0]].shape, None, "optimizer state")
+        elif key.startswith(fmt.BUFFER_PREFIX) and name in self._buffer_specs:
+            b = self._buffer_specs[name]
+            _check_entry(fh.path, key, info, tuple(b["shape"]), fmt.str_to_dtype(b["dtype"]), "buffer")
+        return fh.get(key)
 
     def params(
         self,
@@ -388,13 +540,12 @@ class Trajectory:
 
     def _read_params(self, fh: Any, step: int, names: Sequence[str]) -> Dict[str, torch.Tensor]:
         """Parameters ``names`` of ``step`` from its open file ``fh``, as stored (not cast)."""
-        where = fmt.INITIAL if step == 0 else fmt.step_filename(step)
-        return {n: self._get(fh, fmt.PARAM_PREFIX + n, where) for n in names}
+        return {n: self._get(fh, fmt.PARAM_PREFIX + n) for n in names}
 
     def frozen_params(self, *, device: Any = None, dtype: Optional[torch.dtype] = None) -> Dict[str, torch.Tensor]:
         """Parameters the optimizer did not own, as stored with θ_0."""
         with self._open(0) as fh:
-            return {n: self._cast(self._get(fh, fmt.PARAM_PREFIX + n, fmt.INITIAL), device, dtype) for n in self.frozen}
+            return {n: self._cast(self._get(fh, fmt.PARAM_PREFIX + n), device, dtype) for n in self.frozen}
 
     def buffers(self, step: int, *, device: Any = None, dtype: Optional[torch.dtype] = None) -> Dict[str, torch.Tensor]:
         """Buffers (e.g. BatchNorm statistics) in effect right after ``step``."""
@@ -403,9 +554,8 @@ class Trajectory:
         out = {}
         for name in self.buffer_names:
             last = max([s for s in changes.get(name, []) if s <= step], default=0)
-            where = fmt.INITIAL if last == 0 else fmt.step_filename(last)
             with self._open(last) as fh:
-                out[name] = self._cast(self._get(fh, fmt.BUFFER_PREFIX + name, where), device, dtype)
+                out[name] = self._cast(self._get(fh, fmt.BUFFER_PREFIX + name), device, dtype)
         return out
 
     def buffer_steps(self) -> List[int]:
@@ -417,7 +567,8 @@ class Trajectory:
             changes: Dict[str, List[int]] = {}
             if self.buffer_names:
                 for s in range(1, self.num_steps + 1):
-                    header, _ = _read_header(self._step_path(s))
+                    with self._open(s) as fh:
+                        header = list(fh.keys())
                     for key in header:
                         if key.startswith(fmt.BUFFER_PREFIX):
                             changes.setdefault(key[len(fmt.BUFFER_PREFIX):], []).append(s)
@@ -462,7 +613,7 @@ class Trajectory:
         for n in names:
             k = f"{fmt.STATE_PREFIX}{n}/{key}"
             if k in keys:
-                out[n] = self._cast(self._get(fh, k, fmt.step_filename(step)), device, dtype)
+                out[n] = self._cast(self._get(fh, k), device, dtype)
         return out
 
     def record(self, step: int) -> fmt.StepRecord:
@@ -472,44 +623,54 @@ class Trajectory:
             obj, batches = self._read_record_parts(fh, step, set(fh.keys()))
         return self._make_record(step, obj, batches)
 
-    def _read_record_parts(self, fh: Any, step: int, keys: Set[str]) -> Tuple[Dict[str, Any], List[fmt.MicroBatch]]:
+    def _read_record_parts(self, fh: SafeFile, step: int, keys: Set[str]) -> Tuple[Dict[str, Any],
+                                                                                   List[fmt.MicroBatch]]:
         """The JSON step record and the micro-batches of ``step`` from its open file ``fh``
-        (whose tensor names are ``keys``)."""
-        where = self._step_path(step)
-        meta = fh.metadata() or {}
-        if "record" not in meta:
-            raise TrajectoryCorruptError(f"{where} lacks its step record metadata")
-        try:
-            obj = json.loads(meta["record"])
-        except ValueError as err:
-            raise TrajectoryCorruptError(f"{where}: step record is not valid JSON ({err})") from err
-        n_micro = int(obj.get("n_micro", 0))
-        if n_micro and fmt.BATCH_INDEX in keys:
-            rng = {i: self._get(fh, f"{fmt.BATCH_RNG}{i}", where) for i in range(n_micro)
-                   if f"{fmt.BATCH_RNG}{i}" in keys}
-            cuda_rng = {i: self._get(fh, f"{fmt.BATCH_CUDA_RNG}{i}", where) for i in range(n_micro)
-                        if f"{fmt.BATCH_CUDA_RNG}{i}" in keys}
-            batches = fmt.unpack_batches(
-                self._get(fh, fmt.BATCH_INDEX, where),
-                self._get(fh, fmt.BATCH_WEIGHT, where),
-                self._get(fh, fmt.BATCH_MICRO, where),
-                n_micro,
-                rng,
-                cuda_rng,
+        (whose tensor names are ``keys``), checked."""
+        obj = self._parse_record(fh, step)
+        return obj, self._read_batches(fh, obj)
+
+    def _read_batches(self, fh: SafeFile, obj: Dict[str, Any]) -> List[fmt.MicroBatch]:
+        """The micro-batches of a step file whose record ``obj`` is validated (``n_micro`` is
+        bounded by the file's entries or by ``micro_sizes``)."""
+        where, header = fh.path, fh.tensors
+        n_micro = obj.get("n_micro") or 0
+        if not n_micro:
+            return []
+        for key, dtype in _BATCH_DTYPES.items():
+            info = header.get(key)
+            if info is None or info.dtype != dtype or info.shape != header[fmt.BATCH_INDEX].shape:
+                raise TrajectoryCorruptError(f"{where}: {key!r} is missing or not a {dtype} vector as long as "
+                                             f"{fmt.BATCH_INDEX!r} (the record announces {n_micro} micro-batches)")
+        index, weight, micro = (fh.get(k) for k in _BATCH_DTYPES)
+        if index.dim() != 1:
+            raise TrajectoryCorruptError(f"{where}: {fmt.BATCH_INDEX!r} is not a vector")
+        if index.numel() and int(index.min()) < 0:
+            raise TrajectoryCorruptError(f"{where}: field {fmt.BATCH_INDEX!r} holds a negative dataset index")
+        if not bool(torch.isfinite(weight).all()):
+            raise TrajectoryCorruptError(f"{where}: field {fmt.BATCH_WEIGHT!r} holds non-finite weights")
+        if micro.numel() and (int(micro.min()) < 0 or int(micro.max()) >= n_micro
+                              or bool((micro[1:] < micro[:-1]).any())):
+            raise TrajectoryCorruptError(
+                f"{where}: field {fmt.BATCH_MICRO!r} is not a non-decreasing micro-batch number below n_micro={n_micro}"
             )
-        else:
-            batches = []
-        return obj, batches
+        counts = torch.bincount(micro.to(torch.int64), minlength=n_micro).tolist()
+        sizes = obj.get("micro_sizes")
+        if sizes is not None and counts != sizes:
+            raise TrajectoryCorruptError(f"{where}: field 'micro_sizes' {sizes[:8]} does not match {fmt.BATCH_MICRO!r}")
+        rng: Dict[int, torch.Tensor] = {}
+        cuda_rng: Dict[int, torch.Tensor] = {}
+        for key in header:
+            slot = _rng_slot(key)
+            if slot is not None:
+                if not 0 <= slot < n_micro:
+                    raise TrajectoryCorruptError(f"{where}: {key!r} names micro-batch {slot} of {n_micro}")
+                (cuda_rng if key.startswith(fmt.BATCH_CUDA_RNG) else rng)[slot] = fh.get(key)
+        return fmt.unpack_batches(index, weight, counts, rng, cuda_rng)
 
     def _make_record(self, step: int, obj: Dict[str, Any], batches: List[fmt.MicroBatch]) -> fmt.StepRecord:
-        """The :class:`StepRecord` of ``step`` from its parts, checked against this trajectory."""
-        where = self._step_path(step)
-        rec = fmt.StepRecord.from_json(obj, batches)
-        if rec.step != step:
-            raise TrajectoryCorruptError(f"{where} holds the record of step {rec.step}, not {step}")
-        if len(rec.lr) != self.n_groups:
-            raise TrajectoryCorruptError(f"{where}: {len(rec.lr)} learning rates for {self.n_groups} parameter groups")
-        return rec
+        """The :class:`StepRecord` of ``step`` from its validated parts."""
+        return fmt.StepRecord.from_json(obj, batches)
 
     def records(self) -> Iterator[fmt.StepRecord]:
         """Iterate over the records of steps 1..num_steps."""
