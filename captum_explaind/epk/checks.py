@@ -340,18 +340,10 @@ def check_model_state(model: nn.Module, traj: "Trajectory") -> None:
     The explanation always uses the recorded θ_0..θ_N; a live model whose parameters or buffers
     differ from the last recorded step was trained (or changed) after the recording ended — or is
     another instance — and the numbers explain the recording, not it. A model still at θ_0 (an
-    untrained instance of the architecture) is accepted silently. Buffers of the model that the
-    trajectory does not hold (their live value would be used at every step) are named too.
+    untrained instance of the architecture) is accepted silently.
     """
     live_p = {n: p for n, p in model.named_parameters()}
-    live_b = {n: b for n, b in model.named_buffers()}
-    unrecorded = [n for n in live_b if n not in set(traj.buffer_names)]
-    if unrecorded:
-        warn(
-            f"the model has buffer(s) {unrecorded[:_SHOW]} that trajectory {traj.path!r} does not hold: their "
-            "current values are used at every step; record with this model (the recorder stores every buffer)",
-            ModelMismatchWarning,
-        )
+    live_b = {n: b for n, b in model.named_buffers()}  # names and shapes: Trajectory.validate checked them
     names = [n for n in traj.trainable if n in live_p]
     final = traj.params(traj.num_steps, names)
     final.update({n: t for n, t in traj.frozen_params().items() if n in live_p})  # stored once, with θ_0
