@@ -79,8 +79,8 @@ class ConvergenceWarning(ExplaindWarning, RuntimeWarning):
 
 
 class ModelMismatchWarning(ExplaindWarning):
-    """The live model differs from the recording's last step θ_N (trained after the recording
-    ended, or another instance), or has buffers the trajectory does not hold."""
+    """The live model's parameters or buffers differ from the recording's last step θ_N (trained
+    after the recording ended, or another instance)."""
 
 
 class ResidualWarning(ExplaindWarning):

@@ -104,6 +104,9 @@ CASES = {
         InvalidInputError, r"train_dataset / loss_fn"),
     "a-loss-class-instead-of-a-loss": Case(lambda c: TrainingDataInfluence(c.model, c.traj, c.ds, nn.CrossEntropyLoss),
                                            TypeError, r"loss_fn is the class CrossEntropyLoss.*instance"),
+    "train_subset-of-ten-million": Case(
+        lambda c: PredictionSimilarity(c.model, c.traj, c.ds, NLL).attribute(c.x, target=0, train_subset=range(10**7)),
+        ValueError, r"train_subset must be a sequence of at most 24"),
     # ---- layer and parameter selections
     "layers-empty-mapping": Case(lambda c: ParameterInfluence(c.model, c.traj).attribute(c.x, target=0, layers={}),
                                  ValueError, r"layers is an empty mapping"),
@@ -128,6 +131,11 @@ CASES = {
     "trajectory-an-int": Case(lambda c: ExactPathKernel(c.model, 3), TypeError, r"trajectory must be a Trajectory"),
     "trajectory-none-in-a-view": Case(lambda c: ParameterInfluence(c.model, None), TypeError,
                                       r"trajectory must be a Trajectory"),
+    "gauss-nodes-a-million": Case(lambda c: ExactPathKernel(c.model, c.traj, nodes=10**6), ValueError,
+                                  r"nodes=1000000 is more than 128 for quadrature='gauss'"),
+    "midpoint-nodes-a-hundred-thousand": Case(
+        lambda c: StepInfluence(c.model, c.traj, quadrature="midpoint", nodes=10**5), ValueError,
+        r"nodes=100000 is more than 10000 for quadrature='midpoint'"),
     "target-a-float": Case(lambda c: ParameterInfluence(c.model, c.traj).attribute(c.x, target=0.5),
                            TypeError, r"target must be None, an int.*got float"),
     "target-a-string": Case(lambda c: StepInfluence(c.model, c.traj).attribute(c.x, target="cat"),

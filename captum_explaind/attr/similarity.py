@@ -121,6 +121,8 @@ class PredictionSimilarity(EPKAttribution):
             mask = self.epk.layout.mask(names, dtype=self.epk.dtype, device=self.epk.device)
         subset = None
         if train_subset is not None:
+            if not hasattr(train_subset, "__len__") or len(train_subset) > len(self.train):  # before any list()
+                raise ValueError(f"train_subset must be a sequence of at most {len(self.train)} training-set indices")
             subset = torch.as_tensor(list(train_subset), dtype=torch.int64)
             if subset.numel() == 0 or int(subset.min()) < 0 or int(subset.max()) >= len(self.train):
                 raise ValueError(f"train_subset must hold indices in 0..{len(self.train) - 1}")

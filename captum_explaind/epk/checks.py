@@ -69,14 +69,14 @@ __all__ = [
 #: wrong training set or loss leaves a residual of the order of the change itself.
 RESIDUAL_WARN_RATIO = 1e-2
 
-_PKG_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_PKG_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
 
 
 def warn(message: str, category: type) -> None:
     """``warnings.warn`` pointing at the user's call: the first frame outside this package and
     Captum (whose ``log_usage`` decorator wraps the public methods)."""
     captum = getattr(sys.modules.get("captum"), "__file__", None)  # looked up now: imported after us
-    skip = (_PKG_DIR, os.path.dirname(os.path.abspath(captum))) if captum else (_PKG_DIR,)
+    skip = (_PKG_DIR, os.path.dirname(os.path.abspath(captum)) + os.sep) if captum else (_PKG_DIR,)
     level, frame = 2, sys._getframe(1)  # stacklevel 2 is the caller of warn()
     while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(skip):
         frame = frame.f_back  # type: ignore[assignment]
@@ -340,18 +340,10 @@ def check_model_state(model: nn.Module, traj: "Trajectory") -> None:
     The explanation always uses the recorded θ_0..θ_N; a live model whose parameters or buffers
     differ from the last recorded step was trained (or changed) after the recording ended — or is
     another instance — and the numbers explain the recording, not it. A model still at θ_0 (an
-    untrained instance of the architecture) is accepted silently. Buffers of the model that the
-    trajectory does not hold (their live value would be used at every step) are named too.
+    untrained instance of the architecture) is accepted silently.
     """
     live_p = {n: p for n, p in model.named_parameters()}
-    live_b = {n: b for n, b in model.named_buffers()}
-    unrecorded = [n for n in live_b if n not in set(traj.buffer_names)]
-    if unrecorded:
-        warn(
-            f"the model has buffer(s) {unrecorded[:_SHOW]} that trajectory {traj.path!r} does not hold: their "
-            "current values are used at every step; record with this model (the recorder stores every buffer)",
-            ModelMismatchWarning,
-        )
+    live_b = {n: b for n, b in model.named_buffers()}  # names and shapes: Trajectory.validate checked them
     names = [n for n in traj.trainable if n in live_p]
     final = traj.params(traj.num_steps, names)
     final.update({n: t for n, t in traj.frozen_params().items() if n in live_p})  # stored once, with θ_0
@@ -418,6 +410,28 @@ def _negative_loss(view: Any) -> Optional[float]:
     return low if low < 0 else None
 
 
+def _unreplayed_dropout(view: Any) -> List[str]:
+    """Dropout modules that trained in train mode when the recording has no RNG state to replay them."""
+    traj = view.epk.trajectory
+    names = list((traj.manifest.get("training_modes") or {}).get("dropout") or [])
+    if not names:
+        return []
+    try:
+        batches = traj.record(1).batches
+    except Exception:  # a diagnostic only
+        return []
+    return names if batches and getattr(batches[0], "rng_state", None) is None else []
+
+
+def _groups_partition(view: Any) -> bool:
+    """Whether the view's parameter groups (``layers=``) cover every trainable parameter exactly
+    once — only then is its residual the part of the updates the replay does not explain."""
+    slices = [(sl.start, sl.stop) for group in getattr(view, "group_slices", [[slice(0, 0)]]) for sl in group]
+    covered = sorted(slices)
+    total = view.epk.layout.total
+    return len(set(covered)) == len(covered) and sum(b - a for a, b in covered) == total
+
+
 def check_data_result(view: Any, result: "DataDecomposition") -> None:
     """Non-finite scores are an error; a residual large against the change is a warning that
     names the inputs, the numbers and the likely cause."""
@@ -426,6 +440,8 @@ def check_data_result(view: Any, result: "DataDecomposition") -> None:
         if not bool(torch.isfinite(t).all()):
             rows = (~torch.isfinite(t.reshape(t.shape[0], -1)).all(dim=1)).nonzero().reshape(-1).tolist()
             raise NonFiniteError(f"the data view's {name} are NaN or infinite for input(s) {_list(rows)}")
+    if not _groups_partition(view):
+        return  # with layer groups that leave parameters out (or overlap), the residual holds those too
     res, change = result.residual.detach().cpu(), result.change.detach().cpu()
     floor = 1e-6 * (1.0 + float(change.abs().max()) if change.numel() else 1.0)
     bad = (res.abs() > RESIDUAL_WARN_RATIO * change.abs() + floor).nonzero().reshape(-1).tolist()
@@ -436,7 +452,11 @@ def check_data_result(view: Any, result: "DataDecomposition") -> None:
     worst = sorted(mismatch.items(), key=lambda kv: -kv[1])[:3]
     grads_off = bool(worst) and worst[0][1] > 1e-3
     neg = _negative_loss(view)
-    if neg is not None:
+    masks = _unreplayed_dropout(view)
+    if masks:
+        cause = (f"dropout module(s) {masks[:_SHOW]} trained in train mode and the recording holds no RNG states, so "
+                 "their masks are not replayed (record with record_rng=True, or train without dropout)")
+    elif neg is not None:
         cause = (f"The loss_fn returns negative losses (as low as {neg:.3g}) on training samples: most likely a "
                  "negative log-likelihood of raw logits (nll_loss on a model trained with cross_entropy) — pass "
                  "the loss training used")

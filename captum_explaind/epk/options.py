@@ -31,6 +31,9 @@ from .quadrature import RULES, quadrature_rule
 __all__ = ["EPKOptions", "PRESETS", "PER_SAMPLE", "TRAIN_GRADS", "resolve_options"]
 
 PER_SAMPLE = ("auto", "vmap", "loop")
+#: Most nodes per rule: Gauss–Legendre gains nothing past round-off at ~100 nodes, and a fixed grid
+#: of more than 10,000 points is a typo (each node is a pass over the inputs at every step).
+MAX_NODES = {"gauss": 128, "midpoint": 10_000, "left": 10_000}
 #: how per-sample *training* gradients are computed (see :mod:`captum_explaind.epk.train_grads`)
 TRAIN_GRADS = ("auto", "independent", "coupled")
 
@@ -113,6 +116,11 @@ class EPKOptions:
         if self.quadrature not in RULES:
             raise ValueError(f"unknown quadrature {self.quadrature!r}; choose one of {RULES}")
         _check_int("nodes", self.nodes, 1)
+        if self.nodes > MAX_NODES[self.quadrature]:  # before building the rule: leggauss(n) is an n×n eigenproblem
+            raise ValueError(
+                f"nodes={self.nodes} is more than {MAX_NODES[self.quadrature]} for quadrature={self.quadrature!r}; "
+                "use error control (refinement splits steps where they need it) instead of more fixed nodes"
+            )
         quadrature_rule(self.quadrature, self.nodes)  # validates nodes for the rule
         if self.error_control is not None and not isinstance(self.error_control, bool):
             raise TypeError(f"error_control must be a bool or None, got {self.error_control!r}")
