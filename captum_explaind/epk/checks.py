@@ -453,7 +453,12 @@ def check_data_result(view: Any, result: "DataDecomposition") -> None:
     grads_off = bool(worst) and worst[0][1] > 1e-3
     neg = _negative_loss(view)
     masks = _unreplayed_dropout(view)
-    if masks:
+    norms = list((view.epk.trajectory.manifest.get("training_modes") or {}).get("batch_norm") or [])
+    if norms and getattr(getattr(view, "grads", None), "name", "") == "independent":
+        cause = (f"normalization module(s) {norms[:_SHOW]} trained with batch statistics, but the per-sample "
+                 "gradients were computed independently (train_grads='independent'): use the default, which "
+                 "replays each recorded micro-batch as training saw it")
+    elif masks:
         cause = (f"dropout module(s) {masks[:_SHOW]} trained in train mode and the recording holds no RNG states, so "
                  "their masks are not replayed (record with record_rng=True, or train without dropout)")
     elif neg is not None:
