@@ -24,7 +24,6 @@ import argparse
 import multiprocessing as mp
 import os
 import time
-from dataclasses import replace
 from typing import Any, Dict, List
 
 CANDIDATES: List[Dict[str, Any]] = [
@@ -92,8 +91,9 @@ def run_one(args: tuple) -> Dict[str, Any]:
 
 def _row(r: Dict[str, Any]) -> str:
     f = lambda v: "–" if v is None else f"{v:,}"  # noqa: E731
-    return (f"| {r['index']} | {r['seed']} | {r['p']} | {r['n_train']} / {r['n_test']} | {r['d_model']}, {r['n_heads']}, "
-            f"{r['d_mlp']} | {r['lr']:g}, {r['weight_decay']:g} | {f(r['train100'])} | {f(r['test99'])} | "
+    return (f"| {r['index']} | {r['seed']} | {r['p']} | {r['n_train']} / {r['n_test']} | "
+            f"{r['d_model']}, {r['n_heads']}, {r['d_mlp']} | {r['lr']:g}, {r['weight_decay']:g} | "
+            f"{f(r['train100'])} | {f(r['test99'])} | "
             f"{f(r['test100'])} | {r['steps']:,} | {100 * r['final_test']:.1f} % | {r['seconds']:.0f} |")
 
 

@@ -111,7 +111,7 @@ class GrokConfig:
 
     @classmethod
     def small(cls, **overrides: Any) -> "GrokConfig":
-        """A CPU-sized configuration that groks in about a minute on 2 cores (found by ``benchmarks/grokking_search.py``).
+        """A CPU-sized configuration that groks in about a minute on 2 cores (``benchmarks/grokking_search.py``).
 
         p = 37 (666 pairs ``a > b``, 566 training / 100 test), d = 32 with 2 heads of 16, MLP 128,
         full-batch AdamW with lr 1e-2 and weight decay 1.0 (the paper's betas), at most 4,000 steps.
