@@ -25,3 +25,23 @@ def test_demo_writes_figures_and_summary(tmp_path, capsys):
     assert "kernel = the change the loss gradients caused" in capsys.readouterr().out
     for name, value in study.deltas().items():
         assert value == value, name  # finite, printed
+
+
+def test_case_study_plots():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import torch
+
+    from captum_explaind import visualization as viz
+
+    fig, axes = viz.plot_stage_grid(torch.randn(3, 4, 5), titles=["a", "b", "c"])
+    assert len(axes) == 3 and axes[0].get_title() == "a"
+    fig, ax = viz.plot_ordered_influence(torch.randn(2, 3), torch.tensor([1, 0]), torch.tensor([2, 0, 1]))
+    assert ax.images[0].get_array().shape == (2, 3)
+    with pytest.raises(ValueError, match="do not match"):
+        viz.plot_ordered_influence(torch.randn(2, 3), torch.tensor([1, 0]), torch.tensor([0, 1]))
+    fig, ax = viz.plot_coefficients({"cos 5": 0.1, "cos 7": -0.3, "sin 2": 0.01}, k=2)
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["cos 7", "cos 5"]
+    with pytest.raises(ValueError, match="at least one"):
+        viz.plot_stage_grid([])

@@ -64,7 +64,9 @@ def findings(run: Any, balance: Any = None, layers: Any = None, samples: Any = N
         leader = names[int(share[early].mean(0).argmax())]
         out.append(Finding(
             "Memorization is led by the decoder layer (Fig. 3a right).",
-            f"decoder share of the importance up to step {mem}: {dec:.1%}; leading layer there: {leader}",
+            f"decoder share of the importance up to step {mem}"
+            f"{'' if h.first_step('train_acc', 1.0) else ' (training accuracy never reached 100 %: the whole run)'}"
+            f": {dec:.1%}; leading layer there: {leader}",
             leader == "decoder", "the decoder has the largest mean share in the windows up to memorization"))
         mid = _windows_in(layers.windows, mem, grok)
         mids = [i for i, n in enumerate(names) if n in MIDDLE]

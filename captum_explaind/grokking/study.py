@@ -184,5 +184,5 @@ def run_study(path: Union[str, os.PathLike], config: GrokConfig, settings: Optio
     study.swap = _timed(study, "Fig. 3b swap", lambda: swap_layers(run, show_progress=verbose), verbose)
     if st.retrain:
         study.retrain = _timed(study, "Fig. 7 retrain", lambda: retrain_with(
-            run, max_steps=st.retrain_steps, show_progress=verbose), verbose)
+            run, max_steps=st.retrain_steps, show_progress=verbose, device=device), verbose)
     return study

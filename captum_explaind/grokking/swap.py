@@ -9,7 +9,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Union
 
 import torch
 from torch import nn
@@ -130,7 +130,7 @@ ATTENTION = ("attention encoder", "attention decoder")
 
 def retrain_with(run: GrokRun, keep: Sequence[Sequence[str]] = (ATTENTION, ATTENTION + ("linear 1",)),
                  freeze: bool = True, seed: Optional[int] = None, level: float = 1.0, max_steps: Optional[int] = None,
-                 show_progress: bool = False) -> RetrainResult:
+                 show_progress: bool = False, device: Union[str, torch.device] = "cpu") -> RetrainResult:
     """Retrain from a fresh initialization with layer groups of θ_N kept (Fig. 3b right, 7, 8).
 
     Args:
@@ -143,6 +143,7 @@ def retrain_with(run: GrokRun, keep: Sequence[Sequence[str]] = (ATTENTION, ATTEN
         level (float): test accuracy counted as generalized. Default: 1.0
         max_steps (int, optional): budget per variant; ``None``: the original run's length + 50 %.
         show_progress (bool): progress bars. Default: False
+        device (str or torch.device): where to train. Default: "cpu"
 
     Returns:
         *RetrainResult*
@@ -161,7 +162,7 @@ def retrain_with(run: GrokRun, keep: Sequence[Sequence[str]] = (ATTENTION, ATTEN
                 if n in names:
                     prm.copy_(final[n])
         r = train(None, cfg, data=run.data, model=model, freeze=tuple(names) if freeze else (),
-                  show_progress=show_progress)
+                  show_progress=show_progress, device=device)
         variants.append("from scratch" if not kept else "grokked " + " + ".join(kept))
         kept_all.append(list(kept))
         stg.append(r.history.first_step("test_acc", level))
