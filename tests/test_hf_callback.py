@@ -163,3 +163,14 @@ def test_resume_from_checkpoint_appends_to_the_recording(tmp_path):
 def test_trajectory_before_training_is_a_clear_error(tmp_path):
     with pytest.raises(RuntimeError, match="training has not started"):
         _ = TrajectoryCallback(tmp_path / "t").trajectory
+
+
+def test_bad_recorder_options_are_named_when_the_callback_is_created(tmp_path):
+    """Before the Trainer starts: an unknown option and an invalid value each raise, naming it."""
+    with pytest.raises(TypeError, match=r"no option\(s\) \['bogus'\]"):
+        TrajectoryCallback(tmp_path / "a", bogus=1)
+    with pytest.raises(ValueError, match="store_dtype"):
+        TrajectoryCallback(tmp_path / "b", store_dtype="half")
+    with pytest.raises(ValueError, match="overwrite=True .* or resume=True"):
+        TrajectoryCallback(tmp_path / "c", overwrite=True, resume=True)
+    assert not (tmp_path / "a").exists()  # nothing was created

@@ -16,6 +16,7 @@ Example::
 from __future__ import annotations
 
 import datetime
+import inspect
 import json
 import os
 import warnings
@@ -156,6 +157,14 @@ def _check_options(model: Any, path: Any, *, reduction: Any, store_dtype: Any, r
     """The recorder's arguments, each refused by name when it is not what it must be."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    _check_values(path, reduction=reduction, store_dtype=store_dtype, record_rng=record_rng, resume=resume,
+                  overwrite=overwrite, background=background, check_finite=check_finite,
+                  record_optimizer_state=record_optimizer_state)
+
+
+def _check_values(path: Any, *, reduction: Any, store_dtype: Any, record_rng: Any, resume: Any,
+                  overwrite: Any, background: Any, check_finite: Any, record_optimizer_state: Any) -> None:
+    """The checks of :func:`_check_options` that need no model (shared with ``check_options``)."""
     if reduction not in ("mean", "sum"):
         raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
     if store_dtype is not None and not (isinstance(store_dtype, torch.dtype) and store_dtype.is_floating_point):
@@ -248,6 +257,30 @@ class TrajectoryRecorder:
     :class:`TrajectoryWriteError` naming the first failure, and the manifest marks the run
     aborted at that step, so no later step can be recorded under a wrong number.
     """
+
+    @classmethod
+    def check_options(cls, path: Union[str, os.PathLike], **options: Any) -> None:
+        """Refuse, by name, options the recorder does not take or whose values are invalid — before
+        any model or optimizer exists (e.g. when a training callback is created, not when training
+        has started).
+
+        Args:
+            path (str or os.PathLike): the trajectory directory.
+            **options: keyword arguments of :class:`TrajectoryRecorder` (besides model, optimizer, path).
+
+        Raises:
+            TypeError: an option the recorder does not take, or a flag that is not a bool.
+            ValueError: an option value the recorder would refuse.
+        """
+        params = inspect.signature(cls.__init__).parameters
+        takes = [n for n, p in params.items() if p.kind is inspect.Parameter.KEYWORD_ONLY]
+        unknown = sorted(set(options) - set(takes))
+        if unknown:
+            raise TypeError(f"TrajectoryRecorder takes no option(s) {unknown}; its options are {takes}")
+        values = {n: options.get(n, params[n].default) for n in
+                  ("reduction", "store_dtype", "record_rng", "resume", "overwrite", "background",
+                   "check_finite", "record_optimizer_state")}
+        _check_values(path, **values)
 
     def __init__(
         self,

@@ -125,6 +125,8 @@ class TrajectoryCallback(TrainerCallback):
     """
 
     def __init__(self, path: Union[str, os.PathLike], **recorder_options: Any) -> None:
+        # Bad options are named now, not after the Trainer has started training.
+        TrajectoryRecorder.check_options(path, **recorder_options)
         self.path = os.fspath(path)
         self.recorder_options = dict(recorder_options)
         self.recorder: Optional[TrajectoryRecorder] = None
