@@ -6,7 +6,9 @@ group of one — every function here is the identity and nothing changes. The he
 
 * :func:`active`, :func:`rank`, :func:`world_size`, :func:`is_writer` — where this process stands;
 * :func:`shard` — the contiguous, balanced part of a sequence (steps, input rows) a rank owns;
-* :func:`all_reduce_sum_` / :func:`all_reduce_max` — combining per-rank partial results, in place;
+* :func:`all_reduce_sum_` / :func:`all_reduce_max` / :func:`all_reduce_max_` — combining per-rank
+  partial results, in place;
+* :func:`all_gather_shards_` — every rank's :func:`shard` of a tensor's rows, filled in on every rank;
 * :func:`all_gather_objects` / :func:`gather_indices` / :func:`broadcast_object` — small Python
   payloads (micro-batch indices of a ``DistributedSampler`` run, counters).
 
@@ -22,7 +24,7 @@ import torch
 import torch.distributed as dist
 
 __all__ = ["active", "rank", "world_size", "is_writer", "shard", "all_reduce_sum_", "all_reduce_max",
-           "all_gather_objects", "gather_indices", "broadcast_object", "barrier", "check_same"]
+           "all_reduce_max_", "all_gather_shards_", "all_gather_objects", "gather_indices", "broadcast_object", "barrier", "check_same"]
 
 T = TypeVar("T")
 
@@ -98,6 +100,42 @@ def all_reduce_max(value: int) -> int:
     t = torch.tensor([value], dtype=torch.int64)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return int(t.item())
+
+
+def all_reduce_max_(t: torch.Tensor) -> None:
+    """Elementwise maximum of ``t`` over the ranks, in place (a no-op outside a process group)."""
+    if not active() or not t.numel():
+        return
+    buf = t.to(_comm_device(t))
+    dist.all_reduce(buf, op=dist.ReduceOp.MAX)
+    t.copy_(buf.to(t.device))
+
+
+def all_gather_shards_(t: torch.Tensor, dim: int = 0) -> None:
+    """Fill in, on every rank, the rows of ``t`` (along ``dim``) the other ranks own.
+
+    Each rank holds valid values only in its own :func:`shard` of ``range(t.shape[dim])``; after
+    the call every rank holds every rank's part (the others' values are overwritten). One
+    ``all_gather`` of the largest part: a rank sends its rows only, not the whole tensor, so this
+    costs half an all-reduce of ``t`` (and is exact: nothing is added).
+    """
+    if not active():
+        return
+    n, world = t.shape[dim], world_size()
+    parts = [shard(range(n), r, world) for r in range(world)]
+    size = max(len(p) for p in parts)
+    if size == 0:
+        return
+    moved = t.movedim(dim, 0)  # a view: writing into it writes t
+    mine = parts[rank()]
+    send = torch.zeros((size,) + moved.shape[1:], dtype=t.dtype, device=_comm_device(t))
+    if mine:
+        send[: len(mine)] = moved[mine[0] : mine[-1] + 1]
+    recv = [torch.empty_like(send) for _ in range(world)]
+    dist.all_gather(recv, send)
+    for r, p in enumerate(parts):
+        if p and r != rank():
+            moved[p[0] : p[-1] + 1] = recv[r][: len(p)].to(t.device)
 
 
 def all_gather_objects(obj: Any) -> List[Any]:

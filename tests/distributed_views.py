@@ -8,8 +8,10 @@ each rank writes ``OUT_PREFIX.rank<r>.pt``).
 
 from __future__ import annotations
 
+import contextlib
 import sys
-from typing import Dict
+import warnings
+from typing import Dict, Iterator, List
 
 import torch
 from torch import nn
@@ -26,6 +28,25 @@ from captum_explaind import (
 
 def nll(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return nn.functional.nll_loss(out, y, reduction="none")
+
+
+@contextlib.contextmanager
+def counted_train_grads() -> Iterator[List[int]]:
+    """Count the per-sample training gradients computed inside (the data view's dominant work)."""
+    from captum_explaind.epk import train_grads
+
+    counts: List[int] = []
+    original = train_grads.per_sample_loss_grads
+
+    def counted(fm, train, loss_fn, theta, indices, *args, **kwargs):
+        counts.append(int(len(indices)))
+        return original(fm, train, loss_fn, theta, indices, *args, **kwargs)
+
+    train_grads.per_sample_loss_grads = counted
+    try:
+        yield counts
+    finally:
+        train_grads.per_sample_loss_grads = original
 
 
 def all_views(model: nn.Module, traj, X: torch.Tensor, Y: torch.Tensor, n_test: int = 5,
@@ -54,7 +75,9 @@ def all_views(model: nn.Module, traj, X: torch.Tensor, Y: torch.Tensor, n_test: 
     out["steps.delta"] = steps.delta
     train = TensorDataset(X, Y)
     tdi = TrainingDataInfluence(model, traj, train, nll, **options)
-    d = tdi.explain(x, target=y)
+    with counted_train_grads() as train_work:
+        d = tdi.explain(x, target=y)
+    out["data.train_work"] = torch.tensor(sum(train_work))
     for k in ("scores", "regularization", "residual", "change", "delta"):
         out[f"data.{k}"] = getattr(d, k)
     out["data.grad_scale"] = torch.tensor(list(d.grad_scale.values()))
@@ -63,8 +86,39 @@ def all_views(model: nn.Module, traj, X: torch.Tensor, Y: torch.Tensor, n_test: 
     one = tdi.explain(x[:1], target=y[:1])
     out["data_one.scores"] = one.scores
     out["data_one.grad_scale"] = torch.tensor(list(one.grad_scale.values()))
+    # application windows (momentum carries credit across them: the sweep runs past the first),
+    # parameter groups, and the forward-mode training side (split by test rows, not samples)
+    da = tdi.explain(x, target=y, steps=[range(2, 4), range(6, traj.num_steps + 1)], layers=["fc1", "fc2"])
+    for k in ("scores", "regularization", "residual"):
+        out[f"data_app.{k}"] = getattr(da, k)
+    jv = TrainingDataInfluence(model, traj, train, nll, train_jvp=True, **options).explain(x, target=y)
+    for k in ("scores", "residual"):
+        out[f"data_jvp.{k}"] = getattr(jv, k)
     sim = PredictionSimilarity(model, traj, train, nll, **options).explain(x, target=y, steps=range(2, traj.num_steps))
     out["similarity.gram"] = sim.gram
+    return out
+
+
+def bn_views(traj_path: str, data_path: str) -> Dict[str, torch.Tensor]:
+    """The data view of a train-mode BatchNorm run (coupled per-sample gradients: each rank takes a
+    share of every micro-batch's Jacobian rows), per-sample and forward mode."""
+    from captum_explaind import Trajectory
+    from captum_explaind.errors import ModelMismatchWarning
+
+    from test_batchnorm_data_view import BNNet
+
+    X, Y = torch.load(data_path)
+    traj = Trajectory.open(traj_path)
+    out: Dict[str, torch.Tensor] = {}
+    warnings.filterwarnings("ignore", category=ModelMismatchWarning)  # a fresh instance of the architecture
+    tdi = TrainingDataInfluence(BNNet().double(), traj, TensorDataset(X, Y))
+    d = tdi.explain(X[:3] + 0.1, target=1)
+    assert d.train_grads == "coupled", d.train_grads
+    for k in ("scores", "regularization", "residual", "buffers", "delta"):
+        out[f"bn.{k}"] = getattr(d, k)
+    jv = TrainingDataInfluence(BNNet().double(), traj, TensorDataset(X, Y), train_jvp=True).explain(X[:3] + 0.1,
+                                                                                                     target=1)
+    out["bn_jvp.scores"] = jv.scores
     return out
 
 
@@ -134,6 +188,8 @@ def main(argv) -> None:
         out["world_size"] = torch.tensor(distributed.world_size())
         torch.save(out, f"{prefix}.rank{distributed.rank()}.pt")
         ExactPathKernel._integrate = original
+        if len(argv) > 5:  # a BatchNorm run: the coupled training side, split
+            torch.save(bn_views(argv[4], argv[5]), f"{prefix}.bn.rank{distributed.rank()}.pt")
         # DDP on a DistributedSampler: one trajectory on disk; then the data view of it, sharded
         ddp_path = f"{prefix}.ddp"
         ddp_train_and_record(ddp_path, X[:20], Y[:20])

@@ -118,8 +118,22 @@ def launched(recorded, tmp_path_factory):
     out = tmp_path_factory.mktemp("ranks")
     data = out / "data.pt"
     torch.save((X, Y), data)
-    torchrun(HERE / "distributed_views.py", str(path), str(data), str(out / "out"))
+    bn_path, bn_data = bn_recorded(out)
+    torchrun(HERE / "distributed_views.py", str(path), str(data), str(out / "out"), str(bn_path), str(bn_data))
     return out
+
+
+def bn_recorded(out: Path):
+    """A train-mode BatchNorm run (the data view's coupled training side) and its data on disk."""
+    from test_batchnorm_data_view import BNNet, record
+
+    torch.manual_seed(0)
+    X = torch.randn(16, 1, 5, 5, dtype=torch.float64)
+    Y = torch.randint(0, 3, (16,))
+    path = out / "bn"
+    record(BNNet().double(), X, Y, path)
+    torch.save((X, Y), out / "bn_data.pt")
+    return path, out / "bn_data.pt"
 
 
 @pytest.mark.slow
@@ -127,17 +141,27 @@ def test_every_view_under_torchrun_equals_one_process(recorded, launched):
     model, traj, X, Y, path = recorded
     want, total = _views_in_one_process(model, traj, X, Y)
     tmp_path = launched
-    work = []
+    work, train_work = [], []
+    total_train = int(want.pop("data.train_work"))
     for r in range(2):
         got = torch.load(tmp_path / f"out.rank{r}.pt")
         assert int(got.pop("world_size")) == 2
         work.append(int(got.pop("work")))
+        train_work.append(int(got.pop("data.train_work")))
         assert int(got.pop("mismatch")) == 1  # different inputs per rank: the named error, on every rank
         alone = ExactPathKernel(model, traj).reconstruct(X[r : r + 2]).kernel
         assert_equal_results({"alone.kernel": got.pop("alone")}, {"alone.kernel": alone})
         assert_equal_results(got, want)
+    # BatchNorm in train mode: coupled per-sample gradients, split over each micro-batch's rows
+    from distributed_views import bn_views
+
+    bn_want = bn_views(str(tmp_path / "bn"), str(tmp_path / "bn_data.pt"))
+    for r in range(2):
+        assert_equal_results(torch.load(tmp_path / f"out.bn.rank{r}.pt"), bn_want)
     # each rank integrated its own part: (step, input) pairs add up to one process's, split ~evenly
     assert sum(work) == total and max(work) <= 0.6 * total, (work, total)
+    # and its share of every step's training samples: per-sample gradients add up, split ~evenly
+    assert sum(train_work) == total_train and max(train_work) <= 0.6 * total_train, (train_work, total_train)
     # the comparison can fail: a rank's share alone is not the result
     half = dict(want)
     half["data.scores"] = want["data.scores"].clone()

@@ -26,15 +26,23 @@ the optimizer saw. Weight decay enters through the same accumulators (coupled) o
 (decoupled). Whatever the recorded update holds beyond the replayed kernel and regularization
 parts — the residual ``E_i`` — is reported separately:
 ``Σ_i φ_i·Δ_i − Σ_k scores − regularization``, which equals ``Σ_i φ_i·E_i`` exactly.
+
+Under ``torchrun`` both sides are split over the ranks, step by step: each rank integrates its
+block of the test inputs (φ, the accumulators, T and the regularization of those rows); the rows
+of ``T_i`` are all-gathered; each rank projects its share of step i's training samples on all of
+them, and the replayed batch gradient behind ``c_i`` is all-reduced. Every (input, sample, step)
+score is then computed on exactly one rank, and the engine sums them at the end. (A forward-mode
+step, whose cost is per direction, is split by the rows of ``T`` instead, with nothing to gather.)
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import TYPE_CHECKING, Callable, Dict, List, Optional, Union
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Tuple, Union
 
 import torch
 
+from .. import distributed
 from . import checks
 from .batch import Batch
 from .integrands import VjpIntegrand
@@ -71,10 +79,12 @@ class DataView(ViewBase):
             or coupled through train-mode batch statistics when the recording shows them).
     """
 
-    # Split over blocks of test inputs (the accumulators are per input); the training side's
-    # measured gradient scales are the same on every rank.
+    # Split over blocks of test inputs (the accumulators are per input) and, per step, over the
+    # step's training samples (see the module docstring); the measured gradient scales are the
+    # same on every rank. A rank without test inputs still takes its share of the samples.
     shard_sum = ("scores", "regularization", "path", "exact", "buffers")
     shard_copy = ("grad_scale",)
+    splits_training = True
     replays_training = True  # needs every optimizer step (no keep_every)
     label = "data view"
 
@@ -126,6 +136,18 @@ class DataView(ViewBase):
         self._phi: Optional[torch.Tensor] = None
         self._tiny = torch.finfo(dt).eps * 1e-3
         self.group_names = None if groups is None else list(groups)
+        # The test side (φ, accumulators, T) holds rows lo..hi only: all of them, or this rank's
+        # block when the engine splits the sweep over the ranks (shard_rows).
+        self._split = False
+        self._lo, self._hi = 0, n
+
+    def shard_rows(self, rows: range) -> None:
+        """The engine splits the sweep over the ranks; this rank integrates test inputs ``rows``."""
+        self._split = True
+        self._lo, self._hi = rows.start, max(rows.start, rows.stop)
+
+    def _zeros_rows(self) -> torch.Tensor:
+        return torch.zeros(self._hi - self._lo, self.epk.layout.total, dtype=self.epk.dtype, device=self.epk.device)
 
     @property
     def per_input_vectors(self) -> int:
@@ -151,12 +173,13 @@ class DataView(ViewBase):
 
     def integrand(self, seg: Segment, chunk: Chunk) -> VjpIntegrand:
         if self._phi is None:
-            self._phi = torch.zeros(self.n, self.epk.layout.total, dtype=self.epk.dtype, device=self.epk.device)
+            self._phi = self._zeros_rows()
+        lo = self._lo
 
         def sink(rows: torch.Tensor, payload: torch.Tensor) -> None:
             phi = self._phi
             assert phi is not None  # set above for this step; end_step() clears it
-            phi.index_add_(0, rows, payload)
+            phi.index_add_(0, rows - lo, payload)
 
         return VjpIntegrand(self.epk.functional, seg, chunk, self.target, sink)
 
@@ -167,11 +190,13 @@ class DataView(ViewBase):
         ephi = phi = None
         if integrated:
             phi = self._phi
-            assert phi is not None  # integrand() created it for this integrated step
+            if phi is None:  # a rank with no test inputs of its own (the sweep is split): nothing integrated
+                assert self._split and self._hi == self._lo
+                phi = self._zeros_rows()
             self._phi = None
             pre = co.precond if co.precond is not None else 1.0
             ephi = co.lr * pre * phi  # η_s D_s φ_s
-            self.path += phi @ seg.delta
+            self.path[self._lo : self._hi] += phi @ seg.delta
         # --- test side: accumulators and T_s for every window that can still receive credit
         T: Dict[int, torch.Tensor] = {}
         if self.indexing == "application":
@@ -185,10 +210,11 @@ class DataView(ViewBase):
                 fresh = co.e * ephi
                 self._acc[w0] = fresh if w0 not in self._acc else self._acc[w0] + fresh
                 z_term = co.z * ephi
+            sizes = self._acc_sizes()
             for w, acc in list(self._acc.items()):
-                peak = max(self._peak.get(w, 0.0), float(acc.abs().max()))
+                peak = max(self._peak.get(w, 0.0), sizes[w])
                 self._peak[w] = peak
-                if w != w0 and s < self.windows[w].start and float(acc.abs().max()) <= self._tiny * peak:
+                if w != w0 and s < self.windows[w].start and sizes[w] <= self._tiny * peak:
                     del self._acc[w]  # decayed below round-off: nothing earlier can reach it
                     continue
                 T[w] = co.h * acc + (z_term if w == w0 else 0.0)
@@ -209,14 +235,24 @@ class DataView(ViewBase):
         if bool((co.decay_coupled != 0).any()):
             lt = co.decay_coupled * theta_prev
             for w, t in T.items():
-                self.regularization[:, w] -= t @ lt
+                self.regularization[self._lo : self._hi, w] -= t @ lt
         if integrated and bool((co.decay_decoupled != 0).any()):
             w_app = self.window_of.get(s)
             if w_app is not None:
                 assert phi is not None  # set above: the step is integrated
-                self.regularization[:, w_app] -= (co.lr * phi) @ (co.decay_decoupled * theta_prev)
+                self.regularization[self._lo : self._hi, w_app] -= (co.lr * phi) @ (co.decay_decoupled * theta_prev)
         if T:
             self._score_batch(seg, T)
+
+    def _acc_sizes(self) -> Dict[int, float]:
+        """``max |A^W|`` over all test inputs, per window (over every rank's rows when split, so
+        that all ranks drop a decayed window, and stop, at the same step)."""
+        if not self._acc:
+            return {}
+        sizes = torch.stack([acc.abs().amax() if acc.numel() else acc.new_zeros(()) for acc in self._acc.values()])
+        if self._split:
+            distributed.all_reduce_max_(sizes)
+        return dict(zip(self._acc, sizes.tolist()))
 
     def run(self, batch: Batch, show_progress: Optional[bool] = None) -> SweepStats:
         """The reverse sweep over the steps that can contribute to the windows."""
@@ -250,13 +286,33 @@ class DataView(ViewBase):
         rec, s = seg.record, seg.step
         windows = list(T)
         # σ enters every per-sample term: fold it into T once.
-        Ts = torch.stack([T[w] * seg.coeffs.sign for w in windows])  # [Wa, n, P]
-        Wa, n, P = Ts.shape
-        idx, dots, g_rep = self.grads.project(rec, seg.theta0, Ts.reshape(Wa * n, P), self.group_slices)  # at θ_{s−1}
+        Ts = torch.stack([T[w] * seg.coeffs.sign for w in windows])  # [Wa, rows lo..hi, P]
+        idx, dots, rows, g_rep = self._project(rec, seg.theta0, Ts)  # at θ_{s−1}
         c = measured_grad_scale(rec, g_rep, seg.coeffs.active)
         checks.note_replay(self, rec, g_rep * seg.coeffs.active, c)
         self.grad_scale[s] = c
-        contrib = -c * dots.reshape(Wa, n, dots.shape[1], dots.shape[2])  # [Wa, n, m, G]
+        contrib = -c * dots  # [Wa, rows, m, G]
         target_idx = idx.to(self.scores.device)
         for k, w in enumerate(windows):
-            self.scores[:, :, w, :].index_add_(1, target_idx, contrib[k])
+            self.scores[rows, :, w, :].index_add_(1, target_idx, contrib[k])
+
+    def _project(self, rec: Any, theta: torch.Tensor, Ts: torch.Tensor
+                 ) -> Tuple[torch.Tensor, torch.Tensor, slice, torch.Tensor]:
+        """Step ``rec``'s training side against ``Ts`` ``[Wa, rows lo..hi, P]``: ``(indices [m],
+        dots [Wa, r, m, G], the test rows r they score, replayed gradient)``; split over the ranks
+        when the sweep is (see the module docstring)."""
+        Wa, _, P = Ts.shape
+        if self._split and self.grads.splits_samples(rec):
+            # every rank needs every row of T against its share of the samples
+            full = Ts.new_zeros(Wa, self.n, P)
+            full[:, self._lo : self._hi] = Ts
+            distributed.all_gather_shards_(full, dim=1)
+            part = (distributed.rank(), distributed.world_size())
+            idx, dots, g_rep = self.grads.project(rec, theta, full.reshape(Wa * self.n, P), self.group_slices,
+                                                  part=part)
+            distributed.all_reduce_sum_([g_rep])
+            return idx, dots.reshape(Wa, self.n, *dots.shape[1:]), slice(0, self.n), g_rep
+        # one process, or a forward-mode step (its work is per direction): this rank's rows, all samples
+        r = self._hi - self._lo
+        idx, dots, g_rep = self.grads.project(rec, theta, Ts.reshape(Wa * r, P), self.group_slices)
+        return idx, dots.reshape(Wa, r, *dots.shape[1:]), slice(self._lo, self._hi), g_rep

@@ -427,10 +427,14 @@ class ExactPathKernel:
         self._plan = self._memory_plan(batch, view)
         sharded = self._shardable(batch, view, sorted(todo))
         # In a process group each rank takes a contiguous block of the inputs: the accumulators
-        # are per input, so the blocks never interact and the results add up.
+        # are per input, so the blocks never interact and the results add up. A view that also
+        # splits each step's training side (``splits_training``) needs every rank at every step.
         chunks = self._rank_chunks(batch) if sharded else self.chunks(batch)
+        if sharded and hasattr(view, "shard_rows"):
+            rows = distributed.shard(range(batch.n))
+            view.shard_rows(range(rows[0], rows[-1] + 1) if rows else range(0, 0))
         log = _SweepLog(sorted(todo), batch.n, self.dtype)
-        if sharded and not chunks:
+        if sharded and not chunks and not getattr(view, "splits_training", False):
             self._plan = None
             _reduce_view(view, log)
             return log.finish(self.options.max_depth, self.options.max_evaluations)

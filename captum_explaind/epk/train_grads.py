@@ -29,6 +29,12 @@ the buffers that moved during training, else the live model) or from
   ``[D, P]`` per parameter group, plus the replayed gradient (what the data view needs; a
   forward-mode computer can answer it without ever forming ``W``).
 
+Both take ``part=(index, count)``: only that share of the step's gradients (the data view under
+``torchrun`` splits each step's training samples over the ranks — independent samples, or the
+rows of each micro-batch's Jacobian — and adds up the replayed gradient); the shares of all
+``count`` parts are disjoint and cover the step. :meth:`TrainGrads.splits_samples` says whether a
+step can be split that way.
+
 Adding a computer: subclass :class:`TrainGrads`, implement :meth:`~TrainGrads.weighted_grads`
 (and :meth:`~TrainGrads.project` if it can do better than projecting them), and add its name to
 :func:`select_train_grads` and ``options.TRAIN_GRADS``.
@@ -45,6 +51,7 @@ import torch
 from torch import nn
 from torch.func import vjp, vmap
 
+from .. import distributed
 from .._compat import functorch_friendly
 from ..recording.format import MicroBatch, StepRecord
 from .functional import FunctionalModel
@@ -181,21 +188,29 @@ class TrainGrads:
     def _chunk(self, m: int) -> int:
         return sample_chunk(self.train_batch_size, m, self.fm.layout.total, self.fm.dtype)
 
-    def weighted_grads(self, rec: StepRecord, theta: torch.Tensor, what: str = "data view"
-                       ) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
+    def weighted_grads(self, rec: StepRecord, theta: torch.Tensor, what: str = "data view",
+                       part: Optional[Tuple[int, int]] = None) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
         """``(indices [m], W [m, P])`` with ``W[r] = w_r ∇_θ ℓ_r(θ)``, the gradient at ``theta`` of
-        sample ``indices[r]``'s weighted loss in step ``rec`` (see the module docstring)."""
+        sample ``indices[r]``'s weighted loss in step ``rec`` (see the module docstring); with
+        ``part=(index, count)`` only that share of them."""
         raise NotImplementedError
 
+    def splits_samples(self, rec: StepRecord) -> bool:
+        """Whether :meth:`project` of step ``rec`` can be split by ``part`` (over its samples)."""
+        return True
+
     def project(self, rec: StepRecord, theta: torch.Tensor, directions: torch.Tensor,
-                group_slices: Sequence[Sequence[slice]], what: str = "data view"
-                ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                group_slices: Sequence[Sequence[slice]], what: str = "data view",
+                part: Optional[Tuple[int, int]] = None) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Weighted per-sample gradients projected on ``directions``.
 
         Args:
             rec (StepRecord): the step. theta (Tensor): θ_{i−1}, [P].
             directions (Tensor): [D, P] test-side vectors.
             group_slices (list of list of slice): parameter groups (slices of the flat θ).
+            part (tuple[int, int], optional): ``(index, count)``: only share ``index`` of
+                ``count`` of the step's gradients (and their part of the replayed gradient).
+                Default: all
 
         Returns:
             *tuple[Tensor, Tensor, Tensor]*: ``indices [m]``, ``dots [D, m, G]`` with
@@ -204,13 +219,17 @@ class TrainGrads:
         """
         g_rep = torch.zeros(self.fm.layout.total, dtype=self.fm.dtype, device=self.fm.device)
         idx, dots = [], []
-        for indices, W in self.weighted_grads(rec, theta, what):
+        G = len(group_slices)
+        for indices, W in self.weighted_grads(rec, theta, what, part):
             g_rep += W.sum(0)
             dots.append(torch.stack(
                 [sum((directions[:, gs] @ W[:, gs].T for gs in group),
                      torch.zeros(directions.shape[0], W.shape[0], dtype=W.dtype, device=W.device))
                  for group in group_slices], dim=-1))
             idx.append(indices)
+        if not idx:  # an empty share (fewer samples than parts)
+            return (torch.zeros(0, dtype=torch.int64),
+                    torch.zeros(directions.shape[0], 0, G, dtype=directions.dtype, device=directions.device), g_rep)
         return torch.cat(idx), torch.cat(dots, dim=1), g_rep
 
 
@@ -220,9 +239,12 @@ class IndependentGrads(TrainGrads):
 
     name = "independent"
 
-    def weighted_grads(self, rec: StepRecord, theta: torch.Tensor, what: str = "data view"
-                       ) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
+    def weighted_grads(self, rec: StepRecord, theta: torch.Tensor, what: str = "data view",
+                       part: Optional[Tuple[int, int]] = None) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
         uniq, weights = step_samples(rec, what, self.fm.device, self.fm.dtype)
+        if part is not None:  # a contiguous share of the step's distinct samples
+            lo, hi = _share(len(uniq), part)
+            uniq, weights = uniq[lo:hi], weights[lo:hi]
         size = self._chunk(len(uniq))
         for start in range(0, len(uniq), size):
             sl = slice(start, start + size)
@@ -247,14 +269,19 @@ class CoupledGrads(TrainGrads):
         self.modes = modes if modes is not None else TrainingModes()
         self._loop = False  # vmap over the one-hot cotangents failed once: loop from then on
 
-    def weighted_grads(self, rec: StepRecord, theta: torch.Tensor, what: str = "data view"
-                       ) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
+    def weighted_grads(self, rec: StepRecord, theta: torch.Tensor, what: str = "data view",
+                       part: Optional[Tuple[int, int]] = None) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
         step_samples(rec, what, self.fm.device, self.fm.dtype)  # the named error for a step without samples
         for mb in rec.batches:
             if mb.indices.numel() == 0:
                 continue
             w = mb.weights.to(device=self.fm.device, dtype=self.fm.dtype)
-            for rows, J in self.jacobian(mb, theta):
+            # a share of each micro-batch's Jacobian rows: every part runs the (coupled) forward,
+            # and only its own vector–Jacobian products
+            share = None if part is None else _share(int(mb.indices.numel()), part)
+            if share is not None and share[0] == share[1]:
+                continue
+            for rows, J in self.jacobian(mb, theta, share):
                 yield mb.indices[rows.cpu()], w[rows].unsqueeze(1) * J
 
     def loss_vector(self, flat: torch.Tensor, mb: MicroBatch, batch: Any, target: Any) -> torch.Tensor:
@@ -265,8 +292,10 @@ class CoupledGrads(TrainGrads):
         with _rng_replayed(mb, fm.device) as replay, training_forward(fm.module, self.modes, replay):
             return self.loss_fn(batch.call(fm.module, params), target)
 
-    def jacobian(self, mb: MicroBatch, theta: torch.Tensor) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
-        """``(rows, J[rows])`` chunks of the Jacobian ``∂ℓ_r/∂θ`` [B, P] of micro-batch ``mb``."""
+    def jacobian(self, mb: MicroBatch, theta: torch.Tensor, share: Optional[Tuple[int, int]] = None
+                 ) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
+        """``(rows, J[rows])`` chunks of the Jacobian ``∂ℓ_r/∂θ`` [B, P] of micro-batch ``mb``
+        (only rows ``share = (lo, hi)`` when given)."""
         batch, target = self.train.batch(mb.indices)
         B = batch.n
         with functorch_friendly():
@@ -275,9 +304,10 @@ class CoupledGrads(TrainGrads):
             if losses.shape != (B,):
                 raise ValueError(f"loss_fn must return one loss per sample ([{B}]), got {tuple(losses.shape)}")
             eye = torch.eye(B, dtype=losses.dtype, device=losses.device)
-            size = self._chunk(B)
-            for start in range(0, B, size):
-                rows = torch.arange(start, min(B, start + size), device=losses.device)
+            lo, hi = (0, B) if share is None else share
+            size = self._chunk(hi - lo)
+            for start in range(lo, hi, size):
+                rows = torch.arange(start, min(hi, start + size), device=losses.device)
                 yield rows, self._rows(pull, eye[rows])
 
     def _rows(self, pull: Callable, cotangents: torch.Tensor) -> torch.Tensor:
@@ -327,6 +357,12 @@ def select_train_grads(epk: "ExactPathKernel", train: TrainingSet, loss_fn: Call
     if choice == "coupled":
         return CoupledGrads(epk.functional, train, loss_fn, size, modes)
     raise ValueError(f"train_grads must be 'auto', 'independent' or 'coupled', got {choice!r}")
+
+
+def _share(m: int, part: Tuple[int, int]) -> Tuple[int, int]:
+    """``(lo, hi)``: the contiguous share ``part = (index, count)`` of ``m`` items (:func:`distributed.shard`)."""
+    rows = distributed.shard(range(m), *part)
+    return (rows[0], rows[-1] + 1) if rows else (0, 0)
 
 
 def _has_rng_states(epk: "ExactPathKernel") -> bool:

@@ -168,19 +168,31 @@ class ForwardModeGrads(TrainGrads):
         self.inner.train_batch_size = size
         return size
 
-    def weighted_grads(self, rec: StepRecord, theta: torch.Tensor, what: str = "data view"
-                       ) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
+    def weighted_grads(self, rec: StepRecord, theta: torch.Tensor, what: str = "data view",
+                       part: Optional[Tuple[int, int]] = None) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
         self._sync()
-        return self.inner.weighted_grads(rec, theta, what)
+        return self.inner.weighted_grads(rec, theta, what, part)
+
+    def _forward_step(self, rec: StepRecord, what: str = "data view") -> bool:
+        epk = self.epk
+        uniq, _ = step_samples(rec, what, epk.device, epk.dtype)
+        return use_train_jvp(epk.options.train_jvp, len(uniq), epk.layout.total, epk.dtype, epk.train_grad_bytes)
+
+    def splits_samples(self, rec: StepRecord) -> bool:
+        """Per-sample steps split over their samples; forward-mode ones do not (their cost is per
+        direction: a caller splits the directions instead)."""
+        return not self._forward_step(rec)
 
     def project(self, rec: StepRecord, theta: torch.Tensor, directions: torch.Tensor,
-                group_slices: Sequence[Sequence[slice]], what: str = "data view"
-                ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                group_slices: Sequence[Sequence[slice]], what: str = "data view",
+                part: Optional[Tuple[int, int]] = None) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         size = self._sync()
         epk = self.epk
         uniq, weights = step_samples(rec, what, epk.device, epk.dtype)
-        if not use_train_jvp(epk.options.train_jvp, len(uniq), epk.layout.total, epk.dtype, epk.train_grad_bytes):
-            return self.inner.project(rec, theta, directions, group_slices, what)
+        if not self._forward_step(rec, what):
+            return self.inner.project(rec, theta, directions, group_slices, what, part)
+        if part is not None:
+            raise ValueError("a forward-mode step cannot be split over its samples (see splits_samples)")
         self.forward_steps += 1
         self.name = self.inner.name + "+jvp"
         if not isinstance(self.inner, CoupledGrads):
