@@ -8,7 +8,7 @@ group of one — every function here is the identity and nothing changes. The he
 * :func:`shard` — the contiguous, balanced part of a sequence (steps, input rows) a rank owns;
 * :func:`all_reduce_sum_` / :func:`all_reduce_max` / :func:`all_reduce_max_` — combining per-rank
   partial results, in place;
-* :func:`all_gather_shards_` — every rank's :func:`shard` of a tensor's rows, filled in on every rank;
+* :func:`all_gather_shards` — a tensor's rows from every rank's :func:`shard` of them, on every rank;
 * :func:`all_gather_objects` / :func:`gather_indices` / :func:`broadcast_object` — small Python
   payloads (micro-batch indices of a ``DistributedSampler`` run, counters).
 
@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 
 __all__ = ["active", "rank", "world_size", "is_writer", "shard", "all_reduce_sum_", "all_reduce_max",
-           "all_reduce_max_", "all_gather_shards_", "all_gather_objects", "gather_indices", "broadcast_object", "barrier", "check_same"]
+           "all_reduce_max_", "all_gather_shards", "all_gather_objects", "gather_indices", "broadcast_object", "barrier", "check_same"]
 
 T = TypeVar("T")
 
@@ -111,31 +111,29 @@ def all_reduce_max_(t: torch.Tensor) -> None:
     t.copy_(buf.to(t.device))
 
 
-def all_gather_shards_(t: torch.Tensor, dim: int = 0) -> None:
-    """Fill in, on every rank, the rows of ``t`` (along ``dim``) the other ranks own.
+def all_gather_shards(part: torch.Tensor, n: int, dim: int = 0) -> torch.Tensor:
+    """The whole tensor of ``n`` rows (along ``dim``) from every rank's :func:`shard` of them.
 
-    Each rank holds valid values only in its own :func:`shard` of ``range(t.shape[dim])``; after
-    the call every rank holds every rank's part (the others' values are overwritten). One
-    ``all_gather`` of the largest part: a rank sends its rows only, not the whole tensor, so this
-    costs half an all-reduce of ``t`` (and is exact: nothing is added).
+    Each rank passes its own rows ``part`` (``len(shard(range(n)))`` of them along ``dim``); every
+    rank gets all ``n`` in rank order. One ``all_gather`` of the largest part: a rank sends its
+    rows only, half the traffic of an all-reduce of the whole tensor, and nothing is added, so the
+    rows arrive bit for bit. Outside a process group: ``part`` itself.
     """
     if not active():
-        return
-    n, world = t.shape[dim], world_size()
-    parts = [shard(range(n), r, world) for r in range(world)]
-    size = max(len(p) for p in parts)
-    if size == 0:
-        return
-    moved = t.movedim(dim, 0)  # a view: writing into it writes t
-    mine = parts[rank()]
-    send = torch.zeros((size,) + moved.shape[1:], dtype=t.dtype, device=_comm_device(t))
-    if mine:
-        send[: len(mine)] = moved[mine[0] : mine[-1] + 1]
+        return part
+    world = world_size()
+    sizes = [len(shard(range(n), r, world)) for r in range(world)]
+    if part.shape[dim] != sizes[rank()]:
+        raise ValueError(f"rank {rank()} holds {part.shape[dim]} rows, its shard of {n} has {sizes[rank()]}")
+    size = max(sizes)
+    moved = part.movedim(dim, 0)
+    send = moved.to(_comm_device(part))
+    if send.shape[0] < size:  # parts differ by one row: pad to the common size
+        send = torch.cat([send, send.new_zeros((size - send.shape[0],) + send.shape[1:])])
     recv = [torch.empty_like(send) for _ in range(world)]
-    dist.all_gather(recv, send)
-    for r, p in enumerate(parts):
-        if p and r != rank():
-            moved[p[0] : p[-1] + 1] = recv[r][: len(p)].to(t.device)
+    dist.all_gather(recv, send.contiguous())
+    whole = torch.cat([r[:k] for r, k in zip(recv, sizes)]).to(part.device)
+    return whole.movedim(0, dim)
 
 
 def all_gather_objects(obj: Any) -> List[Any]:

@@ -304,9 +304,7 @@ class DataView(ViewBase):
         Wa, _, P = Ts.shape
         if self._split and self.grads.splits_samples(rec):
             # every rank needs every row of T against its share of the samples
-            full = Ts.new_zeros(Wa, self.n, P)
-            full[:, self._lo : self._hi] = Ts
-            distributed.all_gather_shards_(full, dim=1)
+            full = distributed.all_gather_shards(Ts, self.n, dim=1)
             part = (distributed.rank(), distributed.world_size())
             idx, dots, g_rep = self.grads.project(rec, theta, full.reshape(Wa * self.n, P), self.group_slices,
                                                   part=part)
