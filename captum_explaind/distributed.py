@@ -24,7 +24,8 @@ import torch
 import torch.distributed as dist
 
 __all__ = ["active", "rank", "world_size", "is_writer", "shard", "all_reduce_sum_", "all_reduce_max",
-           "all_reduce_max_", "all_gather_shards", "all_gather_objects", "gather_indices", "broadcast_object", "barrier", "check_same"]
+           "all_reduce_max_", "all_gather_shards", "all_gather_objects", "gather_indices", "broadcast_object",
+           "barrier", "check_same"]
 
 T = TypeVar("T")
 

@@ -102,10 +102,10 @@ def all_views(model: nn.Module, traj, X: torch.Tensor, Y: torch.Tensor, n_test: 
 def bn_views(traj_path: str, data_path: str) -> Dict[str, torch.Tensor]:
     """The data view of a train-mode BatchNorm run (coupled per-sample gradients: each rank takes a
     share of every micro-batch's Jacobian rows), per-sample and forward mode."""
+    from test_batchnorm_data_view import BNNet
+
     from captum_explaind import Trajectory
     from captum_explaind.errors import ModelMismatchWarning
-
-    from test_batchnorm_data_view import BNNet
 
     X, Y = torch.load(data_path)
     traj = Trajectory.open(traj_path)
@@ -120,6 +120,19 @@ def bn_views(traj_path: str, data_path: str) -> Dict[str, torch.Tensor]:
                                                                                                      target=1)
     out["bn_jvp.scores"] = jv.scores
     return out
+
+
+def polyline_views(traj_path: str, X: torch.Tensor, Y: torch.Tensor) -> Dict[str, torch.Tensor]:
+    """The data view of a ``keep_every`` run by option (``polyline=True``), with windows and groups."""
+    from captum_explaind import Trajectory
+
+    from training import TanhMLP
+
+    warnings.filterwarnings("ignore", message=".*residual")  # the approximation, reported in the residual
+    traj = Trajectory.open(traj_path)
+    d = TrainingDataInfluence(TanhMLP().double(), traj, TensorDataset(X, Y), nll, polyline=True).explain(
+        X[:3], target=Y[:3], steps=[range(1, 3), range(3, traj.num_steps + 1)], layers=["fc1", "fc2"])
+    return {f"polyline.{k}": getattr(d, k) for k in ("scores", "regularization", "residual", "change")}
 
 
 def ddp_sampler_indices(n: int, world: int, rank: int, epoch: int) -> "list[int]":
@@ -190,6 +203,8 @@ def main(argv) -> None:
         ExactPathKernel._integrate = original
         if len(argv) > 5:  # a BatchNorm run: the coupled training side, split
             torch.save(bn_views(argv[4], argv[5]), f"{prefix}.bn.rank{distributed.rank()}.pt")
+        if len(argv) > 6:  # a keep_every run: the polyline data view, split
+            torch.save(polyline_views(argv[6], X, Y), f"{prefix}.polyline.rank{distributed.rank()}.pt")
         # DDP on a DistributedSampler: one trajectory on disk; then the data view of it, sharded
         ddp_path = f"{prefix}.ddp"
         ddp_train_and_record(ddp_path, X[:20], Y[:20])

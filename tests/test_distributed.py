@@ -119,7 +119,11 @@ def launched(recorded, tmp_path_factory):
     data = out / "data.pt"
     torch.save((X, Y), data)
     bn_path, bn_data = bn_recorded(out)
-    torchrun(HERE / "distributed_views.py", str(path), str(data), str(out / "out"), str(bn_path), str(bn_data))
+    from test_keep_every import _train
+
+    _train(out / "kept", 3, X, Y)  # keep_every=3: the polyline data view
+    torchrun(HERE / "distributed_views.py", str(path), str(data), str(out / "out"), str(bn_path), str(bn_data),
+             str(out / "kept"))
     return out
 
 
@@ -158,6 +162,12 @@ def test_every_view_under_torchrun_equals_one_process(recorded, launched):
     bn_want = bn_views(str(tmp_path / "bn"), str(tmp_path / "bn_data.pt"))
     for r in range(2):
         assert_equal_results(torch.load(tmp_path / f"out.bn.rank{r}.pt"), bn_want)
+    # keep_every: the polyline data view (by option), split alike
+    from distributed_views import polyline_views
+
+    poly_want = polyline_views(str(tmp_path / "kept"), X, Y)
+    for r in range(2):
+        assert_equal_results(torch.load(tmp_path / f"out.polyline.rank{r}.pt"), poly_want)
     # each rank integrated its own part: (step, input) pairs add up to one process's, split ~evenly
     assert sum(work) == total and max(work) <= 0.6 * total, (work, total)
     # and its share of every step's training samples: per-sample gradients add up, split ~evenly

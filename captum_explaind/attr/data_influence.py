@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader
 
 from ..epk import checks
 from ..epk.batch import Batch
-from ..epk.data_view import DataView
+from ..epk.data_view import data_view
 from ..epk.options import EPKOptions
 from ..epk.outputs import OutputFn
 from ..epk.results import DataDecomposition
@@ -196,8 +196,8 @@ class TrainingDataInfluence(EPKAttribution, DataInfluence):
                 )
         batch, tgt = self._prepare(inputs, target, additional_forward_args)
         groups = None if layers is None else resolve_groups(self.model, layers)
-        view = DataView(self.epk, batch.n, tgt, self.train, self.loss_fn, windows, indexing, groups,
-                        self.train_batch_size)
+        view = data_view(self.epk, batch.n, tgt, self.train, self.loss_fn, windows, indexing, groups,
+                         self.train_batch_size)
         return view.result(view.run(batch), multi)
 
     #: the name this method had before results carried their options (same method)
@@ -310,8 +310,8 @@ class TrainingDataInfluence(EPKAttribution, DataInfluence):
         x, labels = self._labelled(inputs)
         batch = x if isinstance(x, Batch) else self.epk.prepare_inputs(x)
         tgt = resolve_target(labels, batch.n, self.epk.output_shape(batch))
-        view = DataView(self.epk, batch.n, tgt, self.train, self.loss_fn, [range(1, self.epk.num_steps + 1)],
-                        "application", None, self.train_batch_size)
+        view = data_view(self.epk, batch.n, tgt, self.train, self.loss_fn, [range(1, self.epk.num_steps + 1)],
+                         "application", None, self.train_batch_size)
         scores = view.result(view.run(batch, show_progress=show_progress or None), False).scores
         if aggregate:
             scores = scores.sum(dim=0, keepdim=True)
@@ -363,8 +363,8 @@ class TrainingDataInfluence(EPKAttribution, DataInfluence):
         if int(idx.max()) >= len(self.train):
             raise ValueError(f"self_influence got {batch.n} examples but the training set has {len(self.train)}")
         tgt = resolve_target(labels, batch.n, self.epk.output_shape(batch))
-        view = DataView(self.epk, batch.n, tgt, self.train, self.loss_fn, [range(1, self.epk.num_steps + 1)],
-                        "application", None, self.train_batch_size)
+        view = data_view(self.epk, batch.n, tgt, self.train, self.loss_fn, [range(1, self.epk.num_steps + 1)],
+                         "application", None, self.train_batch_size)
         scores = view.result(view.run(batch, show_progress=show_progress or None), False).scores
         return scores.gather(1, idx.to(scores.device).unsqueeze(1)).squeeze(1)
 

@@ -454,7 +454,13 @@ def check_data_result(view: Any, result: "DataDecomposition") -> None:
     neg = _negative_loss(view)
     masks = _unreplayed_dropout(view)
     norms = list((view.epk.trajectory.manifest.get("training_modes") or {}).get("batch_norm") or [])
-    if norms and getattr(getattr(view, "grads", None), "name", "") == "independent":
+    if getattr(view, "polyline", False):
+        k = view.epk.trajectory.keep_every
+        cause = (f"the recording keeps one checkpoint per {k} optimizer steps (keep_every={k}) and the data view "
+                 "ran on the polyline through them (polyline=True): each stored macro-step is attributed with "
+                 "gradients at its start, and the residual is what that approximation misses — record every step "
+                 "(keep_every=1) for exact scores")
+    elif norms and getattr(getattr(view, "grads", None), "name", "") == "independent":
         cause = (f"normalization module(s) {norms[:_SHOW]} trained with batch statistics, but the per-sample "
                  "gradients were computed independently (train_grads='independent'): use the default, which "
                  "replays each recorded micro-batch as training saw it")

@@ -57,7 +57,7 @@ from .views import ViewBase
 if TYPE_CHECKING:
     from .engine import ExactPathKernel
 
-__all__ = ["DataView"]
+__all__ = ["DataView", "PolylineDataView", "data_view"]
 
 
 class DataView(ViewBase):
@@ -136,6 +136,7 @@ class DataView(ViewBase):
         self._phi: Optional[torch.Tensor] = None
         self._tiny = torch.finfo(dt).eps * 1e-3
         self.group_names = None if groups is None else list(groups)
+        self.groups_by_name = groups
         # The test side (φ, accumulators, T) holds rows lo..hi only: all of them, or this rank's
         # block when the engine splits the sweep over the ranks (shard_rows).
         self._split = False
@@ -296,21 +297,111 @@ class DataView(ViewBase):
         for k, w in enumerate(windows):
             self.scores[rows, :, w, :].index_add_(1, target_idx, contrib[k])
 
-    def _project(self, rec: Any, theta: torch.Tensor, Ts: torch.Tensor
+    def _project(self, rec: Any, theta: torch.Tensor, Ts: torch.Tensor, group_slices: Optional[List[List[slice]]] = None
                  ) -> Tuple[torch.Tensor, torch.Tensor, slice, torch.Tensor]:
         """Step ``rec``'s training side against ``Ts`` ``[Wa, rows lo..hi, P]``: ``(indices [m],
         dots [Wa, r, m, G], the test rows r they score, replayed gradient)``; split over the ranks
         when the sweep is (see the module docstring)."""
         Wa, _, P = Ts.shape
+        groups = self.group_slices if group_slices is None else group_slices
         if self._split and self.grads.splits_samples(rec):
             # every rank needs every row of T against its share of the samples
             full = distributed.all_gather_shards(Ts, self.n, dim=1)
             part = (distributed.rank(), distributed.world_size())
-            idx, dots, g_rep = self.grads.project(rec, theta, full.reshape(Wa * self.n, P), self.group_slices,
-                                                  part=part)
+            idx, dots, g_rep = self.grads.project(rec, theta, full.reshape(Wa * self.n, P), groups, part=part)
             distributed.all_reduce_sum_([g_rep])
             return idx, dots.reshape(Wa, self.n, *dots.shape[1:]), slice(0, self.n), g_rep
         # one process, or a forward-mode step (its work is per direction): this rank's rows, all samples
         r = self._hi - self._lo
-        idx, dots, g_rep = self.grads.project(rec, theta, Ts.reshape(Wa * r, P), self.group_slices)
+        idx, dots, g_rep = self.grads.project(rec, theta, Ts.reshape(Wa * r, P), groups)
         return idx, dots.reshape(Wa, r, *dots.shape[1:]), slice(self._lo, self._hi), g_rep
+
+
+class PolylineDataView(DataView):
+    r"""The data view on a ``keep_every=k`` recording, by explicit option (``polyline=True``): an
+    approximation, whose error is reported in the residual — never folded into the scores.
+
+    Only every k-th checkpoint is stored, so the parameters at which the k optimizer steps of a
+    stored macro-step ``j`` computed their gradients are unknown. The path integral along the
+    polyline through the kept checkpoints stays exact,
+    ``f(θ_N) − f(θ_0) = Σ_j φ_j·Δ_j`` (φ_j integrated along segment j, error-controlled), and so does
+    its split ``Δ_j = R_j + K_j`` into the recorded regularization sum ``R_j`` and the kernel part
+    ``K_j``. ``K_j`` is attributed to the macro-step's training samples by their gradients at
+    the segment's start ``θ_{j−1}``: per parameter tensor p,
+    ``K_j|_p ≈ −a_{j,p} Σ_k w_{j,k} ∇ℓ_k(θ_{j−1})|_p`` with ``a_{j,p}`` the least-squares scale
+    (the learning rate, for plain SGD at k = 1), and sample k's score is
+    ``−Σ_p a_{j,p} w_{j,k} ∇ℓ_k(θ_{j−1})|_p · φ_j|_p``. The scores of a macro-step add up to
+    ``φ_j`` times that fit; what it misses (gradients moving within the macro-step, momentum
+    carried between steps, Adam's preconditioner varying within a tensor) is
+    ``residual = Σ_j φ_j·(K_j − fit_j)``, so ``scores + regularization + residual + delta``
+    is still the exact change. The residual shrinks as k → 1; on a recording of every step this
+    view is not used (the exact :class:`DataView` runs). Windows and groups are as in
+    :class:`DataView` (both indexings coincide: nothing is carried between macro-steps).
+    """
+
+    label = "data view (polyline)"
+    replays_training = False  # runs on the kept checkpoints
+    polyline = True  # checks.check_data_result names the approximation as the residual's cause
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        layout, groups_by_name = self.epk.layout, self.groups_by_name
+        self._tensor_slices = [[layout.slice(name)] for name in layout.names]
+        # tensor → group membership [n_tensors, G]: the fit is per tensor, the scores per group
+        if self.group_names is None:
+            self._member = torch.ones(len(layout.names), 1, dtype=self.epk.dtype, device=self.epk.device)
+        else:
+            assert groups_by_name is not None  # group_names is set from it
+            self._member = torch.tensor([[1.0 if name in names else 0.0 for names in groups_by_name.values()]
+                                         for name in layout.names], dtype=self.epk.dtype, device=self.epk.device)
+        self.fit_scale: Dict[int, torch.Tensor] = {}  # step -> a_{j,p} per parameter tensor
+
+    @property
+    def per_input_vectors(self) -> int:
+        return 3  # φ, its copy for the training side, the test direction
+
+    def run(self, batch: Batch, show_progress: Optional[bool] = None) -> SweepStats:
+        return self.epk.sweep_reverse(batch, self, last=self.last, integrate=sorted(self.window_of),
+                                      need_precond=False, desc="training data (polyline)",
+                                      show_progress=show_progress)
+
+    def done(self, step: int) -> bool:
+        return step <= self.first_window_step
+
+    def end_step(self, seg: Segment, integrated: bool) -> None:
+        w = self.window_of.get(seg.step)
+        if not integrated or w is None:
+            return
+        phi = self._phi if self._phi is not None else self._zeros_rows()  # a rank without test inputs: zeros
+        self._phi = None
+        rows = slice(self._lo, self._hi)
+        self.path[rows] += phi @ seg.delta
+        reg = seg.coeffs.reg  # the recorded regularization sum of the macro-step (or None: no decay)
+        kernel = seg.delta if reg is None else seg.delta - reg
+        if reg is not None:
+            self.regularization[rows, w] += phi @ reg
+        idx, dots, drows, g_rep = self._project(seg.record, seg.theta0, phi.unsqueeze(0), self._tensor_slices)
+        if not bool(torch.isfinite(g_rep).all()):
+            checks.note_replay(self, seg.record, g_rep, 1.0)  # NaN/inf training gradients: the named error
+        a = self._fit(kernel, g_rep)
+        self.fit_scale[seg.step] = a
+        contrib = -(dots[0] * a) @ self._member  # [rows, m, G]
+        self.scores[drows, :, w, :].index_add_(1, idx.to(self.scores.device), contrib)
+
+    def _fit(self, kernel: torch.Tensor, g_rep: torch.Tensor) -> torch.Tensor:
+        """``a_p = −K|_p·g|_p / |g|_p|²`` per parameter tensor (0 where the replayed gradient is 0)."""
+        a = torch.zeros(len(self._tensor_slices), dtype=kernel.dtype, device=kernel.device)
+        for t, (sl,) in enumerate(self._tensor_slices):
+            gg = g_rep[sl] @ g_rep[sl]
+            if float(gg) > 0:
+                a[t] = -(kernel[sl] @ g_rep[sl]) / gg
+        return a
+
+
+def data_view(epk: "ExactPathKernel", *args: Any, **kwargs: Any) -> DataView:
+    """The data view for ``epk``'s recording: :class:`PolylineDataView` on a ``keep_every > 1``
+    recording with ``EPKOptions(polyline=True)``, else the exact :class:`DataView` (which refuses a
+    ``keep_every`` recording with a named error). Arguments: as :class:`DataView`."""
+    if epk.options.polyline and epk.trajectory.keep_every > 1:
+        return PolylineDataView(epk, *args, **kwargs)
+    return DataView(epk, *args, **kwargs)

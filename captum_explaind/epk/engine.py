@@ -445,7 +445,8 @@ class ExactPathKernel:
             for s in range(last, 0, -1):
                 rec = records[s - 1]
                 theta_prev = self.theta(s - 1)
-                seg = Segment(s, theta_prev, theta_next, theta_next - theta_prev, um.vectors(scalars[s - 1], rec), rec)
+                coeffs = self._polyline_regularization(s, um.vectors(scalars[s - 1], rec))
+                seg = Segment(s, theta_prev, theta_next, theta_next - theta_prev, coeffs, rec)
                 after: List[Optional[torch.Tensor]] = [None] * len(chunks)  # f(θ_s, b_s), from step s+1
                 if buffer_steps:
                     # The segment runs with the buffers in effect before the step.
@@ -501,10 +502,13 @@ class ExactPathKernel:
         """Views that replay the training samples step by step need every optimizer step."""
         k = self.trajectory.keep_every
         if k > 1 and getattr(view, "replays_training", False):
+            label = getattr(view, "label", "view")
+            hint = (" (or pass polyline=True: the data view then runs on the polyline through the kept checkpoints, "
+                    "an approximation reported in its residual)") if label == "data view" else ""
             raise TrajectoryError(
                 f"trajectory {self.trajectory.path!r} keeps every {k}-th checkpoint (keep_every={k}): the "
-                f"{getattr(view, 'label', 'view')} replays each optimizer step's training samples and needs every "
-                "step; the reconstruction, model and training views are exact on it (along the kept checkpoints)"
+                f"{label} replays each optimizer step's training samples and needs every step; the "
+                f"reconstruction, model and training views are exact on it (along the kept checkpoints){hint}"
             )
 
     def _rank_chunks(self, batch: Batch) -> List[Chunk]:

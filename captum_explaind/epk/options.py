@@ -92,6 +92,12 @@ class EPKOptions:
         distributed (bool): inside an initialized ``torch.distributed`` process group, split the
             work over the ranks and give every rank the full result (the ranks must then ask the
             same question, which is checked); ``False``: each rank computes alone. Default: True
+        polyline (bool): the data view on a ``keep_every=k`` recording (only every k-th
+            checkpoint stored): ``False`` refuses it with a named error; ``True`` runs it on the
+            polyline through the kept checkpoints — an approximation whose error is the data
+            view's ``residual``, never folded into the scores
+            (:class:`~captum_explaind.epk.data_view.PolylineDataView`).
+            No effect on a recording of every step, or on the other views (exact on the polyline). Default: False
     """
 
     quadrature: str = "gauss"
@@ -111,6 +117,7 @@ class EPKOptions:
     max_memory: Union[str, int, None] = None
     train_jvp: Optional[bool] = None
     distributed: bool = True
+    polyline: bool = False
 
     def __post_init__(self) -> None:
         if self.quadrature not in RULES:
@@ -148,6 +155,8 @@ class EPKOptions:
             raise TypeError(f"show_progress must be a bool, got {self.show_progress!r}")
         if not isinstance(self.distributed, bool):
             raise TypeError(f"distributed must be a bool, got {self.distributed!r}")
+        if not isinstance(self.polyline, bool):
+            raise TypeError(f"polyline must be a bool, got {self.polyline!r}")
         if self.train_jvp is not None and not isinstance(self.train_jvp, bool):
             raise TypeError(f"train_jvp must be a bool or None, got {self.train_jvp!r}")
         object.__setattr__(self, "max_memory", parse_bytes(self.max_memory))
