@@ -49,6 +49,35 @@ def counted_train_grads() -> Iterator[List[int]]:
         train_grads.per_sample_loss_grads = original
 
 
+def data_views(model: nn.Module, traj, X: torch.Tensor, Y: torch.Tensor, x: torch.Tensor, y: torch.Tensor,
+               **options) -> Dict[str, torch.Tensor]:
+    """The data view: one window, gradient windows, one input, application windows with groups,
+    forward mode; and the per-sample gradients computed for the first."""
+    out: Dict[str, torch.Tensor] = {}
+    train = TensorDataset(X, Y)
+    tdi = TrainingDataInfluence(model, traj, train, nll, **options)
+    with counted_train_grads() as train_work:
+        d = tdi.explain(x, target=y)
+    out["data.train_work"] = torch.tensor(sum(train_work))
+    for k in ("scores", "regularization", "residual", "change", "delta"):
+        out[f"data.{k}"] = getattr(d, k)
+    out["data.grad_scale"] = torch.tensor(list(d.grad_scale.values()))
+    dw = tdi.explain(x, target=y, steps=[range(1, 4), range(4, traj.num_steps + 1)], indexing="gradient")
+    out["data_windows.scores"] = dw.scores
+    one = tdi.explain(x[:1], target=y[:1])
+    out["data_one.scores"] = one.scores
+    out["data_one.grad_scale"] = torch.tensor(list(one.grad_scale.values()))
+    # application windows (momentum carries credit across them: the sweep runs past the first),
+    # parameter groups, and the forward-mode training side (split by test rows, not samples)
+    da = tdi.explain(x, target=y, steps=[range(2, 4), range(6, traj.num_steps + 1)], layers=["fc1", "fc2"])
+    for k in ("scores", "regularization", "residual"):
+        out[f"data_app.{k}"] = getattr(da, k)
+    jv = TrainingDataInfluence(model, traj, train, nll, train_jvp=True, **options).explain(x, target=y)
+    for k in ("scores", "residual"):
+        out[f"data_jvp.{k}"] = getattr(jv, k)
+    return out
+
+
 def all_views(model: nn.Module, traj, X: torch.Tensor, Y: torch.Tensor, n_test: int = 5,
               **options) -> Dict[str, torch.Tensor]:
     """Reconstruction, model view (per parameter and per layer), training view, data view (two
@@ -73,27 +102,8 @@ def all_views(model: nn.Module, traj, X: torch.Tensor, Y: torch.Tensor, n_test: 
     for comp, v in steps.scores.items():
         out[f"steps.{comp}"] = v
     out["steps.delta"] = steps.delta
+    out.update(data_views(model, traj, X, Y, x, y, **options))
     train = TensorDataset(X, Y)
-    tdi = TrainingDataInfluence(model, traj, train, nll, **options)
-    with counted_train_grads() as train_work:
-        d = tdi.explain(x, target=y)
-    out["data.train_work"] = torch.tensor(sum(train_work))
-    for k in ("scores", "regularization", "residual", "change", "delta"):
-        out[f"data.{k}"] = getattr(d, k)
-    out["data.grad_scale"] = torch.tensor(list(d.grad_scale.values()))
-    dw = tdi.explain(x, target=y, steps=[range(1, 4), range(4, traj.num_steps + 1)], indexing="gradient")
-    out["data_windows.scores"] = dw.scores
-    one = tdi.explain(x[:1], target=y[:1])
-    out["data_one.scores"] = one.scores
-    out["data_one.grad_scale"] = torch.tensor(list(one.grad_scale.values()))
-    # application windows (momentum carries credit across them: the sweep runs past the first),
-    # parameter groups, and the forward-mode training side (split by test rows, not samples)
-    da = tdi.explain(x, target=y, steps=[range(2, 4), range(6, traj.num_steps + 1)], layers=["fc1", "fc2"])
-    for k in ("scores", "regularization", "residual"):
-        out[f"data_app.{k}"] = getattr(da, k)
-    jv = TrainingDataInfluence(model, traj, train, nll, train_jvp=True, **options).explain(x, target=y)
-    for k in ("scores", "residual"):
-        out[f"data_jvp.{k}"] = getattr(jv, k)
     sim = PredictionSimilarity(model, traj, train, nll, **options).explain(x, target=y, steps=range(2, traj.num_steps))
     out["similarity.gram"] = sim.gram
     return out
@@ -189,6 +199,17 @@ def main(argv) -> None:
         ExactPathKernel._integrate = counted
         out = all_views(model, Trajectory.open(traj_path), X, Y)
         out["work"] = torch.tensor(sum(calls))
+        ExactPathKernel._integrate = original
+        # the data view split by test inputs and training samples (what it does when a rank's
+        # block of steps would not fit): the same numbers
+        from captum_explaind.epk import data_view
+
+        saved, data_view.STEP_SPLIT_BYTES = data_view.STEP_SPLIT_BYTES, 0
+        rows = data_views(model, Trajectory.open(traj_path), X, Y, X[:5], Y[:5])
+        if len(argv) > 5:
+            rows.update(bn_views(argv[4], argv[5]))
+        data_view.STEP_SPLIT_BYTES = saved
+        out.update({f"rows.{k}": v for k, v in rows.items()})
         # ranks asking different questions: a named error on every rank, or each alone by option
         r = distributed.rank()
         traj = Trajectory.open(traj_path)

@@ -145,21 +145,25 @@ def test_every_view_under_torchrun_equals_one_process(recorded, launched):
     model, traj, X, Y, path = recorded
     want, total = _views_in_one_process(model, traj, X, Y)
     tmp_path = launched
-    work, train_work = [], []
+    work, train_work, rows_work = [], [], []
     total_train = int(want.pop("data.train_work"))
+    from distributed_views import bn_views
+
+    bn_want = bn_views(str(tmp_path / "bn"), str(tmp_path / "bn_data.pt"))
     for r in range(2):
         got = torch.load(tmp_path / f"out.rank{r}.pt")
         assert int(got.pop("world_size")) == 2
         work.append(int(got.pop("work")))
         train_work.append(int(got.pop("data.train_work")))
+        rows_work.append(int(got.pop("rows.data.train_work")))
+        rows = {k[len("rows."):]: got.pop(k) for k in list(got) if k.startswith("rows.")}
+        assert_equal_results(rows, {k: v for k, v in {**want, **bn_want}.items() if k.split(".")[0] in
+                                    {k2.split(".")[0] for k2 in rows}})
         assert int(got.pop("mismatch")) == 1  # different inputs per rank: the named error, on every rank
         alone = ExactPathKernel(model, traj).reconstruct(X[r : r + 2]).kernel
         assert_equal_results({"alone.kernel": got.pop("alone")}, {"alone.kernel": alone})
         assert_equal_results(got, want)
-    # BatchNorm in train mode: coupled per-sample gradients, split over each micro-batch's rows
-    from distributed_views import bn_views
-
-    bn_want = bn_views(str(tmp_path / "bn"), str(tmp_path / "bn_data.pt"))
+    # BatchNorm in train mode: coupled per-sample gradients (by steps; by each micro-batch's rows above)
     for r in range(2):
         assert_equal_results(torch.load(tmp_path / f"out.bn.rank{r}.pt"), bn_want)
     # keep_every: the polyline data view (by option), split alike
@@ -172,6 +176,7 @@ def test_every_view_under_torchrun_equals_one_process(recorded, launched):
     assert sum(work) == total and max(work) <= 0.6 * total, (work, total)
     # and its share of every step's training samples: per-sample gradients add up, split ~evenly
     assert sum(train_work) == total_train and max(train_work) <= 0.6 * total_train, (train_work, total_train)
+    assert sum(rows_work) == total_train and max(rows_work) <= 0.6 * total_train, (rows_work, total_train)
     # the comparison can fail: a rank's share alone is not the result
     half = dict(want)
     half["data.scores"] = want["data.scores"].clone()

@@ -57,7 +57,11 @@ from .views import ViewBase
 if TYPE_CHECKING:
     from .engine import ExactPathKernel
 
-__all__ = ["DataView", "PolylineDataView", "data_view"]
+__all__ = ["DataView", "PolylineDataView", "data_view", "STEP_SPLIT_BYTES"]
+
+#: under ``torchrun``, the most a rank may hold of its block's integrated test gradients to split the
+#: data view by steps (else it is split by test inputs and training samples)
+STEP_SPLIT_BYTES = 2 * 2**30
 
 
 class DataView(ViewBase):
@@ -141,6 +145,24 @@ class DataView(ViewBase):
         # block when the engine splits the sweep over the ranks (shard_rows).
         self._split = False
         self._lo, self._hi = 0, n
+        # Split by steps instead (shard_steps): this rank's steps, stored for the carry exchange
+        self._stored: Optional[List[Tuple[Segment, Optional[torch.Tensor]]]] = None
+
+    def shard_steps(self, last: int) -> bool:
+        """The engine asks whether the split sweep may give each rank a contiguous block of the
+        steps ``1..last`` (all inputs) instead of a block of the inputs. Yes when every rank gets a
+        step and this rank's stored ``η D φ`` (inputs × P per step) fits :data:`STEP_SPLIT_BYTES`
+        (or half of ``max_memory``); then each step's whole training side runs on one rank, and
+        the per-call overheads of small batches are not paid twice."""
+        world = distributed.world_size()
+        P, size = self.epk.layout.total, torch.finfo(self.epk.dtype).bits // 8
+        per_rank = -(-last // world) * (self.n + 12) * P * size  # η D φ plus a step's parameter-sized vectors
+        budget = self.epk.options.max_memory
+        limit = STEP_SPLIT_BYTES if budget is None else int(budget) // 2
+        if last < world or per_rank > limit:
+            return False
+        self._stored = []
+        return True
 
     def shard_rows(self, rows: range) -> None:
         """The engine splits the sweep over the ranks; this rank integrates test inputs ``rows``."""
@@ -185,7 +207,7 @@ class DataView(ViewBase):
         return VjpIntegrand(self.epk.functional, seg, chunk, self.target, sink)
 
     def end_step(self, seg: Segment, integrated: bool) -> None:
-        s, co = seg.step, seg.coeffs
+        co = seg.coeffs
         beta_next = self._beta_next
         self._beta_next = co.beta
         ephi = phi = None
@@ -198,6 +220,18 @@ class DataView(ViewBase):
             pre = co.precond if co.precond is not None else 1.0
             ephi = co.lr * pre * phi  # η_s D_s φ_s
             self.path[self._lo : self._hi] += phi @ seg.delta
+        if self._stored is not None:  # split by steps: the test side needs the carry from later ranks
+            self._decoupled(seg, phi)
+            self._stored.append((seg, ephi))
+            return
+        self._test_side(seg, ephi, beta_next)
+        self._decoupled(seg, phi)
+
+    def _test_side(self, seg: Segment, ephi: Optional[torch.Tensor], beta_next: Optional[torch.Tensor],
+                   keep_all: bool = False) -> None:
+        """Accumulators, T_s, coupled decay and scores of step ``seg`` (``ephi`` = η_s D_s φ_s or None).
+        ``keep_all``: never drop a decayed window (a block of a split sweep: no global view of it)."""
+        s, co = seg.step, seg.coeffs
         # --- test side: accumulators and T_s for every window that can still receive credit
         T: Dict[int, torch.Tensor] = {}
         if self.indexing == "application":
@@ -215,7 +249,9 @@ class DataView(ViewBase):
             for w, acc in list(self._acc.items()):
                 peak = max(self._peak.get(w, 0.0), sizes[w])
                 self._peak[w] = peak
-                if w != w0 and s < self.windows[w].start and sizes[w] <= self._tiny * peak:
+                if keep_all and w != w0 and sizes[w] == 0.0:
+                    continue  # nothing carried into this window yet (no momentum): no credit
+                if not keep_all and w != w0 and s < self.windows[w].start and sizes[w] <= self._tiny * peak:
                     del self._acc[w]  # decayed below round-off: nothing earlier can reach it
                     continue
                 T[w] = co.h * acc + (z_term if w == w0 else 0.0)
@@ -231,19 +267,86 @@ class DataView(ViewBase):
             w0 = self.window_of.get(s)
             if w0 is not None:
                 T[w0] = co.h * self._full + co.z * ephi
-        # --- regularization: coupled decay rides the accumulators, decoupled decay is direct
-        theta_prev = seg.theta0
+        # --- regularization: coupled decay rides the accumulators (decoupled decay: _decoupled)
         if bool((co.decay_coupled != 0).any()):
-            lt = co.decay_coupled * theta_prev
+            lt = co.decay_coupled * seg.theta0
             for w, t in T.items():
                 self.regularization[self._lo : self._hi, w] -= t @ lt
-        if integrated and bool((co.decay_decoupled != 0).any()):
-            w_app = self.window_of.get(s)
-            if w_app is not None:
-                assert phi is not None  # set above: the step is integrated
-                self.regularization[self._lo : self._hi, w_app] -= (co.lr * phi) @ (co.decay_decoupled * theta_prev)
         if T:
             self._score_batch(seg, T)
+
+    def _decoupled(self, seg: Segment, phi: Optional[torch.Tensor]) -> None:
+        """Decoupled decay enters directly: ``−η_s φ_s·(λ θ_{s−1})`` in the step's own window."""
+        co = seg.coeffs
+        w_app = self.window_of.get(seg.step)
+        if phi is not None and w_app is not None and bool((co.decay_decoupled != 0).any()):
+            self.regularization[self._lo : self._hi, w_app] -= (co.lr * phi) @ (co.decay_decoupled * seg.theta0)
+
+    def finish_shard(self) -> None:
+        """Split by steps: exchange the reverse-time carries between the ranks' blocks, then run
+        this block's test side and training side with the true accumulators.
+
+        The accumulators obey the linear recurrence ``A_i = f_i + β_{i+1} A_{i+1}``: a block run
+        from a zero carry gives ``L`` at its first step, and the true value there is
+        ``L + (Π β) A_{next block}``; one all-gather of ``(L, Π β, β_first)`` per rank gives
+        every rank the accumulator entering its block from above, exactly.
+        """
+        stored, self._stored = self._stored, None
+        assert stored is not None  # shard_steps() started the block
+        keys = list(range(len(self.windows))) if self.indexing == "application" else [0]
+        P = self.epk.layout.total
+        dev, dt = self.epk.device, self.epk.dtype
+        local = torch.zeros(len(keys), self.n, P, dtype=dt, device=dev)
+        prod = torch.ones(P, dtype=dt, device=dev)  # Π β over the block's steps after its first
+        beta_next: Optional[torch.Tensor] = None
+        for seg, ephi in stored:  # descending steps
+            if beta_next is not None:
+                local *= beta_next
+                prod *= beta_next
+            if ephi is not None:
+                k = self.window_of.get(seg.step) if self.indexing == "application" else 0
+                if k is not None:
+                    local[k] += seg.coeffs.e * ephi
+            beta_next = seg.coeffs.beta * torch.ones(P, dtype=dt, device=dev)
+        first_beta = beta_next if beta_next is not None else torch.ones(P, dtype=dt, device=dev)
+        parts = distributed.all_gather_objects((bool(stored), local, prod, first_beta))
+        carry, carry_beta = self._carry_in(parts)
+        self._beta_next = carry_beta
+        if carry is not None:
+            if self.indexing == "application":
+                self._acc = {k: carry[k].clone() for k in keys if bool((carry[k] != 0).any())}
+            else:
+                self._full = carry[0].clone()
+        for seg, ephi in stored:
+            beta = self._beta_next
+            self._beta_next = seg.coeffs.beta
+            self._test_side(seg, ephi, beta, keep_all=True)
+        self._merge_replicated()
+
+    def _carry_in(self, parts: List[Any]) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+        """The accumulators entering this rank's block from the later blocks, and the β they meet."""
+        me = distributed.rank()
+        above = [r for r in range(me + 1, len(parts)) if parts[r][0]]
+        if not above:
+            return None, None
+        acc: Optional[torch.Tensor] = None  # the true accumulator at the first step of block r
+        nxt_beta: Optional[torch.Tensor] = None  # β at the first step of the block above r
+        for r in reversed(above):
+            _, local, prod, first_beta = parts[r]
+            acc = local if acc is None else local + prod * (nxt_beta * acc)
+            nxt_beta = first_beta
+        return acc, nxt_beta
+
+    def _merge_replicated(self) -> None:
+        """Split by steps, every rank measured its own steps' gradient scales (and replay checks)."""
+        merged: Dict[int, float] = {}
+        mismatch: Dict[int, float] = {}
+        for scales, mm in distributed.all_gather_objects((self.grad_scale, self.__dict__.get("_replay_mismatch", {}))):
+            merged.update(scales)
+            mismatch.update(mm)
+        self.grad_scale = merged
+        if mismatch:
+            self.__dict__["_replay_mismatch"] = mismatch
 
     def _acc_sizes(self) -> Dict[int, float]:
         """``max |A^W|`` over all test inputs, per window (over every rank's rows when split, so
@@ -367,6 +470,13 @@ class PolylineDataView(DataView):
 
     def done(self, step: int) -> bool:
         return step <= self.first_window_step
+
+    def shard_steps(self, last: int) -> bool:
+        """Split by steps whenever every rank gets one: nothing is carried between macro-steps."""
+        return last >= distributed.world_size()
+
+    def finish_shard(self) -> None:
+        return None
 
     def end_step(self, seg: Segment, integrated: bool) -> None:
         w = self.window_of.get(seg.step)

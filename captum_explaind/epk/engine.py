@@ -426,23 +426,32 @@ class ExactPathKernel:
         buffer_steps = set(traj.buffer_steps())
         self._plan = self._memory_plan(batch, view)
         sharded = self._shardable(batch, view, sorted(todo))
-        # In a process group each rank takes a contiguous block of the inputs: the accumulators
-        # are per input, so the blocks never interact and the results add up. A view that also
-        # splits each step's training side (``splits_training``) needs every rank at every step.
-        chunks = self._rank_chunks(batch) if sharded else self.chunks(batch)
-        if sharded and hasattr(view, "shard_rows"):
+        # In a process group each rank takes either a contiguous block of the steps, all inputs
+        # (a view that can carry its reverse-time state between blocks: ``shard_steps``), or a
+        # contiguous block of the inputs: the accumulators are per input, so the blocks never
+        # interact and the results add up. A view that also splits each step's training side
+        # (``splits_training``) needs every rank at every step.
+        top, bottom = last, 1
+        steps_mode = sharded and hasattr(view, "shard_steps") and view.shard_steps(last)
+        if steps_mode:
+            mine = distributed.shard(range(1, last + 1))
+            top, bottom = (mine[-1], mine[0]) if mine else (0, 1)
+        chunks = self._rank_chunks(batch) if sharded and not steps_mode else self.chunks(batch)
+        if sharded and not steps_mode and hasattr(view, "shard_rows"):
             rows = distributed.shard(range(batch.n))
             view.shard_rows(range(rows[0], rows[-1] + 1) if rows else range(0, 0))
         log = _SweepLog(sorted(todo), batch.n, self.dtype)
-        if sharded and not chunks and not getattr(view, "splits_training", False):
+        if sharded and (top < bottom or not chunks) and (steps_mode or not getattr(view, "splits_training", False)):
             self._plan = None
+            if steps_mode:
+                view.finish_shard()
             _reduce_view(view, log)
             return log.finish(self.options.max_depth, self.options.max_evaluations)
-        theta_next = self.theta(last)
+        theta_next = self.theta(top)
         f_next: List[Optional[torch.Tensor]] = [None] * len(chunks)
         bar = self._bar(last, view, desc, show_progress)
         try:
-            for s in range(last, 0, -1):
+            for s in range(top, bottom - 1, -1):
                 rec = records[s - 1]
                 theta_prev = self.theta(s - 1)
                 coeffs = self._polyline_regularization(s, um.vectors(scalars[s - 1], rec))
@@ -466,12 +475,14 @@ class ExactPathKernel:
                 view.end_step(seg, integrated)
                 bar.update(1)
                 theta_next = theta_prev
-                if view.done(s):
+                if not steps_mode and view.done(s):
                     break
         finally:
             bar.close()
             fm.set_fixed(self._initial_buffers)
             self._plan = None
+        if steps_mode:
+            view.finish_shard()  # the carries between the ranks' blocks, then the rest of the view's work
         if sharded:
             _reduce_view(view, log)
         return log.finish(self.options.max_depth, self.options.max_evaluations)
