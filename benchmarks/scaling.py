@@ -12,8 +12,8 @@ Sweeps (each varies one quantity, the others at their base value): P ≈ 1e4 …
 N steps, n_train (fixed batch size) and the training batch size (fixed n_train) for the data
 view, n_test. Growth exponents are least-squares slopes of log(time) and log(memory) against
 log(x). Then the ≥ 10M-parameter data view under ``max_memory="4GiB"`` (forward-mode training
-side, chosen automatically), and the same job under ``torchrun`` with 1 and 2 ranks at one
-thread each (``--ranks``).
+side, chosen automatically), and the same job by one process and split over 2 ranks under
+``torchrun`` at one thread each, interleaved in one launch (``--only ranks``).
 
 Usage::
 
@@ -29,6 +29,7 @@ import argparse
 import json
 import math
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -217,40 +218,46 @@ def _series(rows: List[Row]) -> List[Any]:
 
 # ----------------------------------------------------------------------------- ranks
 def rank_worker(args: argparse.Namespace) -> None:
-    """Under torchrun: the same job on every rank count; rank 0 writes its timing to --out."""
-    from captum_explaind import distributed
+    """Under torchrun with 2 ranks: each job alternately by one process (rank 0 alone,
+    ``distributed=False``, while rank 1 waits) and split over both ranks, ``--rank-repeat`` times.
+
+    Interleaving the two in one launch makes them meet the same load from other jobs on a shared
+    machine; each measurement is the wall time between barriers and the main-thread CPU seconds of
+    the busiest rank (the work split). Rank 0 writes the best of each and the per-pair ratios.
+    """
+    from captum_explaind import Trajectory, distributed
 
     torch.distributed.init_process_group("gloo")
     try:
         s = Setting(args.rank_P, args.rank_N, 256, 16, args.rank_n_test)
-        path = args.traj
-        if distributed.is_writer() and not os.path.exists(os.path.join(path, "manifest.json")):
-            raise SystemExit(f"no trajectory at {path}")
-        from captum_explaind import Trajectory
-
-        traj = Trajectory.open(path)
+        traj = Trajectory.open(args.traj)
         torch.manual_seed(0)
         model = MLP(hidden_for(s.P)).double()
-        X, Y, x, y = torch.load(os.path.join(path, "..", "data.pt"))
-        result: Dict[str, float] = {}
+        X, Y, x, y = torch.load(os.path.join(args.traj, "..", "data.pt"))
+        result: Dict[str, Any] = {}
         for job in ("reconstruct", "training view", "data view"):
-            # warm-up on one input per rank (a rank with no input would import torch's lazy modules
-            # inside the timed call, and the others would wait for it)
-            w = distributed.world_size()
-            run_job(job, model, traj, X, Y, x[:w], y[:w], "cpu")
-            walls, cpus = [], []
-            for _ in range(args.rank_repeat):  # the best of a few: other jobs on the machine only add time
-                distributed.barrier()
-                t0, c0 = time.perf_counter(), time.thread_time()
-                run_job(job, model, traj, X, Y, x, y, "cpu")
-                c1 = time.thread_time()
-                distributed.barrier()
-                walls.append(time.perf_counter() - t0)
-                # CPU seconds of the busiest rank's main thread (the work split, whatever else runs on
-                # the machine; the communication threads' waiting is not work)
-                cpus.append(max(distributed.all_gather_objects(c1 - c0)))
-            result[job] = min(walls)
-            result[job + " cpu"] = min(cpus)
+            # warm-up both ways (lazy imports must not land inside a timed call)
+            run_job(job, model, traj, X, Y, x[:2], y[:2], "cpu")
+            if distributed.rank() == 0:
+                run_job(job, model, traj, X, Y, x[:1], y[:1], "cpu", distributed=False)
+            times: Dict[str, List[List[float]]] = {"one": [[], []], "two": [[], []]}
+            for _ in range(args.rank_repeat):
+                for mode in ("one", "two"):
+                    distributed.barrier()
+                    t0, c0 = time.perf_counter(), time.thread_time()
+                    if mode == "two":
+                        run_job(job, model, traj, X, Y, x, y, "cpu")
+                    elif distributed.rank() == 0:
+                        run_job(job, model, traj, X, Y, x, y, "cpu", distributed=False)
+                    c1 = time.thread_time()
+                    distributed.barrier()
+                    times[mode][0].append(time.perf_counter() - t0)
+                    times[mode][1].append(max(distributed.all_gather_objects(c1 - c0)))
+            for mode in ("one", "two"):
+                result[f"{job} {mode} wall"] = min(times[mode][0])
+                result[f"{job} {mode} cpu"] = min(times[mode][1])
+            result[f"{job} pair wall ratios"] = [a / b for a, b in zip(times["one"][0], times["two"][0])]
+            result[f"{job} pair cpu ratios"] = [a / b for a, b in zip(times["one"][1], times["two"][1])]
         if distributed.is_writer():
             with open(args.out, "w", encoding="utf-8") as fh:
                 json.dump(result, fh)
@@ -258,32 +265,31 @@ def rank_worker(args: argparse.Namespace) -> None:
         torch.distributed.destroy_process_group()
 
 
-def ranks_rows(workdir: str, P: int, N: int, n_test: int, repeat: int = 3) -> List[Dict[str, Any]]:
+def ranks_rows(workdir: str, P: int, N: int, n_test: int, repeat: int = 5) -> Dict[str, Any]:
+    """Record the job's run, then one 2-rank launch measuring it both ways (see :func:`rank_worker`)."""
+    import socket
+
     s = Setting(P, N, 256, 16, n_test)
     path = os.path.join(workdir, "ranks", "traj")
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    model, traj, X, Y, x, y = record(s, path)
+    _, _, X, Y, x, y = record(s, path)
     torch.save((X, Y, x, y), os.path.join(workdir, "ranks", "data.pt"))
-    rows = []
-    for nproc in (1, 2):
-        import socket
-
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            port = sock.getsockname()[1]
-        out = os.path.join(workdir, f"ranks{nproc}.json")
-        env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-        load0 = foreign_load(1.0)
-        t0 = time.perf_counter()
-        subprocess.run([sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-                        "--master_addr=127.0.0.1", f"--master_port={port}", __file__, "--rank-worker",
-                        "--traj", path, "--out", out, "--rank-P", str(P), "--rank-N", str(N),
-                        "--rank-n-test", str(n_test), "--rank-repeat", str(repeat)], env=env, check=True)
-        wall = time.perf_counter() - t0
-        times = json.load(open(out, encoding="utf-8"))
-        rows.append({"ranks": nproc, "launch_wall": wall, "load_before": load0, **times})
-        print(f"  ranks={nproc}: {times} (launch wall {wall:.1f} s, others' CPU before {load0})", flush=True)
-    return rows
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    out = os.path.join(workdir, "ranks.json")
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    load0 = foreign_load(1.0)
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                    "--master_addr=127.0.0.1", f"--master_port={port}", __file__, "--rank-worker",
+                    "--traj", path, "--out", out, "--rank-P", str(P), "--rank-N", str(N),
+                    "--rank-n-test", str(n_test), "--rank-repeat", str(repeat)], env=env, check=True)
+    result = json.load(open(out, encoding="utf-8"))
+    result["load_before"] = load0
+    for job in ("reconstruct", "training view", "data view"):
+        print(f"  {job}: one process {result[f'{job} one wall']:.2f} s wall / {result[f'{job} one cpu']:.2f} s CPU, "
+              f"2 ranks {result[f'{job} two wall']:.2f} / {result[f'{job} two cpu']:.2f}", flush=True)
+    return result
 
 
 # ----------------------------------------------------------------------------- report
@@ -315,7 +321,7 @@ def plot(rows: List[Row], path: str) -> None:
     fig.savefig(path, dpi=110)
 
 
-def write_report(rows: List[Row], big: Optional[Row], ranks: List[Dict[str, Any]], args: argparse.Namespace,
+def write_report(rows: List[Row], big: Optional[Row], ranks: Dict[str, Any], args: argparse.Namespace,
                  path: str, load_note: str) -> None:
     lines = ["# Scaling benchmark", "", f"Command: `python benchmarks/scaling.py {' '.join(sys.argv[1:])}`".rstrip(),
              "", "## Environment", ""] + [f"- {e}" for e in environment()] + [f"- {load_note}", ""]
@@ -347,21 +353,23 @@ def write_report(rows: List[Row], big: Optional[Row], ranks: List[Dict[str, Any]
                   f"P = {big.P:,}, N = {big.N}, n_train = {big.n_train}, batch = {big.batch}, n_test = {big.n_test}: "
                   f"{big.seconds:.1f} s, peak RSS increase {fmt_mem(big.peak)} (budget 4096 MiB), max|delta| "
                   f"{big.delta:.1e}; {big.info}. Options: {big.note}.", ""]
-    if ranks:
+    if ranks and "data view one wall" in ranks:
         lines += ["## 1 vs 2 ranks (torchrun, gloo, one thread per rank, same job)", "",
-                  f"P = {args.rank_P:,}, N = {args.rank_N}, n_test = {args.rank_n_test}, n_train = 256, batch 16. Wall "
-                  "time of each call between barriers (start-up excluded), and the CPU seconds of the busiest rank's "
-                  "main thread (the work split, nearly independent of what else runs on the machine); best of "
-                  f"{getattr(args, 'rank_repeat', 1)} repetitions each.", "",
-                  "| job | 1 rank wall (s) | 2 ranks wall (s) | wall speed-up | 1 rank CPU (s) "
-                  "| busiest of 2 ranks CPU (s) | CPU speed-up |", "|---|---|---|---|---|---|---|"]
-        one, two = ranks[0], ranks[1]
+                  f"P = {args.rank_P:,}, N = {args.rank_N}, n_test = {args.rank_n_test}, n_train = 256, batch 16. "
+                  "One 2-rank launch alternates the job run by one process (rank 0 alone, `distributed=False`) and "
+                  f"split over both ranks, {getattr(args, 'rank_repeat', 5)} times each; best wall time between "
+                  "barriers (start-up excluded) and best main-thread CPU seconds of the busiest rank (the work "
+                  "split); the median of the per-pair ratios beside them.", "",
+                  "| job | 1 process wall (s) | 2 ranks wall (s) | wall speed-up (best / median pair) "
+                  "| 1 process CPU (s) | busiest rank CPU (s) | CPU speed-up (best / median pair) |",
+                  "|---|---|---|---|---|---|---|"]
         for job in ("reconstruct", "training view", "data view"):
-            c1, c2 = one.get(job + " cpu"), two.get(job + " cpu")
-            cpu = f"{c1:.2f} | {c2:.2f} | {c1 / c2:.2f}×" if c1 and c2 else "– | – | –"
-            lines.append(f"| {job} | {one[job]:.2f} | {two[job]:.2f} | {one[job] / two[job]:.2f}× | {cpu} |")
-        lines += ["", f"Others' CPU load right before the launches: 1 rank {ranks[0]['load_before']:.0%}, "
-                  f"2 ranks {ranks[1]['load_before']:.0%} of the machine.", ""]
+            r = ranks
+            w1, w2, c1, c2 = (r[f"{job} one wall"], r[f"{job} two wall"], r[f"{job} one cpu"], r[f"{job} two cpu"])
+            mw, mc = statistics.median(r[f"{job} pair wall ratios"]), statistics.median(r[f"{job} pair cpu ratios"])
+            lines.append(f"| {job} | {w1:.2f} | {w2:.2f} | {w1 / w2:.2f}× / {mw:.2f}× | {c1:.2f} | {c2:.2f} "
+                         f"| {c1 / c2:.2f}× / {mc:.2f}× |")
+        lines += ["", f"Others' CPU load right before the launch: {ranks['load_before']:.0%} of the machine.", ""]
     Path(path).write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 
@@ -378,7 +386,7 @@ def main() -> None:
     ap.add_argument("--rank-P", type=int, default=100_000, help="P of the 1 vs 2 ranks job")
     ap.add_argument("--rank-N", type=int, default=16, help="steps of the 1 vs 2 ranks job")
     ap.add_argument("--rank-n-test", type=int, default=8, help="test inputs of the 1 vs 2 ranks job")
-    ap.add_argument("--rank-repeat", type=int, default=3, help="timed repetitions per job and rank count (best kept)")
+    ap.add_argument("--rank-repeat", type=int, default=5, help="interleaved timed pairs per job (1 process, 2 ranks)")
     args = ap.parse_args()
     if args.rank_worker:
         rank_worker(args)
@@ -390,13 +398,14 @@ def main() -> None:
     print(load_note, flush=True)
     rows: List[Row] = []
     big = None
-    ranks: List[Dict[str, Any]] = []
+    ranks: Dict[str, Any] = {}
     if args.merge:
         with open(args.merge, encoding="utf-8") as fh:
             old = json.load(fh)
         rows = [Row(**r) for r in old["rows"]]
         big = Row(**old["big"]) if old.get("big") else None
-        ranks = old.get("ranks", [])
+        ranks = old.get("ranks") or {}
+        ranks = ranks if isinstance(ranks, dict) else {}  # an older file's two-launch rows
         load_note += f"; sweep rows and the big row from an earlier run ({args.merge})"
     with tempfile.TemporaryDirectory() as tmp:
         if "sweeps" in parts:
@@ -409,7 +418,7 @@ def main() -> None:
                     rows += measure_rows(sweep, jobs, s, args.device, tmp, note, **extra)
                 except MemoryError as err:  # a budget below the plan's need: say so, keep the other rows
                     print(f"  {sweep} {s} {note}: {err}", flush=True)
-                _save_json(args.out, rows, None, [])
+                _save_json(args.out, rows, None, {})
         if "big" in parts:
             s = Setting(10_000_000, 3, 64, 16, 2)
             big = measure_rows("big", ["data view"], s, args.device, tmp, max_memory="4GiB", max_evaluations=16,
@@ -423,7 +432,7 @@ def main() -> None:
     print(f"wrote {args.out}", flush=True)
 
 
-def _save_json(out: str, rows: List[Row], big: Optional[Row], ranks: List[Dict[str, Any]]) -> None:
+def _save_json(out: str, rows: List[Row], big: Optional[Row], ranks: Dict[str, Any]) -> None:
     with open(Path(out).with_suffix(".json"), "w", encoding="utf-8") as fh:
         json.dump({"rows": [asdict(r) for r in rows], "big": None if big is None else asdict(big), "ranks": ranks},
                   fh, indent=1)
