@@ -333,7 +333,11 @@ class DataView(ViewBase):
         nxt_beta: Optional[torch.Tensor] = None  # β at the first step of the block above r
         for r in reversed(above):
             _, local, prod, first_beta = parts[r]
-            acc = local if acc is None else local + prod * (nxt_beta * acc)
+            if acc is None:
+                acc = local
+            else:
+                assert nxt_beta is not None  # set with acc
+                acc = local + prod * (nxt_beta * acc)
             nxt_beta = first_beta
         return acc, nxt_beta
 

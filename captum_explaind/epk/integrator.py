@@ -259,15 +259,21 @@ def _base_pass(integrand: StepIntegrand, t_nodes: Sequence[float], w_nodes: Sequ
 
 
 def _sub_pass(integrand: StepIntegrand, pairs: _Pairs, sub_rule: Tuple[Sequence[float], Sequence[float]],
-              max_rows: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+              max_rows: int) -> Tuple[Optional[torch.Tensor], torch.Tensor, torch.Tensor, int]:
     """A refinement level: the sub-rule on every pair's own interval, in batched calls.
 
+    The integrated payload is held only for a level of at most ``max_rows`` pairs: a vjp payload
+    is parameter-sized per pair, and a level of many pairs (a ResNet's kinks) would hold one
+    parameter vector each. For more pairs it is ``None`` and :func:`_payload_kept` recomputes the
+    accepted pairs' payloads in slices of ``max_rows`` once they are known.
+
     Returns:
-        *tuple*: integrated payload, integrated total [p, C], the totals at the nodes [p, n, C]
-        (in the rule's node order), and the calls made.
+        *tuple*: integrated payload (or None), integrated total [p, C], the totals at the nodes
+        [p, n, C] (in the rule's node order), and the calls made.
     """
     a, rows = pairs.a, pairs.rows
     h = pairs.b - a
+    hold = len(rows) <= max_rows
     contrib: Optional[torch.Tensor] = None
     total: Optional[torch.Tensor] = None
     gvals = []
@@ -281,16 +287,42 @@ def _sub_pass(integrand: StepIntegrand, pairs: _Pairs, sub_rule: Tuple[Sequence[
             sl = slice(i, i + max_rows)
             payload, tot = integrand.evaluate(tt[sl], rows[sl])
             calls += 1
-            if contrib is None:
-                contrib = payload.new_zeros((len(rows),) + tuple(payload.shape[1:]))
-            contrib[sl].add_(payload * _bcast(wq[sl], payload))
+            if hold:
+                if contrib is None:
+                    contrib = payload.new_zeros((len(rows),) + tuple(payload.shape[1:]))
+                contrib[sl].add_(payload * _bcast(wq[sl], payload))
             tots.append(tot)
             del payload
         tot = torch.cat(tots)
         total = tot * wq.unsqueeze(1) if total is None else total.add_(tot * wq.unsqueeze(1))
         gvals.append(tot)
-    assert contrib is not None and total is not None  # a rule has a node, a rejected pair a child
+    assert total is not None and (contrib is not None or not hold)  # a rule has a node, a rejected pair a child
     return contrib, total, torch.stack(gvals, dim=1), calls
+
+
+def _payload_kept(integrand: StepIntegrand, pairs: _Pairs, keep: torch.Tensor,
+                  sub_rule: Tuple[Sequence[float], Sequence[float]], max_rows: int) -> int:
+    """The accepted pairs' integrated payload, recomputed and handed to the integrand in slices of
+    ``max_rows`` pairs (a level too large to hold, see :func:`_sub_pass`); the calls made.
+
+    The same points, nodes and weights in the same order as :func:`_sub_pass`: the payload of
+    each pair is the one it would have held.
+    """
+    idx = keep.nonzero().reshape(-1)
+    a, h, rows = pairs.a[idx], (pairs.b - pairs.a)[idx], pairs.rows[idx]
+    calls = 0
+    for i in range(0, len(idx), max_rows):
+        sl = slice(i, i + max_rows)
+        part: Optional[torch.Tensor] = None
+        for t, w in zip(*sub_rule):
+            payload, _ = integrand.evaluate(a[sl] + h[sl] * t, rows[sl])
+            calls += 1
+            term = payload * _bcast(h[sl] * w, payload)
+            part = term if part is None else part.add_(term)
+            del payload
+        assert part is not None  # a rule has a node
+        integrand.accumulate(rows[sl], part)
+    return calls
 
 
 def _accepted(err: torch.Tensor, pairs: _Pairs, acc_err: torch.Tensor, tol: torch.Tensor, noise: torch.Tensor,
@@ -305,15 +337,17 @@ def _accepted(err: torch.Tensor, pairs: _Pairs, acc_err: torch.Tensor, tol: torc
     return done[rows] | (err <= tol[rows] * (pairs.b - pairs.a) + noise[rows])
 
 
-def _accumulate(integrand: StepIntegrand, keep: torch.Tensor, rows: torch.Tensor, contrib: torch.Tensor,
+def _accumulate(integrand: StepIntegrand, keep: torch.Tensor, rows: torch.Tensor, contrib: Optional[torch.Tensor],
                 total: torch.Tensor, err: torch.Tensor, acc_total: torch.Tensor, acc_err: torch.Tensor) -> bool:
-    """Hand the kept pairs' payload to the integrand and add their totals and errors to the
-    per-input accumulators (in place). Returns whether every pair was kept."""
+    """Hand the kept pairs' payload to the integrand (unless ``contrib`` is None: handed over by
+    :func:`_payload_kept`) and add their totals and errors to the per-input accumulators (in
+    place). Returns whether every pair was kept."""
     all_kept = bool(keep.all())
     # all kept: pass the tensors themselves, not masked copies
     sel = slice(None) if all_kept else keep
     if bool(keep.any()):
-        integrand.accumulate(rows[sel], contrib[sel])
+        if contrib is not None:
+            integrand.accumulate(rows[sel], contrib[sel])
         acc_total.index_add_(0, rows[sel], total[sel])
         acc_err.index_add_(0, rows[sel], err[sel])
     return all_kept
@@ -465,6 +499,7 @@ def integrate_step(
 
     # Level 0: one shared parameter point per node, all rows in one call.
     rows = torch.arange(m, device=device)
+    contrib: Optional[torch.Tensor]
     contrib, total, g, evaluations = _base_pass(integrand, t_nodes, w_nodes, rows)
     check_integrand(total, rows, "the rule's nodes")  # NaN never converges: stop before refining
     pairs = _Pairs.whole_step(rows, f0, f1)
@@ -480,6 +515,8 @@ def integrate_step(
         spent = max_points is not None and points >= max_points
         final = (not control) or depth >= max_depth or spent
         keep = _accepted(err, pairs, acc_err, tol, noise, final)
+        if contrib is None:  # a level too large to hold its payload: the accepted pairs', recomputed
+            evaluations += _payload_kept(integrand, pairs, keep, sub_rule, max_rows)
         all_kept = _accumulate(integrand, keep, pairs.rows, contrib, total, err, acc_total, acc_err)
         if final and control:
             bad_rows = (acc_err > tol + noise).nonzero().reshape(-1)
