@@ -151,15 +151,14 @@ class DataView(ViewBase):
     def shard_steps(self, last: int) -> bool:
         """The engine asks whether the split sweep may give each rank a contiguous block of the
         steps ``1..last`` (all inputs) instead of a block of the inputs. Yes when every rank gets a
-        step and this rank's stored ``η D φ`` (inputs × P per step) fits :data:`STEP_SPLIT_BYTES`
-        (or half of ``max_memory``); then each step's whole training side runs on one rank, and
-        the per-call overheads of small batches are not paid twice."""
+        step and this rank's stored ``η D φ`` (inputs × P per step) fits :data:`STEP_SPLIT_BYTES`,
+        and no ``max_memory`` budget is set (its plan does not count the stored gradients); then
+        each step's whole training side runs on one rank, and the per-call overheads of small
+        batches are not paid twice."""
         world = distributed.world_size()
         P, size = self.epk.layout.total, torch.finfo(self.epk.dtype).bits // 8
         per_rank = -(-last // world) * (self.n + 12) * P * size  # η D φ plus a step's parameter-sized vectors
-        budget = self.epk.options.max_memory
-        limit = STEP_SPLIT_BYTES if budget is None else int(budget) // 2
-        if last < world or per_rank > limit:
+        if last < world or per_rank > STEP_SPLIT_BYTES or self.epk.options.max_memory is not None:
             return False
         self._stored = []
         return True
