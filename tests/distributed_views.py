@@ -178,6 +178,23 @@ def ddp_train_and_record(path: str, X: torch.Tensor, Y: torch.Tensor, epochs: in
                 opt.step()
 
 
+def data_main(argv) -> None:
+    """``distributed_views.py --data TRAJECTORY DATA OUT_PREFIX``: the data views only (a launch
+    of more ranks: the reverse-time carry crosses several blocks)."""
+    from captum_explaind import Trajectory, distributed
+
+    from training import TanhMLP
+
+    traj_path, data_path, prefix = argv[2:5]
+    torch.distributed.init_process_group("gloo")
+    try:
+        X, Y = torch.load(data_path)
+        got = data_views(TanhMLP().double(), Trajectory.open(traj_path), X, Y, X[:5], Y[:5])
+        torch.save(got, f"{prefix}.rank{distributed.rank()}.pt")
+    finally:
+        torch.distributed.destroy_process_group()
+
+
 def main(argv) -> None:
     from captum_explaind import Trajectory, TrajectoryRecorder, distributed
 
@@ -250,4 +267,4 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv)
+    data_main(sys.argv) if sys.argv[1] == "--data" else main(sys.argv)

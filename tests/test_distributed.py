@@ -218,3 +218,22 @@ def test_ddp_recorder_records_every_rank_and_the_data_view_replays_it(recorded, 
     # a recorder created on rank 0 only (ddp=False) recorded that process alone
     alone = Trajectory.open(launched / "out.alone")
     assert alone.num_steps == 3 and [mb.indices.tolist() for mb in alone.record(3).batches] == [[2, 3]]
+
+
+@pytest.mark.slow
+def test_data_view_over_three_ranks_chains_the_carry(recorded, tmp_path):
+    """Three blocks of steps: the carry into the first crosses two later blocks."""
+    from distributed_views import data_views
+
+    model, traj, X, Y, path = recorded
+    torch.save((X, Y), tmp_path / "data.pt")
+    torchrun(HERE / "distributed_views.py", "--data", str(path), str(tmp_path / "data.pt"), str(tmp_path / "d"),
+             nproc=3)
+    want = data_views(model, traj, X, Y, X[:5], Y[:5])
+    total = int(want.pop("data.train_work"))
+    work = []
+    for r in range(3):
+        got = torch.load(tmp_path / f"d.rank{r}.pt")
+        work.append(int(got.pop("data.train_work")))
+        assert_equal_results(got, want)
+    assert sum(work) == total and max(work) < 0.5 * total, (work, total)
