@@ -41,6 +41,7 @@ __all__ = [
     "layer_balance",
     "SampleInfluence",
     "sample_influence",
+    "sample_influences",
     "SimilarityStages",
     "similarity_stages",
     "true_change",
@@ -316,25 +317,53 @@ def sample_influence(run: GrokRun, x: torch.Tensor, y: torch.Tensor, stages: Seq
     Returns:
         *SampleInfluence*
     """
+    return sample_influences(run, {"inputs": (x, y)}, stages, layer, options, **overrides)["inputs"]
+
+
+def sample_influences(run: GrokRun, sets: Dict[str, "tuple[torch.Tensor, torch.Tensor]"], stages: Sequence[Stage],
+                      layer: str = "decoder", options: OptionsType = "exact",
+                      **overrides: Any) -> Dict[str, SampleInfluence]:
+    """:func:`sample_influence` for several sets of predictions (e.g. test and training pairs) at once.
+
+    The sets share every stage's reverse sweep: the per-sample training gradients of a step,
+    the sweep's main cost, are computed once for all of them (a set's numbers are the same as
+    from its own call: the data view's accumulators are per input).
+
+    Args:
+        run (GrokRun): the recorded run. sets (dict): name → ``(x, y)``.
+        stages, layer, options, **overrides: as :func:`sample_influence`.
+
+    Returns:
+        *dict[str, SampleInfluence]*, by the names of ``sets``
+    """
     if layer not in LAYERS:
         raise ValueError(f"layer must be one of {list(LAYERS)}, got {layer!r}")
+    if not sets:
+        raise ValueError("sets must name at least one (x, y) pair")
     rest = [sel for name, sels in LAYERS.items() if name != layer for sel in sels]
     tdi = TrainingDataInfluence(run.model, run.recorded, run.data.train_set, loss_fn=nn.NLLLoss(reduction="none"),
                                 options=options, **overrides)
-    scores, other, reg, resid, change, delta = [], [], [], [], [], []
+    x = torch.cat([xy[0] for xy in sets.values()])
+    y = torch.cat([xy[1] for xy in sets.values()])
+    parts: Dict[str, List[torch.Tensor]] = {k: [] for k in ("scores", "other", "reg", "resid", "change", "delta")}
     for st in stages:  # one reverse sweep per stage: memory n × n_train per stage
         res = tdi.explain(x, target=y, layers={layer: LAYERS[layer], "rest": rest}, steps=st.steps)
-        scores.append(res.scores[..., 0])
-        other.append(res.scores[..., 1].sum(1))
-        reg.append(res.regularization)
-        resid.append(res.residual)
-        change.append(res.change)
-        delta.append(res.delta)
-    a, b = x[:, 0], x[:, 2]
+        for k, v in (("scores", res.scores[..., 0]), ("other", res.scores[..., 1].sum(1)),
+                     ("reg", res.regularization), ("resid", res.residual), ("change", res.change),
+                     ("delta", res.delta)):
+            parts[k].append(v)
+    stacked = {k: torch.stack(v) for k, v in parts.items()}  # [n_stages, n_all, ...]
     ta, tb = run.data.operands("train")
-    return SampleInfluence(stages=list(stages), layer=layer, scores=torch.stack(scores), other=torch.stack(other),
-                           regularization=torch.stack(reg), residual=torch.stack(resid), change=torch.stack(change),
-                           delta=torch.stack(delta), input_sums=a + b, train_sums=ta + tb, p=run.data.p)
+    out: Dict[str, SampleInfluence] = {}
+    offset = 0
+    for name, (xs, _) in sets.items():
+        sl = slice(offset, offset + xs.shape[0])
+        offset = sl.stop
+        out[name] = SampleInfluence(
+            stages=list(stages), layer=layer, scores=stacked["scores"][:, sl], other=stacked["other"][:, sl],
+            regularization=stacked["reg"][:, sl], residual=stacked["resid"][:, sl], change=stacked["change"][:, sl],
+            delta=stacked["delta"][:, sl], input_sums=xs[:, 0] + xs[:, 2], train_sums=ta + tb, p=run.data.p)
+    return out
 
 
 # ---------------------------------------------------------------------- Fig. 5
