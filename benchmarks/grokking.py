@@ -16,6 +16,8 @@ Usage::
     python benchmarks/grokking.py --device cuda                 # on a GPU
     python benchmarks/grokking.py --config small --preset exact # the demo's configuration, exact
     python benchmarks/grokking.py --p 59 --n-train 1300 --n-test 411 --max-steps 3000   # reduced
+    python benchmarks/grokking.py --trajectory runs/grok113 --train-seconds 946   # analyse a recording
+    python benchmarks/grokking.py --trajectory runs/grok113 --train-seconds 946 --profile 2  # cost per part
 """
 
 from __future__ import annotations
@@ -34,7 +36,8 @@ if str(ROOT) not in sys.path:
 
 import torch  # noqa: E402
 
-from captum_explaind.grokking import GrokConfig  # noqa: E402
+from captum_explaind.grokking import GrokConfig, GrokRun, load_run  # noqa: E402
+from captum_explaind.grokking.analysis import find_stages  # noqa: E402
 from captum_explaind.grokking.findings import format_findings  # noqa: E402
 from captum_explaind.grokking.study import Study, StudySettings, run_study  # noqa: E402
 
@@ -60,6 +63,13 @@ def parse(argv: Optional[List[str]]) -> argparse.Namespace:
     p.add_argument("--device", default="cpu", help="torch device (cuda for a GPU). Default: cpu")
     p.add_argument("--out", default=None, help="folder for the trajectory and figures (default: a temporary one)")
     p.add_argument("--results", default=None, help="write the markdown report here")
+    p.add_argument("--trajectory", default=None,
+                   help="analyse this existing recording of --config (made by captum_explaind.grokking.train) "
+                        "instead of training; the accuracy curves are recomputed from its θ_s")
+    p.add_argument("--train-seconds", type=float, default=float("nan"),
+                   help="with --trajectory: the training time measured when it was recorded (reported as such)")
+    p.add_argument("--profile", type=int, default=None, metavar="K",
+                   help="time each view on K steps and extrapolate to the whole run, instead of running it")
     return p.parse_args(argv)
 
 
@@ -89,6 +99,8 @@ def report(study: Study, args: argparse.Namespace, wall: float) -> str:
         f"d = {cfg.d_model}, {cfg.n_heads} heads, MLP {cfg.d_mlp}, full-batch AdamW lr {cfg.lr}, weight decay "
         f"{cfg.weight_decay}, betas {cfg.betas}; stop at test accuracy {cfg.target_test_acc:.0%} or "
         f"{cfg.max_steps} steps. Options preset: `{args.preset}`.", "",
+        (f"Training: not run here; the recording `{args.trajectory}` was analysed, and the training time below "
+         f"is the {train_s:.0f} s measured when it was recorded." if args.trajectory else "Training: run here."), "",
         f"Run: {run.steps} steps; train 100 % at step {run.history.first_step('train_acc', 1.0)}, test 100 % at "
         f"step {run.history.first_step('test_acc', 1.0)} (final test accuracy {run.history.test_acc[-1]:.1%}).", "",
         f"Environment: {environment(args.device)}.", "",
@@ -98,8 +110,8 @@ def report(study: Study, args: argparse.Namespace, wall: float) -> str:
         "training": f"{run.steps} full-batch steps, recorded",
         "Fig. 3a left": f"Ψ vs Ψ^reg, {study.settings.n_inputs} test predictions, windows of {study.settings.window}",
         "Fig. 3a right": f"6 layers' Ψ_s, D_s on {study.settings.d_inputs} predictions",
-        "Fig. 4 test": f"decoder-layer sample influence, {study.settings.n_influence} test predictions, 4 stages",
-        "Fig. 4 train": f"the same for {study.settings.n_influence} training predictions",
+        "Fig. 4": f"decoder-layer sample influence, {study.settings.n_influence} test and "
+                  f"{study.settings.n_influence} training predictions, 4 stages (one sweep per stage)",
         "Fig. 5": f"decoder-layer similarity of {study.settings.n_similarity} test predictions, 4 stages",
         "Table 2": "Lasso on the grokked stage's similarity",
         "Fig. 3b swap": "6 layers × 20 checkpoints",
@@ -121,7 +133,28 @@ def report(study: Study, args: argparse.Namespace, wall: float) -> str:
     return "\n".join(lines)
 
 
-def main(argv: Optional[List[str]] = None) -> Study:
+def profile(run: GrokRun, settings: StudySettings, args: argparse.Namespace) -> str:
+    from grokking_profile import format_profile, profile_parts
+
+    stages = find_stages(run, settings.stage_width)
+    rows = profile_parts(run, stages, settings, k=args.profile)
+    cfg, h = run.config, run.history
+    text = "\n".join([
+        "# Grokking study benchmark: cost per part, measured on a few steps and extrapolated", "",
+        f"Command: `python benchmarks/grokking.py {' '.join(sys.argv[1:])}`", "",
+        f"Run: p = {cfg.p}, {run.data.n_train} / {run.data.n_test} pairs, {run.steps} steps (train 100 % at step "
+        f"{h.first_step('train_acc', 1.0)}, test 100 % at step {h.first_step('test_acc', 1.0)}); training "
+        f"{run.train_seconds:.0f} s as measured when it was recorded. Preset `{args.preset}`; stages: "
+        + "; ".join(str(s) for s in stages) + ".", "",
+        f"Environment: {environment(args.device)}.", "",
+        format_profile(rows, run.train_seconds), ""])
+    print(text)
+    if args.results:
+        Path(args.results).write_text(text)
+    return text
+
+
+def main(argv: Optional[List[str]] = None) -> Optional[Study]:
     args = parse(argv)
     torch.manual_seed(0)
     config = config_from(args)
@@ -130,7 +163,15 @@ def main(argv: Optional[List[str]] = None) -> Study:
                              d_inputs=args.d_inputs, n_influence=args.inputs, n_similarity=args.similarity_inputs,
                              options=args.preset, retrain=not args.no_retrain)
     start = time.perf_counter()
-    study = run_study(out / "trajectory", config, settings, device=args.device)
+    run = None
+    if args.trajectory is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        run = load_run(args.trajectory, config, train_seconds=args.train_seconds,
+                       history_file=out / "history.json", show_progress=True)
+        if args.profile is not None:
+            profile(run, settings, args)
+            return None
+    study = run_study(out / "trajectory", config, settings, device=args.device, run=run)
     study.save_figures(out / "figures")
     text = report(study, args, time.perf_counter() - start)
     print(text)

@@ -10,13 +10,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from captum_explaind import EPKOptions
-from captum_explaind.grokking import LAYERS, GrokConfig, train
+from captum_explaind import EPKOptions, PredictionSimilarity
+from captum_explaind.grokking import LAYERS, GrokConfig, load_run, train
 from captum_explaind.grokking.analysis import (
     Stage,
     find_stages,
     layer_balance,
     sample_influence,
+    sample_influences,
     similarity_stages,
     training_balance,
 )
@@ -99,6 +100,46 @@ def test_fig5_similarity_per_stage(run):
     assert torch.allclose(sim.similarity.diagonal(dim1=1, dim2=2), torch.ones(2, 5, dtype=sim.similarity.dtype))
     assert torch.allclose(sim.similarity, sim.similarity.transpose(1, 2))
     assert (sim.similarity.abs() <= 1 + 1e-6).all()  # float32 ("fast")
+
+
+def test_fig4_sets_share_a_sweep_and_equal_their_own_calls(run):
+    stages = [Stage("a", range(2, 4)), Stage("b", range(5, 7))]
+    sets = {"test": (run.data.test_x[:2], run.data.test_y[:2]), "train": (run.data.train_x[:3], run.data.train_y[:3])}
+    both = sample_influences(run, sets, stages, options=OPTS)
+    for name, (x, y) in sets.items():
+        alone = sample_influence(run, x, y, stages, options=OPTS)
+        for field in ("scores", "other", "regularization", "residual", "change", "delta"):
+            torch.testing.assert_close(getattr(both[name], field), getattr(alone, field), rtol=1e-9, atol=1e-12)
+        torch.testing.assert_close(both[name].input_sums, alone.input_sums, rtol=0, atol=0)
+
+
+def test_fig5_stages_in_one_sweep_equal_one_call_per_stage(run):
+    from torch import nn
+
+    x, y = run.data.test_x[:3], run.data.test_y[:3]
+    stages = [Stage("a", range(1, 3)), Stage("b", range(2, 5)), Stage("c", range(5, 7))]
+    sim = similarity_stages(run, x, y, stages, options=OPTS)
+    ps = PredictionSimilarity(run.model, run.recorded, run.data.train_set, loss_fn=nn.NLLLoss(reduction="none"),
+                              options=OPTS)
+    for k, st in enumerate(stages):
+        alone = ps.explain(x, target=y, layers=LAYERS["decoder"], steps=st.steps)
+        torch.testing.assert_close(sim.similarity[k], alone.similarity, rtol=0, atol=1e-12)
+        truth = forward_change(run, x, y, st.steps.start - 1, st.steps.stop - 1)
+        torch.testing.assert_close(alone.change[:, 0], truth, rtol=0, atol=1e-12)
+
+
+def test_load_run_recomputes_the_curves(run, tmp_path):
+    cache = tmp_path / "history.json"
+    loaded = load_run(run.trajectory.path, run.config, train_seconds=1.5, history_file=cache)
+    assert loaded.history.train_acc == pytest.approx(run.history.train_acc)
+    assert loaded.history.test_acc == pytest.approx(run.history.test_acc)
+    assert loaded.history.loss == pytest.approx(run.history.loss, rel=1e-5)
+    assert loaded.train_seconds == 1.5 and cache.exists()
+    for k, v in loaded.model.state_dict().items():
+        torch.testing.assert_close(v, run.model.state_dict()[k], rtol=0, atol=0)
+    assert load_run(run.trajectory.path, run.config, history_file=cache).history.test_acc == loaded.history.test_acc
+    with pytest.raises(ValueError, match="not recorded from a model built with"):
+        load_run(run.trajectory.path, GrokConfig.tiny(d_model=8, n_heads=2))
 
 
 def test_unknown_layer_is_named(run):

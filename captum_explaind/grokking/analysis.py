@@ -412,11 +412,15 @@ def similarity_stages(run: GrokRun, x: torch.Tensor, y: torch.Tensor, stages: Se
         raise ValueError(f"layer must be one of {list(LAYERS)}, got {layer!r}")
     ps = PredictionSimilarity(run.model, run.recorded, run.data.train_set, loss_fn=nn.NLLLoss(reduction="none"),
                               options=options, **overrides)
+    # one forward sweep for all stages: the per-sample momentum buffers do not depend on the window
+    results = ps.explain_windows(x, [st.steps for st in stages], target=y, layers=LAYERS[layer])
     sims, errs = [], []
-    for st in stages:
-        res = ps.explain(x, target=y, layers=LAYERS[layer], steps=st.steps)
+    for st, res in zip(stages, results):
         sims.append(res.similarity)
-        err = res.stats.step_error if res.stats is not None else torch.zeros(0)
+        err = torch.zeros(0)
+        if res.stats is not None and res.stats.step_error.numel():
+            rows = [i for i, s in enumerate(res.stats.steps) if s in st.steps]  # this stage's steps
+            err = res.stats.step_error[rows]
         errs.append(float(err.max()) if err.numel() else 0.0)
     return SimilarityStages(stages=list(stages), layer=layer, similarity=torch.stack(sims), sums=x[:, 0] + x[:, 2],
                             p=run.data.p, max_step_error=errs)

@@ -24,7 +24,7 @@ from .analysis import (
     TrainingBalance,
     find_stages,
     layer_balance,
-    sample_influence,
+    sample_influences,
     similarity_stages,
     training_balance,
 )
@@ -146,7 +146,8 @@ def _timed(study: Study, name: str, fn: Any, verbose: bool) -> Any:
 
 
 def run_study(path: Union[str, os.PathLike], config: GrokConfig, settings: Optional[StudySettings] = None,
-              *, device: Union[str, torch.device] = "cpu", verbose: bool = True) -> Study:
+              *, device: Union[str, torch.device] = "cpu", verbose: bool = True,
+              run: Optional[GrokRun] = None) -> Study:
     """Train and record ``config``, then run every figure's analysis with ``settings``.
 
     Args:
@@ -154,15 +155,22 @@ def run_study(path: Union[str, os.PathLike], config: GrokConfig, settings: Optio
         config (GrokConfig): the task and training. settings (StudySettings, optional): analyses.
         device (str or torch.device): where to train and compute. Default: "cpu"
         verbose (bool): progress bars and a line per part. Default: True
+        run (GrokRun, optional): analyse this recorded run instead of training (``path`` and
+            ``config`` are then unused; ``"training"`` is ``run.train_seconds``, the time measured
+            when it was recorded). Default: None
 
     Returns:
         *Study* (``study.seconds`` holds each part's wall time; ``"training"`` the training's)
     """
     st = settings or StudySettings()
     start = time.perf_counter()
-    run = train(path, config, device=device, show_progress=verbose)
+    if run is None:
+        run = train(path, config, device=device, show_progress=verbose)
+        train_seconds = time.perf_counter() - start
+    else:
+        train_seconds = run.train_seconds
     study = Study(run=run, settings=st, stages=find_stages(run, st.stage_width))
-    study.seconds["training"] = time.perf_counter() - start
+    study.seconds["training"] = train_seconds
     opts: Dict[str, Any] = {"show_progress": verbose, "device": device}
     d = run.data
     xt, yt = d.test_x[: st.n_inputs], d.test_y[: st.n_inputs]
@@ -170,12 +178,11 @@ def run_study(path: Union[str, os.PathLike], config: GrokConfig, settings: Optio
         run, xt, yt, st.window, st.options, **opts), verbose)
     study.layers = _timed(study, "Fig. 3a right", lambda: layer_balance(
         run, xt, yt, st.window, d_inputs=st.d_inputs, options=st.options, **opts), verbose)
-    xi, yi = d.test_x[: st.n_influence], d.test_y[: st.n_influence]
-    study.test_influence = _timed(study, "Fig. 4 test", lambda: sample_influence(
-        run, xi, yi, study.stages, st.layer, st.options, **opts), verbose)
-    xr, yr = d.train_x[: st.n_influence], d.train_y[: st.n_influence]
-    study.train_influence = _timed(study, "Fig. 4 train", lambda: sample_influence(
-        run, xr, yr, study.stages, st.layer, st.options, **opts), verbose)
+    sets = {"test": (d.test_x[: st.n_influence], d.test_y[: st.n_influence]),
+            "train": (d.train_x[: st.n_influence], d.train_y[: st.n_influence])}
+    influence = _timed(study, "Fig. 4", lambda: sample_influences(
+        run, sets, study.stages, st.layer, st.options, **opts), verbose)
+    study.test_influence, study.train_influence = influence["test"], influence["train"]
     xs, ys = d.test_x[: st.n_similarity], d.test_y[: st.n_similarity]
     study.similarity = _timed(study, "Fig. 5", lambda: similarity_stages(
         run, xs, ys, study.stages, st.layer, st.options, **opts), verbose)
