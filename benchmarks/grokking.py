@@ -39,7 +39,7 @@ import torch  # noqa: E402
 from captum_explaind.grokking import GrokConfig, GrokRun, load_run  # noqa: E402
 from captum_explaind.grokking.analysis import find_stages  # noqa: E402
 from captum_explaind.grokking.findings import format_findings  # noqa: E402
-from captum_explaind.grokking.study import Study, StudySettings, run_study  # noqa: E402
+from captum_explaind.grokking.study import PARTS, Study, StudySettings, run_study  # noqa: E402
 
 CONFIGS = {"paper": GrokConfig.paper, "small": GrokConfig.small, "tiny": GrokConfig.tiny}
 
@@ -60,6 +60,8 @@ def parse(argv: Optional[List[str]]) -> argparse.Namespace:
     p.add_argument("--window", type=int, default=50, help="steps per window of Fig. 3a. Default: 50")
     p.add_argument("--stage-width", type=int, default=50, help="steps per stage of Fig. 4 / 5. Default: 50")
     p.add_argument("--no-retrain", action="store_true", help="skip the retraining experiment (Fig. 7)")
+    p.add_argument("--skip", nargs="*", default=[], choices=list(PARTS), metavar="PART",
+                   help=f"parts not to run, by name: {', '.join(repr(x) for x in PARTS)}")
     p.add_argument("--device", default="cpu", help="torch device (cuda for a GPU). Default: cpu")
     p.add_argument("--out", default=None, help="folder for the trajectory and figures (default: a temporary one)")
     p.add_argument("--results", default=None, help="write the markdown report here")
@@ -104,7 +106,7 @@ def report(study: Study, args: argparse.Namespace, wall: float) -> str:
         f"Run: {run.steps} steps; train 100 % at step {run.history.first_step('train_acc', 1.0)}, test 100 % at "
         f"step {run.history.first_step('test_acc', 1.0)} (final test accuracy {run.history.test_acc[-1]:.1%}).", "",
         f"Environment: {environment(args.device)}.", "",
-        "| part | what | time (s) | × training |", "|---|---|---|---|",
+        "| part | what | time (s) | CPU time (s) | × training |", "|---|---|---|---|---|",
     ]
     what = {
         "training": f"{run.steps} full-batch steps, recorded",
@@ -121,9 +123,10 @@ def report(study: Study, args: argparse.Namespace, wall: float) -> str:
     for name, sec in study.seconds.items():
         if name != "training":
             analysis += sec
-        lines.append(f"| {name} | {what.get(name, '')} | {sec:.1f} | {sec / train_s:.1f}× |")
-    lines += [f"| **all analyses** | | **{analysis:.1f}** | **{analysis / train_s:.1f}×** |",
-              f"| wall time of the whole benchmark | | {wall:.1f} | |", "",
+        cpu = study.cpu_seconds.get(name, float("nan"))
+        lines.append(f"| {name} | {what.get(name, '')} | {sec:.1f} | {cpu:.1f} | {sec / train_s:.1f}× |")
+    lines += [f"| **all analyses** | | **{analysis:.1f}** | | **{analysis / train_s:.1f}×** |",
+              f"| wall time of the whole benchmark | | {wall:.1f} | | |", "",
               "Deltas (largest |change − Σ parts| of each decomposition):", ""]
     lines += [f"* {name}: {v:.2e}" for name, v in study.deltas().items()]
     lines += ["", "Findings:", "", format_findings(study.findings()), ""]
@@ -161,7 +164,7 @@ def main(argv: Optional[List[str]] = None) -> Optional[Study]:
     out = Path(args.out) if args.out else Path(__import__("tempfile").mkdtemp(prefix="grokking_bench_"))
     settings = StudySettings(window=args.window, stage_width=args.stage_width, n_inputs=args.inputs,
                              d_inputs=args.d_inputs, n_influence=args.inputs, n_similarity=args.similarity_inputs,
-                             options=args.preset, retrain=not args.no_retrain)
+                             options=args.preset, retrain=not args.no_retrain, skip=tuple(args.skip))
     start = time.perf_counter()
     run = None
     if args.trajectory is not None:
