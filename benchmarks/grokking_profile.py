@@ -34,6 +34,15 @@ def _momentum_reach(beta1: float, tiny: float = torch.finfo(torch.float64).eps *
     return 0 if beta1 <= 0 else int(math.ceil(math.log(tiny) / math.log(beta1)))
 
 
+class _Rows(list):
+    """A list of result rows that prints each as it is measured (a profile of p = 113 takes minutes)."""
+
+    def append(self, row: Dict[str, Any]) -> None:
+        print(f"   {row['part']}: {row['seconds']:.1f} s measured ({row['timed']}); estimate {row['estimate']:,.0f} s",
+              flush=True)
+        super().append(row)
+
+
 def profile_parts(run: GrokRun, stages: List[Stage], settings: Any, k: int = 2, at: int = 600) -> List[Dict[str, Any]]:
     """Time each view on ``k`` steps and scale to the whole run.
 
@@ -49,7 +58,7 @@ def profile_parts(run: GrokRun, stages: List[Stage], settings: Any, k: int = 2, 
     """
     N, d, o = run.steps, run.data, settings.options
     at = max(1, min(at, N - k + 1))
-    rows: List[Dict[str, Any]] = []
+    rows = _Rows()
     nll = nn.NLLLoss(reduction="none")
     xt, yt = d.test_x[: settings.n_inputs], d.test_y[: settings.n_inputs]
 
@@ -98,7 +107,7 @@ def profile_parts(run: GrokRun, stages: List[Stage], settings: Any, k: int = 2, 
                      f"of {ns} predictions ({ti:.1f} s)", seconds=tv + ti,
                      scale=f"{last} visits × {per_visit:.2f} s + {n_int} integrated × {per_integrated:.2f} s",
                      estimate=last * per_visit + n_int * per_integrated))
-    return rows
+    return list(rows)
 
 
 def format_profile(rows: List[Dict[str, Any]], train_seconds: float) -> str:

@@ -138,13 +138,16 @@ class SimilarityView(ViewBase):
     def _restrict(self, v: torch.Tensor) -> torch.Tensor:
         return v if self.coords is None else v.index_select(-1, self.coords)
 
-    def _restricted_grads(self, rec: StepRecord, theta: torch.Tensor
-                          ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The replayed gradient [P] (one backward of the step's weighted loss), the step's distinct
-        samples [m] and their weighted loss gradients on Θ only, ``[m, |Θ|]``.
+    def _restricted_grads(self, rec: StepRecord, theta: torch.Tensor, active: torch.Tensor
+                          ) -> Optional[Tuple[torch.Tensor, torch.Tensor, float]]:
+        """The step's distinct samples [m], their weighted loss gradients on Θ only ``[m, |Θ|]``, and
+        the measured gradient scale ``c``.
 
         The per-sample gradients differentiate Θ's parameters alone (the others enter as
         constants), so their backward pass stops at Θ's layers: for the last layer it is nearly free.
+        The scale is global (clipping, loss scaling), so it is measured on Θ: the recorded norm of
+        Θ's gradients (none recorded: inactive, zero) over the replayed one. ``None`` where Θ's
+        replayed gradient is zero (the caller then replays all parameters for this step).
         """
         fm, layout, loss_fn = self.epk.functional, self.epk.layout, self.loss_fn
         uniq, weights = step_samples(rec, "similarity view", self.epk.device, self.epk.dtype)
@@ -159,20 +162,21 @@ class SimilarityView(ViewBase):
                 params[nm] = piece.view(shape)
             return loss_fn(b.call(fm.module, params), e).sum()
 
-        g_rep = torch.zeros_like(theta)
         rows = []
-        size = max(1, min(len(uniq), (256 * 2**20) // max(1, 8 * (sel0.numel() + theta.numel() // 16))))
+        size = max(1, min(len(uniq), (256 * 2**20) // max(1, 8 * sel0.numel())))
         with functorch_friendly():
             for start in range(0, len(uniq), size):
-                sl = slice(start, start + size)
-                batch, target = self.train.batch(uniq[sl])
-                w = weights[sl]
-                g_rep += grad(_weighted_loss(fm, loss_fn, batch, target, w))(theta)
+                batch, target = self.train.batch(uniq[start : start + size])
                 ed = batched_dims(target, batch.n)
                 fn = batch.per_row(_lifted(grad(value), ed))
-                rows.append(w.unsqueeze(1) * vmap(fn, in_dims=batch.dims + (None, ed))(
+                rows.append(weights[start : start + size].unsqueeze(1) * vmap(fn, in_dims=batch.dims + (None, ed))(
                     batch.args, batch.kwargs, sel0, target))
-        return g_rep, uniq.to(self.epk.device), torch.cat(rows)
+        W = torch.cat(rows)
+        norm = float(torch.linalg.vector_norm(W.sum(0) * self._restrict(active)))
+        if norm == 0:
+            return None
+        c = sum(rec.grad_sq.get(nm, 0.0) for nm in self.selected) ** 0.5 / norm
+        return uniq.to(self.epk.device), W, c
 
     def _train_statistic(self, seg: Segment) -> torch.Tensor:
         """D_s = Σ_{k∈K} (Δ_s^{(k)})² on Θ, updating every per-sample momentum buffer by one step."""
@@ -181,15 +185,18 @@ class SimilarityView(ViewBase):
         step_samples(seg.record, "similarity view", dev, dt)  # the named error for a step without samples
         idx_parts, u_parts = [], []
         g_rep = torch.zeros(P, dtype=dt, device=dev)
-        if self._restricted:
-            g_rep, idx, wg = self._restricted_grads(seg.record, seg.theta0)
+        c: Optional[float] = None
+        fast = self._restricted_grads(seg.record, seg.theta0, co.active) if self._restricted else None
+        if fast is not None:
+            idx, wg, c = fast
             idx_parts, u_parts = [idx], [wg]
         else:
             for i, wg in self.grads.weighted_grads(seg.record, seg.theta0, "similarity view"):
                 g_rep += wg.sum(0)  # the replayed gradient (all parameters): the measured scale needs it
                 idx_parts.append(i.to(dev))
                 u_parts.append(self._restrict(wg))
-        c = measured_grad_scale(seg.record, g_rep, co.active)
+        if c is None:
+            c = measured_grad_scale(seg.record, g_rep, co.active)
         # a sample in several micro-batches: add its rows up (index_add below)
         idx = torch.cat(idx_parts)
         sign, h, e, z, beta = (self._restrict(t) for t in (co.sign, co.h, co.e, co.z, co.beta))
@@ -213,10 +220,6 @@ class SimilarityView(ViewBase):
             d = e * B[r] if zu is None else e * B[r] + zu[r]
             D += (d * d).sum(0)
         return D * (scale * scale)
-
-
-def _weighted_loss(fm: Any, loss_fn: Callable, batch: Any, target: Any, w: torch.Tensor) -> Callable:
-    return lambda th: (w * loss_fn(fm.raw(th, batch), target)).sum()
 
 
 def _lifted(fn: Callable, ed: Any) -> Callable:
