@@ -110,6 +110,8 @@ def report(study: Study, args: argparse.Namespace, wall: float) -> str:
     ]
     what = {
         "training": f"{run.steps} full-batch steps, recorded",
+        "Fig. 3a": f"left and right in one sweep (+ D_s's): {study.settings.n_inputs} test predictions, windows "
+                   f"of {study.settings.window}; D_s on {study.settings.d_inputs}",
         "Fig. 3a left": f"Ψ vs Ψ^reg, {study.settings.n_inputs} test predictions, windows of {study.settings.window}",
         "Fig. 3a right": f"6 layers' Ψ_s, D_s on {study.settings.d_inputs} predictions",
         "Fig. 4": f"decoder-layer sample influence, {study.settings.n_influence} test and "

@@ -14,6 +14,7 @@ from captum_explaind import EPKOptions, PredictionSimilarity
 from captum_explaind.grokking import LAYERS, GrokConfig, load_run, train
 from captum_explaind.grokking.analysis import (
     Stage,
+    balances,
     find_stages,
     layer_balance,
     sample_influence,
@@ -69,6 +70,20 @@ def test_fig3a_right_layers_add_up_and_agree_with_the_window_view(run):
     # D = Σ_p |Ψ_p| − |Ψ^reg_p| ≤ Σ_p |Ψ_p|, and Σ_p |Ψ_p| ≥ |Σ_p Ψ_p| (kernel part only; bounded by the scores)
     assert torch.isfinite(lb.reg_influence).all()
     assert lb.leader(0) in LAYERS and torch.allclose(lb.shares().sum(1), torch.ones(2, dtype=lb.shares().dtype))
+
+
+def test_fig3a_left_and_right_from_one_sweep_equal_the_two_calls(run):
+    x, y = run.data.test_x[:3], run.data.test_y[:3]
+    bal, lay = balances(run, x, y, window=3, d_inputs=2, options=OPTS)
+    tb = training_balance(run, x, y, window=3, options=OPTS)
+    lb = layer_balance(run, x, y, window=3, d_inputs=2, options=OPTS)
+    scale = float(tb.change.abs().max())
+    for a, b in ((bal.kernel, tb.kernel), (bal.regularization, tb.regularization), (bal.delta, tb.delta),
+                 (lay.scores, lb.scores), (lay.delta, lb.delta)):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-9 * scale)
+    torch.testing.assert_close(lay.reg_influence, lb.reg_influence, rtol=0, atol=0)
+    truth = forward_change(run, x, y, 0, 6)
+    assert (truth - (bal.kernel + bal.regularization).sum(1)).abs().max() < TOL * truth.abs().max()
 
 
 def test_fig4_sample_scores_add_up_per_stage_and_order(run):

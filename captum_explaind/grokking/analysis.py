@@ -39,6 +39,7 @@ __all__ = [
     "training_balance",
     "LayerBalance",
     "layer_balance",
+    "balances",
     "SampleInfluence",
     "sample_influence",
     "sample_influences",
@@ -231,20 +232,68 @@ def layer_balance(run: GrokRun, x: torch.Tensor, y: torch.Tensor, window: int = 
     res = si.explain(x, target=y, window=window, layers=layers)
     scores = res.scores["total"]
     change = true_change(run, x, y, range(1, run.recorded.num_steps + 1))
-    reg = None
-    n_d = x.shape[0] if d_inputs is None else min(int(d_inputs), x.shape[0])
-    if n_d > 0:
-        pi = ParameterInfluence(run.model, run.recorded, options, **overrides)
-        reg_list = []
-        # A few windows per call bound the per-element accumulators (n × windows × 2 × P).
-        for start in range(0, len(res.windows), 8):
-            chunk = list(res.windows[start : start + 8])
-            d = pi.regularization_influence(x[:n_d], target=y[:n_d], steps=chunk, layers=layers)
-            reg_list.append(torch.stack([d[k] for k in layers], dim=-1).reshape(len(chunk), len(layers)))
-        reg = torch.cat(reg_list)
+    reg = _reg_influence(run, x, y, list(res.windows), layers, d_inputs, options, **overrides)
     return LayerBalance(windows=list(res.windows), layers=list(layers), scores=scores,
                         importance=scores.abs().sum(0), reg_influence=reg, change=change,
                         delta=change - scores.sum((1, 2)))
+
+
+def balances(run: GrokRun, x: torch.Tensor, y: torch.Tensor, window: int = 50, d_inputs: Optional[int] = None,
+             options: OptionsType = "exact", **overrides: Any) -> "tuple[TrainingBalance, LayerBalance]":
+    """Fig. 3a left and right from one sweep: kernel and regularization scores per layer and window.
+
+    :func:`training_balance` is the sum over the six layers (they hold every parameter of the
+    model), :func:`layer_balance` the sum over the two parts; the same numbers as the two calls,
+    at the cost of one.
+
+    Args:
+        run, x, y, window, d_inputs, options, **overrides: as :func:`layer_balance`.
+
+    Returns:
+        *tuple[TrainingBalance, LayerBalance]*
+    """
+    layers = dict(LAYERS)
+    si = StepInfluence(run.model, run.recorded, options, **overrides)
+    res = si.explain(x, target=y, window=window, layers=layers, component=["kernel", "regularization"])
+    covered = sum(int(v.numel()) for n, v in run.model.named_parameters() if n.split(".")[0] in _layer_params(run))
+    if covered != sum(int(v.numel()) for v in run.model.parameters()):
+        raise ValueError("the six layers of LAYERS do not hold every parameter of this model; use training_balance()")
+    k3, r3 = res.scores["kernel"], res.scores["regularization"]  # [n, W, 6]
+    k, r = k3.sum(-1), r3.sum(-1)
+    change = true_change(run, x, y, range(1, run.recorded.num_steps + 1))
+    bal = TrainingBalance(
+        windows=list(res.windows), kernel=k, regularization=r, importance=k.abs().sum(0),
+        reg_importance=r.abs().sum(0), change=change, delta=change - (k + r).sum(1),
+        train_acc=list(run.history.train_acc), test_acc=list(run.history.test_acc))
+    scores = k3 + r3
+    reg = _reg_influence(run, x, y, list(res.windows), layers, d_inputs, options, **overrides)
+    lay = LayerBalance(windows=list(res.windows), layers=list(layers), scores=scores, importance=scores.abs().sum(0),
+                       reg_influence=reg, change=change, delta=change - scores.sum((1, 2)))
+    return bal, lay
+
+
+def _layer_params(run: GrokRun) -> set:
+    """Module names (first part of the parameter names) matched by :data:`LAYERS`."""
+    import fnmatch
+
+    names = {n.split(".")[0] for n, _ in run.model.named_parameters()}
+    return {n for n in names for sels in LAYERS.values() for sel in sels if fnmatch.fnmatch(n, sel)}
+
+
+def _reg_influence(run: GrokRun, x: torch.Tensor, y: torch.Tensor, windows: List[range], layers: Dict[str, List[str]],
+                   d_inputs: Optional[int], options: OptionsType, **overrides: Any) -> Optional[torch.Tensor]:
+    """D_s per window and layer on the first ``d_inputs`` inputs (``None``: all; 0: not computed)."""
+    n_d = x.shape[0] if d_inputs is None else min(int(d_inputs), x.shape[0])
+    if n_d <= 0:
+        return None
+    pi = ParameterInfluence(run.model, run.recorded, options, **overrides)
+    reg_list = []
+    # A few windows per call bound the per-element accumulators (n × windows × 2 × P).
+    for start in range(0, len(windows), 8):
+        chunk = windows[start : start + 8]
+        d = pi.regularization_influence(x[:n_d], target=y[:n_d], steps=chunk, layers=layers)
+        reg_list.append(torch.stack([d[k] for k in layers], dim=-1).reshape(len(chunk), len(layers)))
+    return torch.cat(reg_list)
 
 
 # ---------------------------------------------------------------------- Fig. 4

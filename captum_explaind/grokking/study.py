@@ -22,6 +22,7 @@ from .analysis import (
     SimilarityStages,
     Stage,
     TrainingBalance,
+    balances,
     find_stages,
     layer_balance,
     sample_influences,
@@ -201,10 +202,13 @@ def run_study(path: Union[str, os.PathLike], config: GrokConfig, settings: Optio
     opts: Dict[str, Any] = {"show_progress": verbose, "device": device}
     d = run.data
     xt, yt = d.test_x[: st.n_inputs], d.test_y[: st.n_inputs]
-    if "Fig. 3a left" not in st.skip:
+    if "Fig. 3a left" not in st.skip and "Fig. 3a right" not in st.skip:
+        study.balance, study.layers = _timed(study, "Fig. 3a", lambda: balances(
+            run, xt, yt, st.window, d_inputs=st.d_inputs, options=st.options, **opts), verbose)
+    elif "Fig. 3a left" not in st.skip:
         study.balance = _timed(study, "Fig. 3a left", lambda: training_balance(
             run, xt, yt, st.window, st.options, **opts), verbose)
-    if "Fig. 3a right" not in st.skip:
+    elif "Fig. 3a right" not in st.skip:
         study.layers = _timed(study, "Fig. 3a right", lambda: layer_balance(
             run, xt, yt, st.window, d_inputs=st.d_inputs, options=st.options, **opts), verbose)
     if "Fig. 4" not in st.skip:
