@@ -60,6 +60,11 @@ def parse(argv: Optional[List[str]]) -> argparse.Namespace:
     p.add_argument("--window", type=int, default=50, help="steps per window of Fig. 3a. Default: 50")
     p.add_argument("--stage-width", type=int, default=50, help="steps per stage of Fig. 4 / 5. Default: 50")
     p.add_argument("--no-retrain", action="store_true", help="skip the retraining experiment (Fig. 7)")
+    p.add_argument("--similarity-horizon", type=int, default=None, metavar="K",
+                   help="start Fig. 5's sweeps K steps before their stages (the dropped momentum is bounded and "
+                        "printed: β1^K, 0.9^409 ≈ 2e-19); default: from step 1")
+    p.add_argument("--stages", nargs="*", default=None, metavar="NAME",
+                   help="only these of Fig. 4 / 5's stages (start, memorization, transition, grokked)")
     p.add_argument("--skip", nargs="*", default=[], choices=list(PARTS), metavar="PART",
                    help=f"parts not to run, by name: {', '.join(repr(x) for x in PARTS)}")
     p.add_argument("--device", default="cpu", help="torch device (cuda for a GPU). Default: cpu")
@@ -166,7 +171,8 @@ def main(argv: Optional[List[str]] = None) -> Optional[Study]:
     out = Path(args.out) if args.out else Path(__import__("tempfile").mkdtemp(prefix="grokking_bench_"))
     settings = StudySettings(window=args.window, stage_width=args.stage_width, n_inputs=args.inputs,
                              d_inputs=args.d_inputs, n_influence=args.inputs, n_similarity=args.similarity_inputs,
-                             options=args.preset, retrain=not args.no_retrain, skip=tuple(args.skip))
+                             options=args.preset, retrain=not args.no_retrain, skip=tuple(args.skip),
+                             similarity_horizon=args.similarity_horizon, stages=args.stages)
     start = time.perf_counter()
     run = None
     if args.trajectory is not None:

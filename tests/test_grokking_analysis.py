@@ -160,3 +160,14 @@ def test_load_run_recomputes_the_curves(run, tmp_path):
 def test_unknown_layer_is_named(run):
     with pytest.raises(ValueError, match="layer must be one of"):
         sample_influence(run, run.data.test_x[:1], run.data.test_y[:1], [Stage("a", range(1, 2))], layer="mlp")
+
+
+def test_fig5_with_a_horizon_splits_the_sweeps_and_reports_the_bound(run):
+    x, y = run.data.test_x[:3], run.data.test_y[:3]
+    stages = [Stage("a", range(1, 3)), Stage("b", range(5, 7))]
+    full = similarity_stages(run, x, y, stages, options=OPTS)
+    late = similarity_stages(run, x, y, stages, options=OPTS, horizon=1)  # stage b: a sweep from step 4
+    assert full.truncation == [0.0, 0.0]
+    assert late.truncation[0] == 0.0 and late.truncation[1] == pytest.approx(run.config.betas[0] ** 2, rel=1e-12)
+    torch.testing.assert_close(late.similarity[0], full.similarity[0], rtol=0, atol=1e-12)
+    assert (late.similarity[1] - full.similarity[1]).abs().max() < 1  # a truncated, not an unrelated, matrix

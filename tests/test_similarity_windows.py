@@ -69,3 +69,31 @@ def test_windows_must_be_a_list(case):
         ps.explain_windows(x, range(1, 3), target=0)
     with pytest.raises(ValueError, match="explain_windows"):
         ps.explain(x, target=0, steps=[range(1, 3), range(3, 5)])
+
+
+def test_a_late_start_reports_the_momentum_it_drops(case, tmp_path):
+    model, traj, X, Y, x, dense = case
+    ps = PredictionSimilarity(model, traj, TensorDataset(X, Y), loss_fn=loss_fn_for("nll"))
+    full = ps.explain_windows(x, [range(5, 8)], target=0)[0]
+    assert full.truncation == 0.0
+    late = ps.explain_windows(x, [range(5, 8)], target=0, start=3)[0]
+    # the weight left on the momentum of steps 1–2 when the window begins: β per visited step 3, 4, 5
+    beta = max(g.get("momentum", (g.get("betas") or [0.0])[0]) for g in traj.manifest["optimizer"]["groups"])
+    assert late.truncation == pytest.approx(beta**3, rel=1e-12)
+    assert 0 < late.truncation < 1
+    torch.testing.assert_close(late.change, full.change, rtol=0, atol=0)  # the outputs' change is not truncated
+    with pytest.raises(ValueError, match="start must be a step"):
+        ps.explain_windows(x, [range(5, 8)], target=0, start=6)
+
+
+def test_a_late_start_without_momentum_is_exact(tmp_path):
+    torch.manual_seed(0)
+    model = TanhMLP(log_softmax=True).double()
+    X, Y = make_data("vector", 24)
+    cfg = RunConfig(OPTIMIZERS["sgd_plain"], steps=6, micro=1, sizes=(5, 3, 4, 6), loss="nll")
+    traj, _ = record_run(model, X, Y, tmp_path / "run", cfg)
+    ps = PredictionSimilarity(model, traj, TensorDataset(X, Y), loss_fn=loss_fn_for("nll"))
+    full = ps.explain_windows(X[:3], [range(4, 7)], target=1)[0]
+    late = ps.explain_windows(X[:3], [range(4, 7)], target=1, start=4)[0]
+    assert late.truncation == 0.0
+    torch.testing.assert_close(late.gram, full.gram, rtol=1e-13, atol=0)

@@ -112,6 +112,7 @@ class PredictionSimilarity(EPKAttribution):
         additional_forward_args: Any = None,
         layers: Any = None,
         train_subset: Optional[Sequence[int]] = None,
+        start: Optional[int] = None,
     ) -> List[SimilarityResult]:
         r"""One :class:`SimilarityResult` per window of steps, from a single forward sweep.
 
@@ -124,6 +125,11 @@ class PredictionSimilarity(EPKAttribution):
                 of each result (they may overlap).
             others, target, other_target, additional_forward_args, layers, train_subset: as
                 :meth:`attribute`.
+            start (int, optional): begin the sweep at this step with empty momentum buffers
+                instead of at step 1. The buffers then miss the momentum of earlier steps, which
+                enters window ``w`` with weight at most ``Π β`` over the steps from ``start`` to
+                ``w.start`` (``β``: the optimizer's momentum coefficient, e.g. ``0.9^409 ≈ 2e-19``);
+                each result reports that bound as ``truncation`` (0 without ``start``). Default: None
 
         Returns:
             *list[SimilarityResult]*, in the order of ``windows`` (``stats`` is the shared sweep's)
@@ -131,12 +137,16 @@ class PredictionSimilarity(EPKAttribution):
         if isinstance(windows, (range, slice, int)) or not len(windows):
             raise ValueError("windows must be a non-empty list of windows (ranges, slices or steps)")
         parsed = [parse_windows(w, self.epk.num_steps)[0][0] for w in windows]
+        if start is not None:
+            first = min(w.start for w in parsed)
+            if isinstance(start, bool) or not isinstance(start, int) or not 1 <= start <= first:
+                raise ValueError(f"start must be a step in 1..{first} (the first window's start), got {start!r}")
         return self._explain(inputs, others, target, other_target, additional_forward_args, layers, parsed,
-                             train_subset)
+                             train_subset, start or 1)
 
     def _explain(self, inputs: Any, others: Any, target: TargetType, other_target: TargetType,
                  additional_forward_args: Any, layers: Any, windows: List[range],
-                 train_subset: Optional[Sequence[int]]) -> List[SimilarityResult]:
+                 train_subset: Optional[Sequence[int]], start: int = 1) -> List[SimilarityResult]:
         batch, tgt = self._prepare(inputs, target, additional_forward_args)
         n_self = batch.n
         if others is not None:
@@ -167,7 +177,7 @@ class PredictionSimilarity(EPKAttribution):
         view = SimilarityView(self.epk, n, outputs, self.train, self.loss_fn, subset, mask, windows,
                               self.train_batch_size)
         last = max(w.stop for w in windows)
-        stats = self.epk.sweep(batch, view, steps=range(1, last), integrate=sorted(view.integrate),
+        stats = self.epk.sweep(batch, view, steps=range(start, last), integrate=sorted(view.integrate),
                                need_precond=True, desc="similarity")
         out = []
         for w, window in enumerate(windows):
@@ -177,7 +187,7 @@ class PredictionSimilarity(EPKAttribution):
                 similarity=cos if others is None else cos[:n_self, n_self:], gram=gram, window=window, layers=names,
                 train_subset=subset, stats=stats, options=self.epk.options.to_dict(),
                 change=view.exact[w] + view.buffer_change[w], buffers=view.buffer_change[w],
-                train_grads=view.grads.name))
+                train_grads=view.grads.name, truncation=view.truncation(w) if start > 1 else 0.0))
         return out
 
     @log_usage()

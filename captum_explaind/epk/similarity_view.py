@@ -89,6 +89,8 @@ class SimilarityView(ViewBase):
             self.in_subset = torch.zeros(len(train), dtype=torch.bool, device=dev)
             self.in_subset[subset.to(dev)] = True
         self.buffers: Optional[torch.Tensor] = None  # [n_train, |Θ|] momentum buffers b^{(k)}
+        self._decay = 1.0  # Π max β over the visited steps: the weight left on momentum from before them
+        self._decay_at: Dict[int, float] = {}  # window start -> that weight when the window began
         W, J = len(self.windows), outputs.shape[1]
         self.gram = torch.zeros(W, n, n, dtype=dt, device=dev)
         self._phi: Optional[torch.Tensor] = None  # [n, J, P]
@@ -133,6 +135,10 @@ class SimilarityView(ViewBase):
             g = flat @ flat.T
             for w in self.windows_of.get(seg.step, ()):
                 self.gram[w] += g
+
+    def truncation(self, w: int) -> float:
+        """The largest weight momentum from before the sweep's first step has in window ``w``."""
+        return self._decay_at.get(w, 0.0)
 
     # training side --------------------------------------------------------------
     def _restrict(self, v: torch.Tensor) -> torch.Tensor:
@@ -205,6 +211,9 @@ class SimilarityView(ViewBase):
         scale = self._restrict(co.lr) * pre
         if self.buffers is None:
             self.buffers = torch.zeros(len(self.train), u.shape[1], dtype=dt, device=dev)
+        self._decay *= float(co.beta.max()) if co.beta.numel() else 0.0
+        for w in self.windows_of.get(seg.step, ()):
+            self._decay_at.setdefault(w, self._decay)
         B = self.buffers
         B.mul_(beta)  # b ← β b + h u (a sample without a gradient this step: b ← β b)
         B.index_add_(0, idx, h * u)

@@ -22,7 +22,7 @@ TrainingDataInfluence, PredictionSimilarity) with the options passed (default ``
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Union
 
 import torch
@@ -425,6 +425,8 @@ class SimilarityStages:
         similarity (Tensor): ``[n_stages, n, n]`` cosines (Def. 4.4).
         sums (Tensor): ``[n]`` a + b of the inputs. p (int): the modulus.
         max_step_error (list[float]): per stage, the largest per-step quadrature error measured.
+        truncation (list[float]): per stage, the bound on the momentum a late-started sweep dropped
+            (0: swept from step 1).
     """
 
     stages: List[Stage]
@@ -433,6 +435,7 @@ class SimilarityStages:
     sums: torch.Tensor
     p: int
     max_step_error: List[float]
+    truncation: List[float] = field(default_factory=list)
 
     def ordered(self, stage: int, by: str = "sum") -> torch.Tensor:
         key = self.sums if by == "sum" else self.sums % self.p
@@ -446,13 +449,18 @@ class SimilarityStages:
 
 
 def similarity_stages(run: GrokRun, x: torch.Tensor, y: torch.Tensor, stages: Sequence[Stage],
-                      layer: str = "decoder", options: OptionsType = "exact", **overrides: Any) -> SimilarityStages:
+                      layer: str = "decoder", options: OptionsType = "exact", horizon: Optional[int] = None,
+                      **overrides: Any) -> SimilarityStages:
     """Fig. 5: cosine similarity of the predictions' influence tensors through ``layer`` per stage.
 
     Args:
         run (GrokRun): the recorded run. x, y (Tensor): inputs and targets.
         stages (list[Stage]): the windows. layer (str): a key of :data:`LAYERS`. Default: "decoder"
         options, **overrides: how to compute. Default: "exact"
+        horizon (int, optional): start each sweep this many steps before its first stage instead of
+            at step 1 (stages further apart than that get their own sweep); the momentum dropped
+            is bounded in ``truncation`` (β1^horizon: 0.9^409 ≈ 2e-19). ``None``: every sweep from
+            step 1, nothing dropped. Default: None
 
     Returns:
         *SimilarityStages*
@@ -461,8 +469,25 @@ def similarity_stages(run: GrokRun, x: torch.Tensor, y: torch.Tensor, stages: Se
         raise ValueError(f"layer must be one of {list(LAYERS)}, got {layer!r}")
     ps = PredictionSimilarity(run.model, run.recorded, run.data.train_set, loss_fn=nn.NLLLoss(reduction="none"),
                               options=options, **overrides)
-    # one forward sweep for all stages: the per-sample momentum buffers do not depend on the window
-    results = ps.explain_windows(x, [st.steps for st in stages], target=y, layers=LAYERS[layer])
+    # one forward sweep for all stages: the per-sample momentum buffers do not depend on the window;
+    # with a horizon, stages more than `horizon` steps after the previous ones get a sweep of their own
+    order = sorted(range(len(stages)), key=lambda i: stages[i].steps.start)
+    clusters: List[List[int]] = []
+    for i in order:
+        if horizon is not None and clusters and stages[i].steps.start - horizon > max(
+                stages[j].steps.stop for j in clusters[-1]):
+            clusters.append([i])
+        elif clusters:
+            clusters[-1].append(i)
+        else:
+            clusters.append([i])
+    by_stage: Dict[int, Any] = {}
+    for cl in clusters:
+        first = min(stages[j].steps.start for j in cl)
+        start = None if horizon is None else max(1, first - int(horizon))
+        out = ps.explain_windows(x, [stages[j].steps for j in cl], target=y, layers=LAYERS[layer], start=start)
+        by_stage.update(zip(cl, out))
+    results = [by_stage[i] for i in range(len(stages))]
     sims, errs = [], []
     for st, res in zip(stages, results):
         sims.append(res.similarity)
@@ -472,4 +497,4 @@ def similarity_stages(run: GrokRun, x: torch.Tensor, y: torch.Tensor, stages: Se
             err = res.stats.step_error[rows]
         errs.append(float(err.max()) if err.numel() else 0.0)
     return SimilarityStages(stages=list(stages), layer=layer, similarity=torch.stack(sims), sums=x[:, 0] + x[:, 2],
-                            p=run.data.p, max_step_error=errs)
+                            p=run.data.p, max_step_error=errs, truncation=[float(r.truncation) for r in results])

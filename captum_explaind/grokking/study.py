@@ -58,6 +58,9 @@ class StudySettings:
         skip (tuple[str]): parts not run, by their names in ``Study.seconds`` (``"Fig. 3a left"``,
             ``"Fig. 3a right"``, ``"Fig. 4"``, ``"Fig. 5"`` (and with it Table 2), ``"Fig. 3b swap"``,
             ``"Fig. 7 retrain"``). Default: ()
+        stages (list[str], optional): only these of the four stages (by name) in Fig. 4 / 5.
+        similarity_horizon (int, optional): Fig. 5's sweeps start this many steps before their
+            stages (:func:`~captum_explaind.grokking.analysis.similarity_stages`). Default: None
     """
 
     window: int = 50
@@ -71,6 +74,8 @@ class StudySettings:
     retrain: bool = True
     retrain_steps: Optional[int] = None
     skip: Tuple[str, ...] = ()
+    similarity_horizon: Optional[int] = None
+    stages: Optional[List[str]] = None
 
     def __post_init__(self) -> None:
         unknown = set(self.skip) - set(PARTS)
@@ -110,6 +115,8 @@ class Study:
                 out[name + " (update residual)"] = float(r.residual.abs().max())
         if self.similarity is not None:
             out["Fig. 5 (largest per-step quadrature error)"] = max(self.similarity.max_step_error)
+            if any(self.similarity.truncation):
+                out["Fig. 5 (bound on the momentum dropped by the late start)"] = max(self.similarity.truncation)
         return out
 
     def relative_deltas(self) -> Dict[str, float]:
@@ -196,7 +203,13 @@ def run_study(path: Union[str, os.PathLike], config: GrokConfig, settings: Optio
         train_seconds, train_cpu = time.perf_counter() - start, time.process_time() - cpu
     else:
         train_seconds, train_cpu = run.train_seconds, float("nan")
-    study = Study(run=run, settings=st, stages=find_stages(run, st.stage_width))
+    stages = find_stages(run, st.stage_width)
+    if st.stages is not None:
+        unknown = set(st.stages) - {s.name for s in stages}
+        if unknown:
+            raise ValueError(f"unknown stage(s) {sorted(unknown)}; the stages are {[s.name for s in stages]}")
+        stages = [s for s in stages if s.name in st.stages]
+    study = Study(run=run, settings=st, stages=stages)
     study.seconds["training"] = train_seconds
     study.cpu_seconds["training"] = train_cpu
     opts: Dict[str, Any] = {"show_progress": verbose, "device": device}
@@ -220,7 +233,7 @@ def run_study(path: Union[str, os.PathLike], config: GrokConfig, settings: Optio
     if "Fig. 5" not in st.skip:
         xs, ys = d.test_x[: st.n_similarity], d.test_y[: st.n_similarity]
         study.similarity = _timed(study, "Fig. 5", lambda: similarity_stages(
-            run, xs, ys, study.stages, st.layer, st.options, **opts), verbose)
+            run, xs, ys, study.stages, st.layer, st.options, horizon=st.similarity_horizon, **opts), verbose)
         sim = study.similarity
         study.lasso = _timed(study, "Table 2", lambda: fit_similarity(sim.similarity[-1], sim.sums, d.p), verbose)
     if "Fig. 3b swap" not in st.skip:
