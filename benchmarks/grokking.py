@@ -135,7 +135,9 @@ def report(study: Study, args: argparse.Namespace, wall: float) -> str:
     lines += [f"| **all analyses** | | **{analysis:.1f}** | | **{analysis / train_s:.1f}×** |",
               f"| wall time of the whole benchmark | | {wall:.1f} | | |", "",
               "Deltas (largest |change − Σ parts| of each decomposition):", ""]
-    lines += [f"* {name}: {v:.2e}" for name, v in study.deltas().items()]
+    rel = study.relative_deltas()
+    lines += [f"* {name}: {v:.2e}" + (f" ({rel[name]:.1%} of the largest change it decomposes)" if name in rel else "")
+              for name, v in study.deltas().items()]
     lines += ["", "Findings:", "", format_findings(study.findings()), ""]
     if study.lasso is not None:
         lines += ["Table 2 (largest Lasso coefficients of the grokked stage's similarity):", "",
