@@ -138,8 +138,8 @@ def run_training(cfg, train_ds, collator, kind: str, workdir: Path, bergson: Any
     trainer.train()
     wall, cpu = time.perf_counter() - t0, time.thread_time() - c0
     # CPU time of the training thread, and of the recorder's background writer thread
-    row: Dict[str, Any] = {"kind": kind, "time": wall, "cpu": cpu, "model": model, "cb": cb,
-                           "writer_cpu": getattr(cb.recorder, "writer_cpu_seconds", float("nan")) if cb is not None else 0.0}
+    writer_cpu = getattr(cb.recorder, "writer_cpu_seconds", float("nan")) if cb is not None else 0.0
+    row: Dict[str, Any] = {"kind": kind, "time": wall, "cpu": cpu, "writer_cpu": writer_cpu, "model": model, "cb": cb}
     target = workdir / (f"traj_{kind}" if cb is not None else "bergson")
     if kind != "plain" and target.exists():
         row["bytes"] = sum(f.stat().st_size for f in target.rglob("*") if f.is_file())

@@ -256,3 +256,21 @@ def test_max_pending_must_be_a_positive_int(tmp_path, bad):
     with pytest.raises(ValueError, match="max_pending must be an int >= 1"):
         TrajectoryCallback(tmp_path / "cb", max_pending=bad)
     assert not os.path.exists(tmp_path / "r")
+
+
+def test_finish_finalizes_without_opening_and_close_still_returns_the_trajectory(tmp_path, monkeypatch):
+    from captum_explaind import Trajectory
+
+    X, Y = vector_data()
+    model = TanhMLP()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    rec = TrajectoryRecorder(model, opt, tmp_path / "run", background=True)
+    for s in (1, 2, 3):
+        _step(model, opt, rec, X, Y, s)
+    opened = []
+    real_open = Trajectory.open.__func__
+    monkeypatch.setattr(Trajectory, "open",
+                        classmethod(lambda cls, *a, **k: opened.append(1) or real_open(cls, *a, **k)))
+    rec.finish()
+    assert opened == [] and rec.num_steps == 3
+    assert rec.close().num_steps == 3 and opened == [1]  # idempotent: finish, then open
