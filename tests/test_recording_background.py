@@ -77,6 +77,19 @@ def test_background_files_equal_synchronous_ones_bit_for_bit(tmp_path, store_dty
     assert _record(tmp_path / "sync2")[0].writer_cpu_seconds == 0.0
 
 
+def test_background_macro_steps_equal_synchronous_ones(tmp_path):
+    """keep_every > 1 takes the snapshot at the kept step's post-hook (norms in the training thread)."""
+    _, sync = _record(tmp_path / "sync", steps=7, keep_every=3)
+    _, bg = _record(tmp_path / "bg", steps=7, keep_every=3, background=True, max_pending=1)
+    assert bg.num_steps == sync.num_steps == 3  # 3 + 3 + the last 1, kept at close
+    for s in range(1, 4):
+        a, b = _file(sync.path, s), _file(bg.path, s)
+        assert a.keys() == b.keys()
+        for k in a:
+            assert torch.equal(a[k], b[k]), (s, k)
+        assert sync.record(s).grad_sq == bg.record(s).grad_sq
+
+
 def _snapshot_buffers(rec):
     rec._writer.flush()
     snaps = list(rec._writer._free.queue)
