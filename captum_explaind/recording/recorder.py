@@ -264,13 +264,16 @@ class TrajectoryRecorder:
         background (bool, optional): write step files in a background thread, so training does
             not wait for the disk; a step counts (``num_steps``) once its file is durably in
             place, :meth:`close` waits for every pending write, and a failed write is raised at
-            the next step or at close. The training thread only copies the step's parameters and
-            optimizer state into reused host buffers; checksums, serialization, write and fsync
-            run in the writer thread. Default: False
+            the next step or at close. The training thread only copies the step's gradients,
+            parameters and optimizer state into reused host buffers (a snapshot); the float64
+            gradient norms, the finite check, checksums, serialization, write and fsync run in the
+            writer thread, so the records are bit-identical to a synchronous recording's.
+            Default: False
         max_pending (int, optional): background mode: how many steps may wait for the disk, each
-            holding a copy of the step's parameters and optimizer state in host memory (about
-            :meth:`bytes_per_step` each); a step beyond that waits for the oldest write
-            (backpressure). Default: 2
+            holding its snapshot in host memory (the trainable parameters, the optimizer state and
+            the gradients: ~1.5 × :meth:`bytes_per_step` for float32 Adam); the pre-hook of a step
+            beyond that waits for the oldest write before the optimizer moves (backpressure).
+            Default: 2
         ddp (bool, optional): record a ``DistributedDataParallel`` run: every rank creates a
             recorder (same ``path``) and logs its own micro-batches; rank 0 writes, with the
             micro-batches of all ranks gathered at each step (weights ÷ world size, as DDP averages
