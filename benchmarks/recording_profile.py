@@ -44,7 +44,8 @@ _PIECES = [
     ("captum_explaind.recording.recorder", "_norms64", "gradient float64 norms"),
     ("captum_explaind.recording.recorder", "_first_nonfinite", "finite check"),
     ("captum_explaind.recording.format", "write_safetensors", "write_safetensors (total)"),
-    ("captum_explaind.recording.format", "tensor_checksum", "  CRC-32 checksums"),
+    ("captum_explaind.recording.format", "_checksum", "  CRC-32 checksums"),
+    ("captum_explaind.recording.format", "tensor_checksum", "  CRC-32 checksums"),  # versions without _checksum
     ("captum_explaind.recording.format", "atomic_write_bytes", "  write + fsync + rename"),
     ("os", "fsync", "    fsync"),
     ("captum_explaind.adapters.huggingface.callback", "TrajectoryCallback._before_forward", "callback forward hooks"),
@@ -78,13 +79,15 @@ def _wrap(owner: Any, attr: str, label: str) -> None:
 def _install() -> None:
     import importlib
 
+    done = set()
     for module, path, label in _PIECES:
         owner: Any = importlib.import_module(module)
         *parents, attr = path.split(".")
         for p in parents:
             owner = getattr(owner, p, None)
-        if owner is not None and hasattr(owner, attr):
+        if owner is not None and hasattr(owner, attr) and (label not in done or label.startswith("callback")):
             _wrap(owner, attr, label)
+            done.add(label)
 
 
 def main() -> None:
