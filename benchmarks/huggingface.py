@@ -134,10 +134,12 @@ def run_training(cfg, train_ds, collator, kind: str, workdir: Path, bergson: Any
                       callbacks=callbacks)
     if kind == "bergson":
         bergson.prepare_for_gradient_collection(trainer)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.thread_time()
     trainer.train()
-    wall = time.perf_counter() - t0
-    row: Dict[str, Any] = {"kind": kind, "time": wall, "model": model, "cb": cb}
+    wall, cpu = time.perf_counter() - t0, time.thread_time() - c0
+    # CPU time of the training thread, and of the recorder's background writer thread
+    writer_cpu = getattr(cb.recorder, "writer_cpu_seconds", float("nan")) if cb is not None else 0.0
+    row: Dict[str, Any] = {"kind": kind, "time": wall, "cpu": cpu, "writer_cpu": writer_cpu, "model": model, "cb": cb}
     target = workdir / (f"traj_{kind}" if cb is not None else "bergson")
     if kind != "plain" and target.exists():
         row["bytes"] = sum(f.stat().st_size for f in target.rglob("*") if f.is_file())
@@ -196,22 +198,27 @@ def report(cfg, tables: List[Dict[str, Any]], view_rows: List[Dict[str, Any]]) -
         f"eager attention); `Trainer` (AdamW, warmup, clipping 1.0), {cfg.steps} optimizer steps of "
         f"{cfg.accum} × {cfg.batch} generated sentences (6–24 words), float32, CPU "
         f"({torch.get_num_threads()} thread(s)); fastest of {cfg.reps} interleaved repetitions of each run, "
-        "all in one process.",
+        "all in one process. Load average (1 min) at the start of the run: "
+        f"{cfg.load_at_start:.2f}, at the end: {os.getloadavg()[0]:.2f}.",
         "",
     ]
     for t in tables:
         base = t["rows"]["plain"]["time"]
-        lines += [f"**{t['title']}** ({t['n_params'] / 1e6:.2f}M parameters; every repetition runs plain first, "
-                  "then each recorded variant)", "",
+        lines += [f"**{t['title']}** ({t['n_params'] / 1e6:.2f}M parameters; repetitions alternate the order "
+                  "plain, ours, ... / plain, ..., ours)", "",
                   "| run | fastest `trainer.train()` (s) | fastest ÷ fastest plain | median of paired ratios "
-                  "(same repetition) | bytes / step on disk |",
-                  "|---|---|---|---|---|"]
+                  "(same repetition) | training-thread CPU ÷ plain (mean) | writer-thread CPU (mean, s) "
+                  "| bytes / step on disk |",
+                  "|---|---|---|---|---|---|---|"]
+        cpu_base = t["cpu"]["plain"][0]
         for kind, row in t["rows"].items():
             per_step = row.get("bytes")
             size = "–" if per_step is None else f"{per_step / cfg.steps / 2**20:.2f} MiB"
             ratios = sorted(t["paired"].get(kind, [1.0]))
             median = ratios[len(ratios) // 2] if len(ratios) % 2 else sum(ratios[len(ratios) // 2 - 1:][:2]) / 2
-            lines.append(f"| {kind} | {row['time']:.2f} | {row['time'] / base:.3f} | {median:.3f} | {size} |")
+            train_cpu, writer_cpu = t["cpu"][kind]
+            lines.append(f"| {kind} | {row['time']:.2f} | {row['time'] / base:.3f} | {median:.3f} | "
+                         f"{train_cpu / cpu_base:.3f} | {writer_cpu:.2f} | {size} |")
         lines += ["", t["note"], ""] if t.get("note") else [""]
     if view_rows:
         lines += ["Views on the BERT float32 recording (`\"fast\"` preset: float32, Gauss–Legendre 2, no error "
@@ -229,10 +236,15 @@ def run_table(cfg, arch: str, tok, bergson: Any, work: Path) -> Dict[str, Any]:
     print(f"{arch}: {n_params / 1e6:.2f}M parameters, {cfg.steps} steps; runs: {kinds}", flush=True)
     best: Dict[str, Dict[str, Any]] = {}
     paired: Dict[str, List[float]] = {}
+    cpu_sums: Dict[str, List[float]] = {}
     note = ""
     for rep in range(cfg.reps):
         plain_time = None
-        for kind in list(kinds):
+        # alternate the order (plain first, then plain last) so that drift in the machine's load
+        # does not favour one side; each variant is paired with the plain run of its repetition
+        order = list(kinds) if rep % 2 == 0 else ["plain"] + list(reversed(kinds[1:]))
+        done: Dict[str, Dict[str, Any]] = {}
+        for kind in order:
             try:
                 row = run_training(cfg, train_ds, collator, kind, work, bergson, arch)
             except Exception as err:  # noqa: BLE001 - a peer failing is a result, not a crash
@@ -241,13 +253,19 @@ def run_table(cfg, arch: str, tok, bergson: Any, work: Path) -> Dict[str, Any]:
                 note = f"Bergson: installed, but its callback failed on this run: {type(err).__name__}: {err}"
                 kinds.remove("bergson")
                 continue
-            print(f"  rep {rep} {kind:<10} {row['time']:.2f} s", flush=True)
-            if kind == "plain":
-                plain_time = row["time"]
-            elif plain_time is not None:
-                paired.setdefault(kind, []).append(row["time"] / plain_time)
+            print(f"  rep {rep} {kind:<10} {row['time']:.2f} s wall, training thread {row['cpu']:.2f} s CPU, "
+                  f"writer thread {row['writer_cpu']:.2f} s CPU, load {os.getloadavg()[0]:.2f}", flush=True)
+            done[kind] = row
             if kind not in best or row["time"] < best[kind]["time"]:
                 best[kind] = row
+            cpu_sums.setdefault(kind, [0.0, 0.0, 0])
+            cpu_sums[kind][0] += row["cpu"]
+            cpu_sums[kind][1] += row["writer_cpu"]
+            cpu_sums[kind][2] += 1
+        plain_time = done["plain"]["time"] if "plain" in done else None
+        for kind, row in done.items():
+            if kind != "plain" and plain_time is not None:
+                paired.setdefault(kind, []).append(row["time"] / plain_time)
     if arch == "gpt2" and isinstance(bergson, str):
         note = f"Bergson: not run, `import bergson.huggingface` fails here ({bergson})."
     elif "bergson" in best:
@@ -257,8 +275,9 @@ def run_table(cfg, arch: str, tok, bergson: Any, work: Path) -> Dict[str, Any]:
                 "projected per-sample gradients, not a replayable trajectory. (It assumes sequence-shaped inputs "
                 "to every Linear, so it does not run on the BERT classifier's pooled head.)")
     title = "BERT sequence classifier" if arch == "bert" else "GPT-2 causal LM (token-count normalization)"
-    return {"title": title, "n_params": n_params, "rows": best, "paired": paired, "note": note, "train_ds": train_ds,
-            "collator": collator}
+    cpu = {k: (v[0] / v[2], v[1] / v[2]) for k, v in cpu_sums.items()}
+    return {"title": title, "n_params": n_params, "rows": best, "paired": paired, "cpu": cpu, "note": note,
+            "train_ds": train_ds, "collator": collator}
 
 
 def main(argv: Optional[List[str]] = None) -> None:
@@ -272,17 +291,19 @@ def main(argv: Optional[List[str]] = None) -> None:
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--n-test", type=int, default=4)
     p.add_argument("--skip-views", action="store_true")
+    p.add_argument("--models", default="bert,gpt2", help="comma-separated: bert, gpt2 (views need bert first)")
     p.add_argument("--bergson-path", default=None, help="a --target directory where bergson was pip-installed")
     p.add_argument("--quick", action="store_true", help="smoke run: tiny model, few steps")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "huggingface.md"))
     cfg = p.parse_args(argv)
     if cfg.quick:
         cfg.steps, cfg.hidden, cfg.layers, cfg.vocab, cfg.reps, cfg.n_test = 4, 32, 1, 200, 1, 2
+    cfg.load_at_start = os.getloadavg()[0]
     tok = make_tokenizer(cfg.vocab)
     bergson = load_bergson(cfg.bergson_path)
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        tables = [run_table(cfg, arch, tok, bergson, work) for arch in ("bert", "gpt2")]
+        tables = [run_table(cfg, arch, tok, bergson, work) for arch in cfg.models.split(",")]
         views: List[Dict[str, Any]] = []
         if not cfg.skip_views:
             bert = tables[0]

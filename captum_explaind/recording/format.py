@@ -111,10 +111,19 @@ def looks_like_step_file(name: str) -> bool:
 def tensor_checksum(tensor: torch.Tensor) -> str:
     """CRC-32 (hex) of a CPU tensor's dtype, shape and bytes."""
     t = tensor.detach().contiguous()
+    return _checksum(t, _bytes_of(t) if t.numel() else None)
+
+
+def _bytes_of(t: torch.Tensor) -> Any:
+    """Zero-copy buffer of a contiguous CPU tensor's bytes."""
+    return t.reshape(-1).view(torch.uint8).numpy()
+
+
+def _checksum(t: torch.Tensor, data: Any) -> str:
+    """:func:`tensor_checksum` of ``t`` whose bytes ``data`` (or None when empty) are at hand."""
     crc = zlib.crc32(f"{dtype_to_str(t.dtype)}{list(t.shape)}".encode("ascii"))
-    if t.numel():
-        data: Any = t.reshape(-1).view(torch.uint8).numpy()  # zero-copy buffer of the bytes
-        crc = zlib.crc32(data, crc)
+    if data is not None:
+        crc = zlib.crc32(data, crc)  # releases the GIL for large buffers
     return f"{crc:08x}"
 
 
@@ -187,8 +196,11 @@ def write_safetensors(
     padded to 8 bytes, then the tensors back to back, largest element size first.
     """
     flat = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    # one zero-copy view of each tensor's bytes, checksummed and written (few calls per tensor:
+    # this runs in the background writer thread, and every call is a GIL hand-off)
+    views = {k: (_bytes_of(v) if v.numel() else None) for k, v in flat.items()}
     meta = dict(metadata or {})
-    meta["checksums"] = json.dumps({k: tensor_checksum(v) for k, v in flat.items()}, sort_keys=True)
+    meta["checksums"] = json.dumps({k: _checksum(v, views[k]) for k, v in flat.items()}, sort_keys=True)
     if "record" in meta:
         meta["record_checksum"] = text_checksum(meta["record"])
     header: Dict[str, Any] = {"__metadata__": meta}
@@ -199,7 +211,7 @@ def write_safetensors(
         n = t.numel() * t.element_size()
         header[key] = {"dtype": _ST_CODES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + n]}
         if n:
-            parts.append(t.reshape(-1).view(torch.uint8).numpy())  # zero-copy view of the bytes
+            parts.append(views[key])
         offset += n
     text = json.dumps(header, separators=(",", ":")).encode("utf-8")
     text += b" " * (-len(text) % 8)

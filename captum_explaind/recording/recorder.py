@@ -36,7 +36,7 @@ from .lock import DirectoryLock
 from .optim_spec import group_hyperparameters, optimizer_family, unwrap_optimizer
 from .resume import check_manifest_compatible, check_state_matches
 from .trajectory import Trajectory
-from .writer import StepWriter
+from .writer import Snapshot, StepWriter
 
 __all__ = ["TrajectoryRecorder"]
 
@@ -82,11 +82,32 @@ def training_modes(model: nn.Module) -> Dict[str, List[str]]:
     return {"batch_norm": bn, "dropout": drop}
 
 
-def _all_finite(t: torch.Tensor) -> bool:
-    """Whether every entry of ``t`` is finite; NaN and inf propagate into a sum, so a finite sum
-    settles it in one reduction (an overflowing sum falls back to the elementwise test)."""
-    total = t.sum() if t.dtype in (torch.float32, torch.float64) else t.sum(dtype=torch.float32)
-    return bool(torch.isfinite(total)) or bool(torch.isfinite(t).all())
+def _first_nonfinite(named: List[Tuple[str, torch.Tensor]]) -> Optional[str]:
+    """The first name whose tensor holds a NaN or inf, or None. NaN and inf propagate into a
+    norm, so one batched reduction settles every tensor with a finite norm; a tensor whose norm
+    overflows (large but finite entries) falls back to the elementwise test."""
+    named = [(n, t) for n, t in named if t.is_floating_point() and t.numel()]
+    if not named:
+        return None
+    try:
+        norms = torch.stack([v.float().cpu() for v in torch._foreach_norm([t for _, t in named], 2)])
+    except (RuntimeError, TypeError):  # pragma: no cover - no foreach norm for these tensors
+        norms = torch.stack([torch.linalg.vector_norm(t).float().cpu() for _, t in named])
+    for (name, t), ok in zip(named, torch.isfinite(norms).tolist()):
+        if not ok and not bool(torch.isfinite(t).all()):
+            return name
+    return None
+
+
+def _norms64(grads: List[torch.Tensor]) -> List[float]:
+    """2-norms of ``grads``, each accumulated in float64 (the data view divides the recorded
+    norm by its replayed one, so it must not carry float32 rounding); one batched call."""
+    gs = [g.detach() for g in grads]
+    try:
+        norms = list(torch._foreach_norm(gs, 2, dtype=torch.float64))
+    except (RuntimeError, TypeError):  # pragma: no cover - builds without foreach norm dtype=
+        norms = [torch.linalg.vector_norm(g, dtype=torch.float64) for g in gs]
+    return [float(v) for v in torch.stack([v.cpu() for v in norms]).tolist()]
 
 
 def _has_dropout(model: nn.Module) -> bool:
@@ -153,17 +174,19 @@ def _as_rng_state(state: Any, name: str) -> torch.Tensor:
 
 
 def _check_options(model: Any, path: Any, *, reduction: Any, store_dtype: Any, record_rng: Any, resume: Any,
-                   overwrite: Any, background: Any, check_finite: Any, record_optimizer_state: Any) -> None:
+                   overwrite: Any, background: Any, check_finite: Any, record_optimizer_state: Any,
+                   max_pending: Any) -> None:
     """The recorder's arguments, each refused by name when it is not what it must be."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     _check_values(path, reduction=reduction, store_dtype=store_dtype, record_rng=record_rng, resume=resume,
                   overwrite=overwrite, background=background, check_finite=check_finite,
-                  record_optimizer_state=record_optimizer_state)
+                  record_optimizer_state=record_optimizer_state, max_pending=max_pending)
 
 
 def _check_values(path: Any, *, reduction: Any, store_dtype: Any, record_rng: Any, resume: Any,
-                  overwrite: Any, background: Any, check_finite: Any, record_optimizer_state: Any) -> None:
+                  overwrite: Any, background: Any, check_finite: Any, record_optimizer_state: Any,
+                  max_pending: Any) -> None:
     """The checks of :func:`_check_options` that need no model (shared with ``check_options``)."""
     if reduction not in ("mean", "sum"):
         raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
@@ -175,6 +198,9 @@ def _check_values(path: Any, *, reduction: Any, store_dtype: Any, record_rng: An
                         ("record_optimizer_state", record_optimizer_state)):
         if not isinstance(value, bool):
             raise TypeError(f"{flag} must be True or False, got {value!r}")
+    if isinstance(max_pending, bool) or not isinstance(max_pending, int) or max_pending < 1:
+        raise ValueError(f"max_pending must be an int >= 1 (steps held in memory for the background writer), "
+                         f"got {max_pending!r}")
     if not isinstance(path, (str, os.PathLike)):
         raise TypeError(f"path must be a str or os.PathLike (the trajectory directory), got {type(path).__name__}")
     if not isinstance(resume, (bool, int)) or (not isinstance(resume, bool) and resume < 0):
@@ -238,7 +264,16 @@ class TrajectoryRecorder:
         background (bool, optional): write step files in a background thread, so training does
             not wait for the disk; a step counts (``num_steps``) once its file is durably in
             place, :meth:`close` waits for every pending write, and a failed write is raised at
-            the next step or at close. Default: False
+            the next step or at close. The training thread only copies the step's gradients,
+            parameters and optimizer state into reused host buffers (a snapshot); the float64
+            gradient norms, the finite check, checksums, serialization, write and fsync run in the
+            writer thread, so the records are bit-identical to a synchronous recording's.
+            Default: False
+        max_pending (int, optional): background mode: how many steps may wait for the disk, each
+            holding its snapshot in host memory (the trainable parameters, the optimizer state and
+            the gradients: ~1.5 × :meth:`bytes_per_step` for float32 Adam); the pre-hook of a step
+            beyond that waits for the oldest write before the optimizer moves (backpressure).
+            Default: 2
         ddp (bool, optional): record a ``DistributedDataParallel`` run: every rank creates a
             recorder (same ``path``) and logs its own micro-batches; rank 0 writes, with the
             micro-batches of all ranks gathered at each step (weights ÷ world size, as DDP averages
@@ -279,7 +314,7 @@ class TrajectoryRecorder:
             raise TypeError(f"TrajectoryRecorder takes no option(s) {unknown}; its options are {takes}")
         values = {n: options.get(n, params[n].default) for n in
                   ("reduction", "store_dtype", "record_rng", "resume", "overwrite", "background",
-                   "check_finite", "record_optimizer_state")}
+                   "check_finite", "record_optimizer_state", "max_pending")}
         _check_values(path, **values)
 
     def __init__(
@@ -297,12 +332,13 @@ class TrajectoryRecorder:
         check_finite: bool = True,
         record_rng: Union[str, bool] = "auto",
         background: bool = False,
+        max_pending: int = 2,
         ddp: Optional[bool] = None,
         keep_every: int = 1,
     ) -> None:
         _check_options(model, path, reduction=reduction, store_dtype=store_dtype, record_rng=record_rng,
                        resume=resume, overwrite=overwrite, background=background, check_finite=check_finite,
-                       record_optimizer_state=record_optimizer_state)
+                       record_optimizer_state=record_optimizer_state, max_pending=max_pending)
         self.model = model
         self.optimizer = unwrap_optimizer(optimizer)
         self.path = os.fspath(path)
@@ -326,13 +362,16 @@ class TrajectoryRecorder:
         self._closed = False
         self._handles: List[Any] = []
         self._nonfinite_warned = False
+        self._nonfinite: Optional[Tuple[int, str]] = None  # (step, parameter) of the first NaN/inf
+        self._snap: Optional[Snapshot] = None  # background: the snapshot of the step being taken
+        self._grad_bufs: List[Tuple[str, torch.Tensor]] = []  # its gradients (norms taken by the writer)
         self._training_modes: Optional[Dict[str, List[str]]] = None
         self._initial_groups = group_hyperparameters(self.optimizer)
         self._history: Dict[str, Any] = {}  # manifest keys kept across writes (resumes, warnings)
         self._failure: Optional[Tuple[int, str]] = None  # (step, message) of the first failed write
         self._refused = 0  # optimizer steps refused after the failure
         self._unbatched: List[int] = []  # steps recorded without a logged batch
-        self._writer: Union[StepWriter, _FollowerWriter] = StepWriter(background=background)
+        self._writer: Union[StepWriter, _FollowerWriter] = StepWriter(background, max_pending)
         self._failure_reported = False
         self._closed_versions: Dict[str, int] = {}
         self._steps_after_close = 0
@@ -348,6 +387,7 @@ class TrajectoryRecorder:
             self._history["keep_every"] = self._keep
         self._follower = self._ddp and not distributed.is_writer()
         if self._follower:
+            self._writer.close()
             self._writer, self._lock = _FollowerWriter(), _FollowerLock()
         created = False if self._follower else self._open_directory(overwrite, resume is not False)
         try:
@@ -509,8 +549,7 @@ class TrajectoryRecorder:
     def _check_alive(self) -> None:
         """Before a step: refuse after a failure; detect a lost directory or a replaced layer."""
         if self._failure is None and self._writer.error is not None:
-            failed = os.path.basename(self._writer.failed_path or "")
-            self._fail(fmt.parse_step_filename(failed) or self._durable + 1, self._writer.error)
+            self._fail_from_writer()
         if self._failure is not None:
             self._refused += 1
             self._failure_reported = True
@@ -538,6 +577,12 @@ class TrajectoryRecorder:
             self._fail(self._step + 1, err)
             self._failure_reported = True
             raise
+
+    def _fail_from_writer(self) -> None:
+        """Fail closed at the step whose (background) write failed."""
+        assert self._writer.error is not None
+        failed = os.path.basename(self._writer.failed_path or "")
+        self._fail(fmt.parse_step_filename(failed) or self._durable + 1, self._writer.error)
 
     def _fail(self, step: int, err: BaseException) -> None:
         """Fail closed: remember the first failure, drop its partial file, mark the run aborted."""
@@ -761,11 +806,19 @@ class TrajectoryRecorder:
                     raise TrajectoryError(f"parameter {name!r} has a sparse gradient; sparse updates are not supported")
                 grads.append(p.grad)
                 names.append(name)
-        if grads:
-            norms = torch.stack([torch.linalg.vector_norm(g.detach(), dtype=torch.float64) for g in grads])
-            grad_sq = {n: float(v) ** 2 for n, v in zip(names, norms.cpu().tolist())}
-        else:
-            grad_sq = {}
+        self._report_nonfinite()
+        self._grad_bufs = []
+        if self._keep == 1 and self._writer.background and getattr(self._writer, "running", False):
+            # Background: the gradients join the step's snapshot (the optimizer or the next
+            # backward may change them) and their norms are taken in the writer thread. Waiting
+            # for a free snapshot happens here, before the optimizer moves.
+            if self._snap is None:  # else: a step that raised between the hooks left it
+                self._snap = self._writer.snapshot()
+            snap = self._snap
+            if snap is not None:
+                self._grad_bufs = [(n, snap.take("grad/" + n, g)) for n, g in zip(names, grads)]
+                snap.copy()
+        grad_sq = {} if self._grad_bufs or not grads else {n: v ** 2 for n, v in zip(names, _norms64(grads))}
         if self._step == 0:
             self._first_modes = training_modes(self.model)
         hyper = group_hyperparameters(optimizer)
@@ -774,29 +827,37 @@ class TrajectoryRecorder:
         if self._keep > 1:
             self._add_regularization(optimizer, lrs, set(inactive))
 
+    def _take(self, snap: Optional[Snapshot], key: str, tensor: torch.Tensor) -> torch.Tensor:
+        """``tensor`` as stored: in ``snap``'s buffer (background; filled by ``snap.copy()``), or the
+        live memory itself (a synchronous write is done before the step returns), or a copy (a
+        background writer already closed)."""
+        if snap is not None:
+            dtype = self.store_dtype if self.store_dtype is not None and tensor.is_floating_point() else None
+            return snap.take(key, tensor, dtype)
+        return self._stored(tensor, copy=self._writer.background)
+
     def _collect_step(
-        self, step: int, optimizer: torch.optim.Optimizer
-    ) -> Tuple[Dict[str, torch.Tensor], Dict[str, str]]:
-        """The tensors and metadata of step ``step``'s file, copied off the live model."""
+        self, step: int, optimizer: torch.optim.Optimizer, snap: Optional[Snapshot] = None
+    ) -> Tuple[Dict[str, torch.Tensor], Any]:
+        """The tensors and metadata of step ``step``'s file: the large ones in ``snap`` (background
+        mode; the metadata is then a function the writer thread calls), the others copied off the
+        live model."""
         assert self._pre is not None
-        # the background writer needs copies (training goes on); a synchronous write is done
-        # before the step returns, so it can read the live tensors
-        copy = self._writer.background
         tensors: Dict[str, torch.Tensor] = {}
-        nonfinite = None
         state_step: Dict[str, int] = {}
         for name in self.trainable:
             p = self._params[name]
-            stored = self._stored(p, copy)
-            if self.check_finite and nonfinite is None and stored.is_floating_point() and not _all_finite(stored):
-                nonfinite = name
-            tensors[fmt.PARAM_PREFIX + name] = stored
+            tensors[fmt.PARAM_PREFIX + name] = self._take(snap, fmt.PARAM_PREFIX + name, p)
             state = optimizer.state.get(p, {})
             for key in self.state_keys:
                 if key in state and isinstance(state[key], torch.Tensor):
-                    tensors[f"{fmt.STATE_PREFIX}{name}/{key}"] = self._stored(state[key], copy)
+                    k = f"{fmt.STATE_PREFIX}{name}/{key}"
+                    tensors[k] = self._take(snap, k, state[key])
             if "step" in state:
                 state_step[name] = int(float(state["step"]))
+        if snap is not None:
+            snap.copy()  # the snapshot: from here on training may change the live tensors
+        stored = [(n, tensors[fmt.PARAM_PREFIX + n]) for n in self.trainable]
         for name, buf in self._buffers.items():
             now = buf.detach().to("cpu", copy=True)
             if not torch.equal(now, self._last_buffers[name]):
@@ -809,15 +870,41 @@ class TrajectoryRecorder:
         self._macro_reg = {}
         obj = record.to_json()
         obj["family"] = self.family
-        if nonfinite is not None and not self._nonfinite_warned:
+        if snap is None:
+            self._check_finite(step, stored)
+            self._report_nonfinite()
+            return tensors, {"record": json.dumps(obj)}
+        grad_bufs, self._grad_bufs = self._grad_bufs, []
+
+        def metadata() -> Dict[str, str]:
+            # runs in the writer thread, on the snapshot: the gradients' float64 norms, the finite check
+            if grad_bufs:
+                obj["grad_sq"] = {n: v ** 2 for n, v in zip([n for n, _ in grad_bufs],
+                                                            _norms64([b for _, b in grad_bufs]))}
+            self._check_finite(step, stored)
+            return {"record": json.dumps(obj)}
+
+        return tensors, metadata
+
+    def _check_finite(self, step: int, stored: List[Tuple[str, torch.Tensor]]) -> None:
+        """Note the first step that stores a NaN/inf parameter (warned by :meth:`_report_nonfinite`)."""
+        if self.check_finite and self._nonfinite is None:
+            name = _first_nonfinite(stored)
+            if name is not None:
+                self._nonfinite = (step, name)
+
+    def _report_nonfinite(self) -> None:
+        """Warn (once) about a non-finite step: right after it (synchronous writes), or at the
+        next step or close (background: the check runs in the writer thread)."""
+        if self._nonfinite is not None and not self._nonfinite_warned:
             self._nonfinite_warned = True
+            step, name = self._nonfinite
             warnings.warn(
-                f"step {step}: parameter {nonfinite!r} is not finite (NaN/inf); the step is "
+                f"step {step}: parameter {name!r} is not finite (NaN/inf); the step is "
                 "recorded, but the trajectory cannot be explained past it",
                 RuntimeWarning,
                 stacklevel=4,
             )
-        return tensors, {"record": json.dumps(obj)}
 
     def _post_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         if self._closed or self._pre is None:
@@ -829,13 +916,32 @@ class TrajectoryRecorder:
             self._pending = _gathered(self._pending)
         if not self._pending:
             self._warn_unbatched(step)
-        tensors, metadata = self._collect_step(step, optimizer)
         path = os.path.join(self.path, fmt.STEPS_DIR, fmt.step_filename(step))
+        # background: the snapshot taken at the pre-hook, or a free one (waits while max_pending
+        # steps are unwritten)
+        snap, self._snap = self._snap, None
+        if snap is None:
+            snap = self._writer.snapshot()
         try:
-            self._writer.submit(path, tensors, metadata, self._step_written)
+            tensors, metadata = self._collect_step(step, optimizer, snap)
+        except BaseException:
+            self._writer.release(snap)
+            raise
+        try:
+            self._writer.submit(path, tensors, metadata, self._step_written, snap)
         except BaseException as err:
-            self._fail(step, err)
             self._failure_reported = True
+            if self._writer.background and self._writer.error is not None and self._failure is None:
+                # an earlier step's background write failed after this step's pre-hook looked
+                self._fail_from_writer()
+                failed, message = self._failure or (step, "")
+                raise TrajectoryWriteError(
+                    f"recording to {self.path!r} failed at step {failed} ({message}); it holds the complete "
+                    f"steps 1..{failed - 1} and records nothing more. The failure surfaced while step {step} "
+                    "was being taken, so the model has moved past the recording: resume=True from a "
+                    f"checkpoint of step {failed - 1}, or record anew"
+                ) from err
+            self._fail(step, err)
             raise
         # Numbers advance only here: a failed step keeps its number and stops the recording.
         self._step = step
@@ -910,6 +1016,12 @@ class TrajectoryRecorder:
         """Number of optimizer steps recorded so far (durably written; see ``background``)."""
         return self._durable
 
+    @property
+    def writer_cpu_seconds(self) -> float:
+        """CPU seconds the background writer thread has spent so far (checksums, serialization,
+        write, fsync); 0 for a synchronous recorder, whose writes run in the training thread."""
+        return float(getattr(self._writer, "cpu_seconds", 0.0))
+
     def bytes_per_step(self) -> int:
         """Approximate size on disk of one recorded step (parameters + optimizer state)."""
         total = 0
@@ -927,6 +1039,18 @@ class TrajectoryRecorder:
             return []
         return [n for n, v in self._param_versions().items() if v != self._closed_versions.get(n)]
 
+    def finish(self) -> None:
+        """Stop recording, wait for pending writes and finalize the manifest: :meth:`close` without
+        opening the trajectory (opening verifies every step file's header, ~10 ms a step for a
+        2M-parameter model; a caller that opens it later pays that then).
+
+        Raises:
+            TrajectoryWriteError: a step failed to be written (the run is marked aborted at it).
+        """
+        if not self._closed:
+            self._close(status="closed")
+        self._raise_unreported()
+
     def close(self) -> Trajectory:
         """Stop recording, wait for pending writes, finalize the manifest and return the trajectory.
 
@@ -936,9 +1060,7 @@ class TrajectoryRecorder:
         Raises:
             TrajectoryWriteError: a step failed to be written (the run is marked aborted at it).
         """
-        if not self._closed:
-            self._close(status="closed")
-        self._raise_unreported()
+        self.finish()
         return Trajectory.open(self.path)
 
     def _raise_unreported(self) -> None:
@@ -959,10 +1081,12 @@ class TrajectoryRecorder:
         for h in self._handles:
             h.remove()
         self._closed = True
+        self._writer.release(self._snap)  # a step that raised between its hooks
+        self._snap, self._grad_bufs = None, []
         self._writer.close()
+        self._report_nonfinite()
         if self._failure is None and self._writer.error is not None:
-            failed = os.path.basename(self._writer.failed_path or "")
-            self._fail(fmt.parse_step_filename(failed) or self._durable + 1, self._writer.error)
+            self._fail_from_writer()
         self._closed_versions = self._param_versions()
         self._steps_after_close = 0
         self._handles = [self.optimizer.register_step_post_hook(self._after_close)]
@@ -1099,8 +1223,15 @@ class _FollowerWriter:
     error: Optional[BaseException] = None
     failed_path: Optional[str] = None
     background = False
+    cpu_seconds = 0.0
 
-    def submit(self, path: str, tensors: Any, metadata: Any, done: Any) -> None:
+    def snapshot(self) -> None:
+        return None
+
+    def release(self, snap: Any) -> None:
+        return None
+
+    def submit(self, path: str, tensors: Any, metadata: Any, done: Any, snap: Any = None) -> None:
         done()
 
     def flush(self) -> None:

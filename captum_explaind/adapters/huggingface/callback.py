@@ -132,6 +132,7 @@ class TrajectoryCallback(TrainerCallback):
         self.recorder: Optional[TrajectoryRecorder] = None
         self.loss_normalization: Optional[str] = None
         self._trajectory: Optional[Trajectory] = None
+        self._finished = False  # on_train_end finalized the recording
         self._handles: List[Any] = []
         self._queue: Deque[List[int]] = collections.deque()
         self._sampler: Any = None
@@ -153,7 +154,10 @@ class TrajectoryCallback(TrainerCallback):
         if self._trajectory is None:
             if self.recorder is None:
                 raise RuntimeError("TrajectoryCallback: training has not started; call trainer.train() first")
-            raise RuntimeError("TrajectoryCallback: training has not finished (on_train_end was not reached)")
+            if not self._finished:
+                raise RuntimeError("TrajectoryCallback: training has not finished (on_train_end was not reached)")
+            # opened (and every step file's header verified) on first use, not inside trainer.train()
+            self._trajectory = Trajectory.open(self.path)
         return self._trajectory
 
     # ------------------------------------------------------------------ begin / end
@@ -198,7 +202,8 @@ class TrajectoryCallback(TrainerCallback):
         self._detach()
         if self.recorder is not None:
             self._window = []
-            self._trajectory = self.recorder.close()
+            self.recorder.finish()
+            self._finished = True
         return control
 
     def on_epoch_end(self, args, state, control, **kwargs):  # type: ignore[override]
@@ -415,7 +420,7 @@ class TrajectoryCallback(TrainerCallback):
     def _reset(self) -> None:
         self._detach()
         self._queue.clear()
-        self._window, self._current, self._trajectory = [], None, None
+        self._window, self._current, self._trajectory, self._finished = [], None, None, False
         self._checks, self._honours_num_items, self.loss_normalization = 0, None, None
 
     def _set_mode(self, mode: str) -> None:
