@@ -16,6 +16,8 @@ Usage::
     python benchmarks/grokking.py --device cuda                 # on a GPU
     python benchmarks/grokking.py --config small --preset exact # the demo's configuration, exact
     python benchmarks/grokking.py --p 59 --n-train 1300 --n-test 411 --max-steps 3000   # reduced
+    python benchmarks/grokking.py --trajectory runs/grok113 --train-seconds 946   # analyse a recording
+    python benchmarks/grokking.py --trajectory runs/grok113 --train-seconds 946 --profile 2  # cost per part
 """
 
 from __future__ import annotations
@@ -34,9 +36,10 @@ if str(ROOT) not in sys.path:
 
 import torch  # noqa: E402
 
-from captum_explaind.grokking import GrokConfig  # noqa: E402
+from captum_explaind.grokking import GrokConfig, GrokRun, load_run  # noqa: E402
+from captum_explaind.grokking.analysis import find_stages  # noqa: E402
 from captum_explaind.grokking.findings import format_findings  # noqa: E402
-from captum_explaind.grokking.study import Study, StudySettings, run_study  # noqa: E402
+from captum_explaind.grokking.study import PARTS, Study, StudySettings, run_study  # noqa: E402
 
 CONFIGS = {"paper": GrokConfig.paper, "small": GrokConfig.small, "tiny": GrokConfig.tiny}
 
@@ -57,9 +60,23 @@ def parse(argv: Optional[List[str]]) -> argparse.Namespace:
     p.add_argument("--window", type=int, default=50, help="steps per window of Fig. 3a. Default: 50")
     p.add_argument("--stage-width", type=int, default=50, help="steps per stage of Fig. 4 / 5. Default: 50")
     p.add_argument("--no-retrain", action="store_true", help="skip the retraining experiment (Fig. 7)")
+    p.add_argument("--similarity-horizon", type=int, default=None, metavar="K",
+                   help="start Fig. 5's sweeps K steps before their stages (the dropped momentum is bounded and "
+                        "printed: β1^K, 0.9^409 ≈ 2e-19); default: from step 1")
+    p.add_argument("--stages", nargs="*", default=None, metavar="NAME",
+                   help="only these of Fig. 4 / 5's stages (start, memorization, transition, grokked)")
+    p.add_argument("--skip", nargs="*", default=[], choices=list(PARTS), metavar="PART",
+                   help=f"parts not to run, by name: {', '.join(repr(x) for x in PARTS)}")
     p.add_argument("--device", default="cpu", help="torch device (cuda for a GPU). Default: cpu")
     p.add_argument("--out", default=None, help="folder for the trajectory and figures (default: a temporary one)")
     p.add_argument("--results", default=None, help="write the markdown report here")
+    p.add_argument("--trajectory", default=None,
+                   help="analyse this existing recording of --config (made by captum_explaind.grokking.train) "
+                        "instead of training; the accuracy curves are recomputed from its θ_s")
+    p.add_argument("--train-seconds", type=float, default=float("nan"),
+                   help="with --trajectory: the training time measured when it was recorded (reported as such)")
+    p.add_argument("--profile", type=int, default=None, metavar="K",
+                   help="time each view on K steps and extrapolate to the whole run, instead of running it")
     return p.parse_args(argv)
 
 
@@ -89,17 +106,21 @@ def report(study: Study, args: argparse.Namespace, wall: float) -> str:
         f"d = {cfg.d_model}, {cfg.n_heads} heads, MLP {cfg.d_mlp}, full-batch AdamW lr {cfg.lr}, weight decay "
         f"{cfg.weight_decay}, betas {cfg.betas}; stop at test accuracy {cfg.target_test_acc:.0%} or "
         f"{cfg.max_steps} steps. Options preset: `{args.preset}`.", "",
+        (f"Training: not run here; the recording `{args.trajectory}` was analysed, and the training time below "
+         f"is the {train_s:.0f} s measured when it was recorded." if args.trajectory else "Training: run here."), "",
         f"Run: {run.steps} steps; train 100 % at step {run.history.first_step('train_acc', 1.0)}, test 100 % at "
         f"step {run.history.first_step('test_acc', 1.0)} (final test accuracy {run.history.test_acc[-1]:.1%}).", "",
         f"Environment: {environment(args.device)}.", "",
-        "| part | what | time (s) | × training |", "|---|---|---|---|",
+        "| part | what | time (s) | CPU time (s) | × training |", "|---|---|---|---|---|",
     ]
     what = {
         "training": f"{run.steps} full-batch steps, recorded",
+        "Fig. 3a": f"left and right in one sweep (+ D_s's): {study.settings.n_inputs} test predictions, windows "
+                   f"of {study.settings.window}; D_s on {study.settings.d_inputs}",
         "Fig. 3a left": f"Ψ vs Ψ^reg, {study.settings.n_inputs} test predictions, windows of {study.settings.window}",
         "Fig. 3a right": f"6 layers' Ψ_s, D_s on {study.settings.d_inputs} predictions",
-        "Fig. 4 test": f"decoder-layer sample influence, {study.settings.n_influence} test predictions, 4 stages",
-        "Fig. 4 train": f"the same for {study.settings.n_influence} training predictions",
+        "Fig. 4": f"decoder-layer sample influence, {study.settings.n_influence} test and "
+                  f"{study.settings.n_influence} training predictions, 4 stages (one sweep per stage)",
         "Fig. 5": f"decoder-layer similarity of {study.settings.n_similarity} test predictions, 4 stages",
         "Table 2": "Lasso on the grokked stage's similarity",
         "Fig. 3b swap": "6 layers × 20 checkpoints",
@@ -109,11 +130,14 @@ def report(study: Study, args: argparse.Namespace, wall: float) -> str:
     for name, sec in study.seconds.items():
         if name != "training":
             analysis += sec
-        lines.append(f"| {name} | {what.get(name, '')} | {sec:.1f} | {sec / train_s:.1f}× |")
-    lines += [f"| **all analyses** | | **{analysis:.1f}** | **{analysis / train_s:.1f}×** |",
-              f"| wall time of the whole benchmark | | {wall:.1f} | |", "",
+        cpu = study.cpu_seconds.get(name, float("nan"))
+        lines.append(f"| {name} | {what.get(name, '')} | {sec:.1f} | {cpu:.1f} | {sec / train_s:.1f}× |")
+    lines += [f"| **all analyses** | | **{analysis:.1f}** | | **{analysis / train_s:.1f}×** |",
+              f"| wall time of the whole benchmark | | {wall:.1f} | | |", "",
               "Deltas (largest |change − Σ parts| of each decomposition):", ""]
-    lines += [f"* {name}: {v:.2e}" for name, v in study.deltas().items()]
+    rel = study.relative_deltas()
+    lines += [f"* {name}: {v:.2e}" + (f" ({rel[name]:.1%} of the largest change it decomposes)" if name in rel else "")
+              for name, v in study.deltas().items()]
     lines += ["", "Findings:", "", format_findings(study.findings()), ""]
     if study.lasso is not None:
         lines += ["Table 2 (largest Lasso coefficients of the grokked stage's similarity):", "",
@@ -121,16 +145,46 @@ def report(study: Study, args: argparse.Namespace, wall: float) -> str:
     return "\n".join(lines)
 
 
-def main(argv: Optional[List[str]] = None) -> Study:
+def profile(run: GrokRun, settings: StudySettings, args: argparse.Namespace) -> str:
+    from grokking_profile import format_profile, profile_parts
+
+    stages = find_stages(run, settings.stage_width)
+    rows = profile_parts(run, stages, settings, k=args.profile)
+    cfg, h = run.config, run.history
+    text = "\n".join([
+        "# Grokking study benchmark: cost per part, measured on a few steps and extrapolated", "",
+        f"Command: `python benchmarks/grokking.py {' '.join(sys.argv[1:])}`", "",
+        f"Run: p = {cfg.p}, {run.data.n_train} / {run.data.n_test} pairs, {run.steps} steps (train 100 % at step "
+        f"{h.first_step('train_acc', 1.0)}, test 100 % at step {h.first_step('test_acc', 1.0)}); training "
+        f"{run.train_seconds:.0f} s as measured when it was recorded. Preset `{args.preset}`; stages: "
+        + "; ".join(str(s) for s in stages) + ".", "",
+        f"Environment: {environment(args.device)}.", "",
+        format_profile(rows, run.train_seconds), ""])
+    print(text)
+    if args.results:
+        Path(args.results).write_text(text)
+    return text
+
+
+def main(argv: Optional[List[str]] = None) -> Optional[Study]:
     args = parse(argv)
     torch.manual_seed(0)
     config = config_from(args)
     out = Path(args.out) if args.out else Path(__import__("tempfile").mkdtemp(prefix="grokking_bench_"))
     settings = StudySettings(window=args.window, stage_width=args.stage_width, n_inputs=args.inputs,
                              d_inputs=args.d_inputs, n_influence=args.inputs, n_similarity=args.similarity_inputs,
-                             options=args.preset, retrain=not args.no_retrain)
+                             options=args.preset, retrain=not args.no_retrain, skip=tuple(args.skip),
+                             similarity_horizon=args.similarity_horizon, stages=args.stages)
     start = time.perf_counter()
-    study = run_study(out / "trajectory", config, settings, device=args.device)
+    run = None
+    if args.trajectory is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        run = load_run(args.trajectory, config, train_seconds=args.train_seconds,
+                       history_file=out / "history.json", show_progress=True)
+        if args.profile is not None:
+            profile(run, settings, args)
+            return None
+    study = run_study(out / "trajectory", config, settings, device=args.device, run=run)
     study.save_figures(out / "figures")
     text = report(study, args, time.perf_counter() - start)
     print(text)

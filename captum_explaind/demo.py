@@ -75,7 +75,7 @@ def _explain_reconstruction(study: Study, preset: str) -> None:
           "  delta = the measured quadrature error (what the integration did not capture).")
 
 
-def _summary(study: Study) -> str:
+def _summary(study: Study, preset: str) -> str:
     run, h = study.run, study.run.history
     lines = [
         f"Run: p = {run.data.p}, {run.data.n_train} training / {run.data.n_test} test pairs, {run.steps} "
@@ -88,6 +88,17 @@ def _summary(study: Study) -> str:
         "Exactness: largest |delta| (the part of each prediction change the decomposition did not capture):",
     ]
     lines += [f"  {name}: {v:.2e}" for name, v in study.deltas().items()]
+    rel = study.relative_deltas()
+    if rel:
+        worst = max(rel, key=rel.get)  # type: ignore[arg-type]
+        lines.append(f"  relative to the largest change it decomposes, the largest delta is {rel[worst]:.1%} "
+                     f"({worst}).")
+    if preset == "fast":
+        lines += [
+            "  These numbers use the 'fast' preset (a 2-node rule in float32, no error control): the deltas say how",
+            "  far each decomposition is from exact, and on this configuration (lr 1e-2, ReLU kinks) they are not",
+            "  small, so read the figures as a first look. --preset balanced or exact integrates to 1e-6 / 1e-10 of",
+            "  each step's change (exact up to round-off; much slower on this ReLU Transformer)."]
     lines += ["", "The paper's findings next to this run's numbers:", format_findings(study.findings()), "",
               "Time per part (s): " + ", ".join(f"{k} {v:.1f}" for k, v in study.seconds.items())]
     return "\n".join(lines)
@@ -109,7 +120,7 @@ def main(argv: Optional[List[str]] = None) -> Study:
     study = run_study(out / "trajectory", config, settings, device=args.device)
     _explain_reconstruction(study, args.preset)
     paths = study.save_figures(out / "figures")
-    text = _summary(study)
+    text = _summary(study, args.preset)
     (out / "summary.txt").write_text(text + "\n")
     print("\n" + text)
     print(f"\n{len(paths)} figures in {out / 'figures'}; this summary in {out / 'summary.txt'}")

@@ -10,13 +10,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from captum_explaind import EPKOptions
-from captum_explaind.grokking import LAYERS, GrokConfig, train
+from captum_explaind import EPKOptions, PredictionSimilarity
+from captum_explaind.grokking import LAYERS, GrokConfig, load_run, train
 from captum_explaind.grokking.analysis import (
     Stage,
+    balances,
     find_stages,
     layer_balance,
     sample_influence,
+    sample_influences,
     similarity_stages,
     training_balance,
 )
@@ -70,6 +72,20 @@ def test_fig3a_right_layers_add_up_and_agree_with_the_window_view(run):
     assert lb.leader(0) in LAYERS and torch.allclose(lb.shares().sum(1), torch.ones(2, dtype=lb.shares().dtype))
 
 
+def test_fig3a_left_and_right_from_one_sweep_equal_the_two_calls(run):
+    x, y = run.data.test_x[:3], run.data.test_y[:3]
+    bal, lay = balances(run, x, y, window=3, d_inputs=2, options=OPTS)
+    tb = training_balance(run, x, y, window=3, options=OPTS)
+    lb = layer_balance(run, x, y, window=3, d_inputs=2, options=OPTS)
+    scale = float(tb.change.abs().max())
+    for a, b in ((bal.kernel, tb.kernel), (bal.regularization, tb.regularization), (bal.delta, tb.delta),
+                 (lay.scores, lb.scores), (lay.delta, lb.delta)):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-9 * scale)
+    torch.testing.assert_close(lay.reg_influence, lb.reg_influence, rtol=0, atol=0)
+    truth = forward_change(run, x, y, 0, 6)
+    assert (truth - (bal.kernel + bal.regularization).sum(1)).abs().max() < TOL * truth.abs().max()
+
+
 def test_fig4_sample_scores_add_up_per_stage_and_order(run):
     x, y = run.data.test_x[:3], run.data.test_y[:3]
     stages = [Stage("a", range(1, 3)), Stage("b", range(4, 7))]
@@ -101,6 +117,57 @@ def test_fig5_similarity_per_stage(run):
     assert (sim.similarity.abs() <= 1 + 1e-6).all()  # float32 ("fast")
 
 
+def test_fig4_sets_share_a_sweep_and_equal_their_own_calls(run):
+    stages = [Stage("a", range(2, 4)), Stage("b", range(5, 7))]
+    sets = {"test": (run.data.test_x[:2], run.data.test_y[:2]), "train": (run.data.train_x[:3], run.data.train_y[:3])}
+    both = sample_influences(run, sets, stages, options=OPTS)
+    for name, (x, y) in sets.items():
+        alone = sample_influence(run, x, y, stages, options=OPTS)
+        for field in ("scores", "other", "regularization", "residual", "change", "delta"):
+            torch.testing.assert_close(getattr(both[name], field), getattr(alone, field), rtol=1e-9, atol=1e-12)
+        torch.testing.assert_close(both[name].input_sums, alone.input_sums, rtol=0, atol=0)
+
+
+def test_fig5_stages_in_one_sweep_equal_one_call_per_stage(run):
+    from torch import nn
+
+    x, y = run.data.test_x[:3], run.data.test_y[:3]
+    stages = [Stage("a", range(1, 3)), Stage("b", range(2, 5)), Stage("c", range(5, 7))]
+    sim = similarity_stages(run, x, y, stages, options=OPTS)
+    ps = PredictionSimilarity(run.model, run.recorded, run.data.train_set, loss_fn=nn.NLLLoss(reduction="none"),
+                              options=OPTS)
+    for k, st in enumerate(stages):
+        alone = ps.explain(x, target=y, layers=LAYERS["decoder"], steps=st.steps)
+        torch.testing.assert_close(sim.similarity[k], alone.similarity, rtol=0, atol=1e-12)
+        truth = forward_change(run, x, y, st.steps.start - 1, st.steps.stop - 1)
+        torch.testing.assert_close(alone.change[:, 0], truth, rtol=0, atol=1e-12)
+
+
+def test_load_run_recomputes_the_curves(run, tmp_path):
+    cache = tmp_path / "history.json"
+    loaded = load_run(run.trajectory.path, run.config, train_seconds=1.5, history_file=cache)
+    assert loaded.history.train_acc == pytest.approx(run.history.train_acc)
+    assert loaded.history.test_acc == pytest.approx(run.history.test_acc)
+    assert loaded.history.loss == pytest.approx(run.history.loss, rel=1e-5)
+    assert loaded.train_seconds == 1.5 and cache.exists()
+    for k, v in loaded.model.state_dict().items():
+        torch.testing.assert_close(v, run.model.state_dict()[k], rtol=0, atol=0)
+    assert load_run(run.trajectory.path, run.config, history_file=cache).history.test_acc == loaded.history.test_acc
+    with pytest.raises(ValueError, match="not recorded from a model built with"):
+        load_run(run.trajectory.path, GrokConfig.tiny(d_model=8, n_heads=2))
+
+
 def test_unknown_layer_is_named(run):
     with pytest.raises(ValueError, match="layer must be one of"):
         sample_influence(run, run.data.test_x[:1], run.data.test_y[:1], [Stage("a", range(1, 2))], layer="mlp")
+
+
+def test_fig5_with_a_horizon_splits_the_sweeps_and_reports_the_bound(run):
+    x, y = run.data.test_x[:3], run.data.test_y[:3]
+    stages = [Stage("a", range(1, 3)), Stage("b", range(5, 7))]
+    full = similarity_stages(run, x, y, stages, options=OPTS)
+    late = similarity_stages(run, x, y, stages, options=OPTS, horizon=1)  # stage b: a sweep from step 4
+    assert full.truncation == [0.0, 0.0]
+    assert late.truncation[0] == 0.0 and late.truncation[1] == pytest.approx(run.config.betas[0] ** 2, rel=1e-12)
+    torch.testing.assert_close(late.similarity[0], full.similarity[0], rtol=0, atol=1e-12)
+    assert (late.similarity[1] - full.similarity[1]).abs().max() < 1  # a truncated, not an unrelated, matrix

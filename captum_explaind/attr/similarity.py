@@ -7,7 +7,7 @@ the Captum-facing class.
 from __future__ import annotations
 
 import os
-from typing import Any, Callable, Optional, Sequence, Union
+from typing import Any, Callable, List, Optional, Sequence, Union
 
 import torch
 from captum.log import log_usage
@@ -95,6 +95,58 @@ class PredictionSimilarity(EPKAttribution):
         Returns:
             *SimilarityResult*
         """
+        windows, multi = parse_windows(steps, self.epk.num_steps)
+        if multi:
+            raise ValueError("steps must be one window here (a range or slice); explain_windows() takes several")
+        return self._explain(inputs, others, target, other_target, additional_forward_args, layers, windows,
+                             train_subset)[0]
+
+    @log_usage()
+    def explain_windows(
+        self,
+        inputs: Any,
+        windows: Sequence[Union[int, range, slice]],
+        others: Any = None,
+        target: TargetType = None,
+        other_target: TargetType = None,
+        additional_forward_args: Any = None,
+        layers: Any = None,
+        train_subset: Optional[Sequence[int]] = None,
+        start: Optional[int] = None,
+    ) -> List[SimilarityResult]:
+        r"""One :class:`SimilarityResult` per window of steps, from a single forward sweep.
+
+        The per-sample momentum buffers do not depend on the window, so the sweep visits each step
+        once (up to the last window's end) and adds every integrated step to the Gram matrix of
+        each window that holds it. Each result equals :meth:`explain` with ``steps=window``.
+
+        Args:
+            inputs: predictions to compare. windows (list of range, slice or int): the steps S
+                of each result (they may overlap).
+            others, target, other_target, additional_forward_args, layers, train_subset: as
+                :meth:`attribute`.
+            start (int, optional): begin the sweep at this step with empty momentum buffers
+                instead of at step 1. The buffers then miss the momentum of earlier steps, which
+                enters window ``w`` with weight at most ``Π β`` over the steps from ``start`` to
+                ``w.start`` (``β``: the optimizer's momentum coefficient, e.g. ``0.9^409 ≈ 2e-19``);
+                each result reports that bound as ``truncation`` (0 without ``start``). Default: None
+
+        Returns:
+            *list[SimilarityResult]*, in the order of ``windows`` (``stats`` is the shared sweep's)
+        """
+        if isinstance(windows, (range, slice, int)) or not len(windows):
+            raise ValueError("windows must be a non-empty list of windows (ranges, slices or steps)")
+        parsed = [parse_windows(w, self.epk.num_steps)[0][0] for w in windows]
+        if start is not None:
+            first = min(w.start for w in parsed)
+            if isinstance(start, bool) or not isinstance(start, int) or not 1 <= start <= first:
+                raise ValueError(f"start must be a step in 1..{first} (the first window's start), got {start!r}")
+        return self._explain(inputs, others, target, other_target, additional_forward_args, layers, parsed,
+                             train_subset, start or 1)
+
+    def _explain(self, inputs: Any, others: Any, target: TargetType, other_target: TargetType,
+                 additional_forward_args: Any, layers: Any, windows: List[range],
+                 train_subset: Optional[Sequence[int]], start: int = 1) -> List[SimilarityResult]:
         batch, tgt = self._prepare(inputs, target, additional_forward_args)
         n_self = batch.n
         if others is not None:
@@ -108,10 +160,6 @@ class PredictionSimilarity(EPKAttribution):
                 index = torch.cat([tgt.index, tgt_o.index])
             batch = batch.concat(ob)
             tgt = Target(index, tgt.n_outputs)
-        windows, multi = parse_windows(steps, self.epk.num_steps)
-        if multi:
-            raise ValueError("steps must be one window here (a range or slice)")
-        window = windows[0]
         n = batch.n
         outputs = torch.arange(tgt.n_outputs).expand(n, -1) if tgt.index is None else tgt.index.unsqueeze(1)
         outputs = outputs.to(self.epk.device)
@@ -126,16 +174,21 @@ class PredictionSimilarity(EPKAttribution):
             subset = torch.as_tensor(list(train_subset), dtype=torch.int64)
             if subset.numel() == 0 or int(subset.min()) < 0 or int(subset.max()) >= len(self.train):
                 raise ValueError(f"train_subset must hold indices in 0..{len(self.train) - 1}")
-        view = SimilarityView(self.epk, n, outputs, self.train, self.loss_fn, subset, mask, list(window),
+        view = SimilarityView(self.epk, n, outputs, self.train, self.loss_fn, subset, mask, windows,
                               self.train_batch_size)
-        stats = self.epk.sweep(batch, view, steps=range(1, window.stop), integrate=window, need_precond=True,
-                               desc="similarity")
-        cos = cosine_from_gram(view.gram)
-        sim = cos if others is None else cos[:n_self, n_self:]
-        return SimilarityResult(similarity=sim, gram=view.gram, window=window, layers=names, train_subset=subset,
-                                stats=stats, options=self.epk.options.to_dict(),
-                                change=view.exact + view.buffer_change, buffers=view.buffer_change,
-                                train_grads=view.grads.name)
+        last = max(w.stop for w in windows)
+        stats = self.epk.sweep(batch, view, steps=range(start, last), integrate=sorted(view.integrate),
+                               need_precond=True, desc="similarity")
+        out = []
+        for w, window in enumerate(windows):
+            gram = view.gram[w]
+            cos = cosine_from_gram(gram)
+            out.append(SimilarityResult(
+                similarity=cos if others is None else cos[:n_self, n_self:], gram=gram, window=window, layers=names,
+                train_subset=subset, stats=stats, options=self.epk.options.to_dict(),
+                change=view.exact[w] + view.buffer_change[w], buffers=view.buffer_change[w],
+                train_grads=view.grads.name, truncation=view.truncation(w) if start > 1 else 0.0))
+        return out
 
     @log_usage()
     def attribute(  # type: ignore[override]

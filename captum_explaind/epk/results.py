@@ -386,6 +386,9 @@ class SimilarityResult(ResultMixin):
             ``change − buffers``.
         train_grads (str): how per-sample training gradients were computed (see
             :class:`DataDecomposition`).
+        truncation (float): for a sweep begun after step 1 (``explain_windows(start=...)``), the
+            largest weight with which momentum from before its start can enter the window (the
+            product of the momentum coefficients in between); 0 for a sweep from step 1.
     """
 
     similarity: torch.Tensor
@@ -398,6 +401,7 @@ class SimilarityResult(ResultMixin):
     change: Optional[torch.Tensor] = None
     buffers: Optional[torch.Tensor] = None
     train_grads: str = "independent"
+    truncation: float = 0.0
 
     def plot(self, labels: Optional[List[str]] = None, **kwargs: Any) -> Any:
         """Heatmap (:func:`captum_explaind.visualization.plot_similarity`)."""

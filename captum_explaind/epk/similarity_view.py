@@ -11,19 +11,30 @@ are compared by the cosine of their flattened tensors. The inner product factori
 
 so the training side enters through one vector ``D_s`` per step and no tensor of size
 steps × parameters × training samples is ever built. ``Δ_s^{(k)}`` (sample k's share of update
-s, momentum included) needs one running momentum buffer per training sample of ``K`` that is
-still carrying weight — memory ``|K| × P`` for momentum optimizers, nothing for plain SGD.
+s, momentum included) needs one running momentum buffer per training sample — memory
+``n_train × |Θ|`` for momentum optimizers. Only the selected parameters Θ are kept: the
+optimizers' updates act element by element (the preconditioner is per element too), so
+``Δ_s^{(k)}[p]`` for ``p ∈ Θ`` depends on sample k's gradients at ``p`` only, and ``D_s`` matters
+only under Θ. The buffers are one dense ``[n_train, |Θ|]`` tensor updated in place.
+
+One forward sweep serves several windows S_1, S_2, …: the buffers do not depend on the window,
+so every step is visited once and each integrated step adds to the Gram matrix of every window
+holding it.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable, Dict, List, Optional
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Tuple
 
 import torch
+from torch.func import grad, vmap
 
+from .._compat import functorch_friendly
+from ..recording.format import StepRecord
+from .batch import batched_dims, lift_rows
 from .integrands import JacobianIntegrand
 from .segment import Chunk, Segment
-from .train_grads import TrainGrads, select_train_grads
+from .train_grads import IndependentGrads, TrainGrads, select_train_grads
 from .train_jvp import forward_mode
 from .training_set import TrainingSet, measured_grad_scale, step_samples
 from .views import ViewBase
@@ -50,22 +61,40 @@ class SimilarityView(ViewBase):
         return 2 * int(self.outputs.shape[1])
 
     def __init__(self, epk: "ExactPathKernel", n: int, outputs: torch.Tensor, train: TrainingSet, loss_fn: Callable,
-                 subset: Optional[torch.Tensor], mask: Optional[torch.Tensor], integrate: List[int],
+                 subset: Optional[torch.Tensor], mask: Optional[torch.Tensor], windows: List[range],
                  train_batch_size: Optional[int], grads: Optional[TrainGrads] = None) -> None:
         self.epk, self.n, self.outputs, self.train, self.loss_fn = epk, n, outputs, train, loss_fn
         # per-sample training gradients: independent, or coupled through train-mode batch statistics
         self.grads = grads if grads is not None else forward_mode(select_train_grads(epk, train, loss_fn), epk)
-        self.mask = mask
-        self.integrate = set(integrate)
+        dev, dt = epk.device, epk.dtype
+        # the selected elements Θ (all without a mask); D_s and the buffers live on them only
+        self.coords = None if mask is None else torch.nonzero(mask, as_tuple=False).reshape(-1).to(dev)
+        layout = epk.layout
+        self.selected = [] if mask is None else [
+            nm for nm in layout.names if layout.numels[layout.names.index(nm)] and bool(mask[layout.slice(nm)].all())]
+        # per-sample gradients on Θ only (a backward that stops at Θ's layers) where samples are
+        # independent and Θ is whole parameters; else the full gradients, restricted afterwards
+        inner = getattr(self.grads, "inner", self.grads)  # under the forward-mode wrapper
+        self._restricted = (self.coords is not None and type(inner) is IndependentGrads
+                            and sum(layout.numels[layout.names.index(nm)] for nm in self.selected) == len(self.coords))
+        self.windows = list(windows)
+        self.windows_of: Dict[int, List[int]] = {}
+        for w, r in enumerate(self.windows):
+            for step in r:
+                self.windows_of.setdefault(int(step), []).append(w)
+        self.integrate = set(self.windows_of)
         self.train_batch_size = train_batch_size
         self.in_subset = None
         if subset is not None:
-            self.in_subset = torch.zeros(len(train), dtype=torch.bool)
-            self.in_subset[subset] = True
-        self.buffers: Dict[int, torch.Tensor] = {}  # training index -> momentum buffer b^{(k)}
-        self.gram = torch.zeros(n, n, dtype=epk.dtype, device=epk.device)
+            self.in_subset = torch.zeros(len(train), dtype=torch.bool, device=dev)
+            self.in_subset[subset.to(dev)] = True
+        self.buffers: Optional[torch.Tensor] = None  # [n_train, |Θ|] momentum buffers b^{(k)}
+        self._decay = 1.0  # Π max β over the visited steps: the weight left on momentum from before them
+        self._decay_at: Dict[int, float] = {}  # window start -> that weight when the window began
+        W, J = len(self.windows), outputs.shape[1]
+        self.gram = torch.zeros(W, n, n, dtype=dt, device=dev)
         self._phi: Optional[torch.Tensor] = None  # [n, J, P]
-        self.exact = torch.zeros(n, outputs.shape[1], dtype=epk.dtype, device=epk.device)
+        self.exact = torch.zeros(W, n, J, dtype=dt, device=dev)
         self.buffer_change = torch.zeros_like(self.exact)  # output jumps of buffers (BatchNorm statistics)
 
     # sweep protocol ------------------------------------------------------------
@@ -74,11 +103,13 @@ class SimilarityView(ViewBase):
         return flat.gather(1, self.outputs[chunk.offset + rows].to(flat.device))
 
     def step_change(self, step: int, chunk: Chunk, c0: torch.Tensor, c1: torch.Tensor) -> None:
-        self.exact[chunk.offset : chunk.offset + chunk.n] += c1 - c0
+        for w in self.windows_of.get(step, ()):
+            self.exact[w, chunk.offset : chunk.offset + chunk.n] += c1 - c0
 
     def buffer_jump(self, step: int, chunk: Chunk, jump: torch.Tensor) -> None:
         rows = torch.arange(chunk.n, device=jump.device)
-        self.buffer_change[chunk.offset : chunk.offset + chunk.n] += self.check(jump, chunk, rows)
+        for w in self.windows_of.get(step, ()):
+            self.buffer_change[w, chunk.offset : chunk.offset + chunk.n] += self.check(jump, chunk, rows)
 
     def integrand(self, seg: Segment, chunk: Chunk) -> JacobianIntegrand:
         if self._phi is None:
@@ -93,51 +124,115 @@ class SimilarityView(ViewBase):
         return JacobianIntegrand(self.epk.functional, seg, chunk, self.outputs, sink)
 
     def end_step(self, seg: Segment, integrated: bool) -> None:
-        D = self._train_statistic(seg)
+        D = self._train_statistic(seg)  # [|Θ|]
         if integrated:
             phi = self._phi  # [n, J, P]
             assert phi is not None  # integrand() created it for this integrated step
             self._phi = None
-            w = D if self.mask is None else D * self.mask
-            scaled = phi * w.sqrt()
-            flat = scaled.reshape(self.n, -1)
-            self.gram += flat @ flat.T
+            if self.coords is not None:
+                phi = phi.index_select(2, self.coords)
+            flat = (phi * D.sqrt()).reshape(self.n, -1)
+            g = flat @ flat.T
+            for w in self.windows_of.get(seg.step, ()):
+                self.gram[w] += g
+
+    def truncation(self, w: int) -> float:
+        """The largest weight momentum from before the sweep's first step has in window ``w``."""
+        return self._decay_at.get(w, 0.0)
 
     # training side --------------------------------------------------------------
+    def _restrict(self, v: torch.Tensor) -> torch.Tensor:
+        return v if self.coords is None else v.index_select(-1, self.coords)
+
+    def _restricted_grads(self, rec: StepRecord, theta: torch.Tensor, active: torch.Tensor
+                          ) -> Optional[Tuple[torch.Tensor, torch.Tensor, float]]:
+        """The step's distinct samples [m], their weighted loss gradients on Θ only ``[m, |Θ|]``, and
+        the measured gradient scale ``c``.
+
+        The per-sample gradients differentiate Θ's parameters alone (the others enter as
+        constants), so their backward pass stops at Θ's layers: for the last layer it is nearly free.
+        The scale is global (clipping, loss scaling), so it is measured on Θ: the recorded norm of
+        Θ's gradients (none recorded: inactive, zero) over the replayed one. ``None`` where Θ's
+        replayed gradient is zero (the caller then replays all parameters for this step).
+        """
+        fm, layout, loss_fn = self.epk.functional, self.epk.layout, self.loss_fn
+        uniq, weights = step_samples(rec, "similarity view", self.epk.device, self.epk.dtype)
+        base = fm._params(theta)
+        sizes = [layout.numels[layout.names.index(nm)] for nm in self.selected]
+        shapes = [layout.shapes[layout.names.index(nm)] for nm in self.selected]
+        sel0 = torch.cat([theta[layout.slice(nm)] for nm in self.selected])
+
+        def value(sel: torch.Tensor, b: Any, e: Any) -> torch.Tensor:
+            params = dict(base)
+            for nm, piece, shape in zip(self.selected, torch.split(sel, sizes), shapes):
+                params[nm] = piece.view(shape)
+            return loss_fn(b.call(fm.module, params), e).sum()
+
+        rows = []
+        size = max(1, min(len(uniq), (256 * 2**20) // max(1, 8 * sel0.numel())))
+        with functorch_friendly():
+            for start in range(0, len(uniq), size):
+                batch, target = self.train.batch(uniq[start : start + size])
+                ed = batched_dims(target, batch.n)
+                fn = batch.per_row(_lifted(grad(value), ed))
+                rows.append(weights[start : start + size].unsqueeze(1) * vmap(fn, in_dims=batch.dims + (None, ed))(
+                    batch.args, batch.kwargs, sel0, target))
+        W = torch.cat(rows)
+        norm = float(torch.linalg.vector_norm(W.sum(0) * self._restrict(active)))
+        if norm == 0:
+            return None
+        c = sum(rec.grad_sq.get(nm, 0.0) for nm in self.selected) ** 0.5 / norm
+        return uniq.to(self.epk.device), W, c
+
     def _train_statistic(self, seg: Segment) -> torch.Tensor:
-        """D_s = Σ_{k∈K} (Δ_s^{(k)})², updating every per-sample momentum buffer by one step."""
+        """D_s = Σ_{k∈K} (Δ_s^{(k)})² on Θ, updating every per-sample momentum buffer by one step."""
         co = seg.coeffs
         dev, dt, P = self.epk.device, self.epk.dtype, self.epk.layout.total
         step_samples(seg.record, "similarity view", dev, dt)  # the named error for a step without samples
-        parts = list(self.grads.weighted_grads(seg.record, seg.theta0, "similarity view"))
-        idx = torch.cat([i for i, _ in parts])
-        uniq, inv = torch.unique(idx, return_inverse=True)  # a sample in several micro-batches: add up
-        WG = torch.zeros(len(uniq), P, dtype=dt, device=dev)
-        WG.index_add_(0, inv.to(dev), torch.cat([w for _, w in parts]))
-        c = measured_grad_scale(seg.record, WG.sum(0), co.active)
-        u = (co.sign * c) * WG  # σ c a G per batch sample
-        pre = co.precond if co.precond is not None else 1.0
-        scale = co.lr * pre
-        D = torch.zeros(self.epk.layout.total, dtype=self.epk.dtype, device=self.epk.device)
-        new = {int(k): u[i] for i, k in enumerate(uniq.tolist())}
-        carry = bool((co.beta != 0).any())
-        keys = set(self.buffers) | set(new) if carry else set(new)
-        buffers: Dict[int, torch.Tensor] = {}
-        for k in keys:
-            uk = new.get(k)
-            b = self.buffers.get(k)
-            b = (co.beta * b if b is not None else None)
-            if uk is not None:
-                b = co.h * uk if b is None else b + co.h * uk
-            if b is None:
-                continue
-            delta_k = -scale * (co.e * b + (co.z * uk if uk is not None else 0.0))
-            if self.in_subset is None or bool(self.in_subset[k]):
-                D += delta_k * delta_k
-            if carry and bool(b.abs().max() > 0):
-                buffers[k] = b
-        self.buffers = buffers
-        return D
+        idx_parts, u_parts = [], []
+        g_rep = torch.zeros(P, dtype=dt, device=dev)
+        c: Optional[float] = None
+        fast = self._restricted_grads(seg.record, seg.theta0, co.active) if self._restricted else None
+        if fast is not None:
+            idx, wg, c = fast
+            idx_parts, u_parts = [idx], [wg]
+        else:
+            for i, wg in self.grads.weighted_grads(seg.record, seg.theta0, "similarity view"):
+                g_rep += wg.sum(0)  # the replayed gradient (all parameters): the measured scale needs it
+                idx_parts.append(i.to(dev))
+                u_parts.append(self._restrict(wg))
+        if c is None:
+            c = measured_grad_scale(seg.record, g_rep, co.active)
+        # a sample in several micro-batches: add its rows up (index_add below)
+        idx = torch.cat(idx_parts)
+        sign, h, e, z, beta = (self._restrict(t) for t in (co.sign, co.h, co.e, co.z, co.beta))
+        u = (sign * c) * torch.cat(u_parts)  # σ c a G per batch sample, on Θ
+        pre = self._restrict(co.precond) if co.precond is not None else 1.0
+        scale = self._restrict(co.lr) * pre
+        if self.buffers is None:
+            self.buffers = torch.zeros(len(self.train), u.shape[1], dtype=dt, device=dev)
+        self._decay *= float(co.beta.max()) if co.beta.numel() else 0.0
+        for w in self.windows_of.get(seg.step, ()):
+            self._decay_at.setdefault(w, self._decay)
+        B = self.buffers
+        B.mul_(beta)  # b ← β b + h u (a sample without a gradient this step: b ← β b)
+        B.index_add_(0, idx, h * u)
+        # Δ^{(k)} = −η D (e b + z u): rows of the samples in K, in chunks to bound the temporaries
+        zu = torch.zeros_like(B) if bool((z != 0).any()) else None
+        if zu is not None:
+            zu.index_add_(0, idx, z * u)
+        rows = (torch.arange(B.shape[0], device=dev) if self.in_subset is None
+                else torch.nonzero(self.in_subset).reshape(-1))
+        D = torch.zeros(B.shape[1], dtype=dt, device=dev)
+        for start in range(0, len(rows), 512):
+            r = rows[start : start + 512]
+            d = e * B[r] if zu is None else e * B[r] + zu[r]
+            D += (d * d).sum(0)
+        return D * (scale * scale)
+
+
+def _lifted(fn: Callable, ed: Any) -> Callable:
+    return lambda b, sel, e: fn(sel, b, lift_rows(e, ed))
 
 
 def cosine_from_gram(g: torch.Tensor) -> torch.Tensor:

@@ -9,6 +9,7 @@ from .task import (
     ModAddTransformer,
     accuracy,
     build_model,
+    load_run,
     make_data,
     make_optimizer,
     train,
@@ -25,5 +26,6 @@ __all__ = [
     "build_model",
     "make_data",
     "make_optimizer",
+    "load_run",
     "train",
 ]

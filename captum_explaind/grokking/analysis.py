@@ -22,7 +22,7 @@ TrainingDataInfluence, PredictionSimilarity) with the options passed (default ``
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Union
 
 import torch
@@ -39,8 +39,10 @@ __all__ = [
     "training_balance",
     "LayerBalance",
     "layer_balance",
+    "balances",
     "SampleInfluence",
     "sample_influence",
+    "sample_influences",
     "SimilarityStages",
     "similarity_stages",
     "true_change",
@@ -230,20 +232,68 @@ def layer_balance(run: GrokRun, x: torch.Tensor, y: torch.Tensor, window: int = 
     res = si.explain(x, target=y, window=window, layers=layers)
     scores = res.scores["total"]
     change = true_change(run, x, y, range(1, run.recorded.num_steps + 1))
-    reg = None
-    n_d = x.shape[0] if d_inputs is None else min(int(d_inputs), x.shape[0])
-    if n_d > 0:
-        pi = ParameterInfluence(run.model, run.recorded, options, **overrides)
-        reg_list = []
-        # A few windows per call bound the per-element accumulators (n × windows × 2 × P).
-        for start in range(0, len(res.windows), 8):
-            chunk = list(res.windows[start : start + 8])
-            d = pi.regularization_influence(x[:n_d], target=y[:n_d], steps=chunk, layers=layers)
-            reg_list.append(torch.stack([d[k] for k in layers], dim=-1).reshape(len(chunk), len(layers)))
-        reg = torch.cat(reg_list)
+    reg = _reg_influence(run, x, y, list(res.windows), layers, d_inputs, options, **overrides)
     return LayerBalance(windows=list(res.windows), layers=list(layers), scores=scores,
                         importance=scores.abs().sum(0), reg_influence=reg, change=change,
                         delta=change - scores.sum((1, 2)))
+
+
+def balances(run: GrokRun, x: torch.Tensor, y: torch.Tensor, window: int = 50, d_inputs: Optional[int] = None,
+             options: OptionsType = "exact", **overrides: Any) -> "tuple[TrainingBalance, LayerBalance]":
+    """Fig. 3a left and right from one sweep: kernel and regularization scores per layer and window.
+
+    :func:`training_balance` is the sum over the six layers (they hold every parameter of the
+    model), :func:`layer_balance` the sum over the two parts; the same numbers as the two calls,
+    at the cost of one.
+
+    Args:
+        run, x, y, window, d_inputs, options, **overrides: as :func:`layer_balance`.
+
+    Returns:
+        *tuple[TrainingBalance, LayerBalance]*
+    """
+    layers = dict(LAYERS)
+    si = StepInfluence(run.model, run.recorded, options, **overrides)
+    res = si.explain(x, target=y, window=window, layers=layers, component=["kernel", "regularization"])
+    covered = sum(int(v.numel()) for n, v in run.model.named_parameters() if n.split(".")[0] in _layer_params(run))
+    if covered != sum(int(v.numel()) for v in run.model.parameters()):
+        raise ValueError("the six layers of LAYERS do not hold every parameter of this model; use training_balance()")
+    k3, r3 = res.scores["kernel"], res.scores["regularization"]  # [n, W, 6]
+    k, r = k3.sum(-1), r3.sum(-1)
+    change = true_change(run, x, y, range(1, run.recorded.num_steps + 1))
+    bal = TrainingBalance(
+        windows=list(res.windows), kernel=k, regularization=r, importance=k.abs().sum(0),
+        reg_importance=r.abs().sum(0), change=change, delta=change - (k + r).sum(1),
+        train_acc=list(run.history.train_acc), test_acc=list(run.history.test_acc))
+    scores = k3 + r3
+    reg = _reg_influence(run, x, y, list(res.windows), layers, d_inputs, options, **overrides)
+    lay = LayerBalance(windows=list(res.windows), layers=list(layers), scores=scores, importance=scores.abs().sum(0),
+                       reg_influence=reg, change=change, delta=change - scores.sum((1, 2)))
+    return bal, lay
+
+
+def _layer_params(run: GrokRun) -> set:
+    """Module names (first part of the parameter names) matched by :data:`LAYERS`."""
+    import fnmatch
+
+    names = {n.split(".")[0] for n, _ in run.model.named_parameters()}
+    return {n for n in names for sels in LAYERS.values() for sel in sels if fnmatch.fnmatch(n, sel)}
+
+
+def _reg_influence(run: GrokRun, x: torch.Tensor, y: torch.Tensor, windows: List[range], layers: Dict[str, List[str]],
+                   d_inputs: Optional[int], options: OptionsType, **overrides: Any) -> Optional[torch.Tensor]:
+    """D_s per window and layer on the first ``d_inputs`` inputs (``None``: all; 0: not computed)."""
+    n_d = x.shape[0] if d_inputs is None else min(int(d_inputs), x.shape[0])
+    if n_d <= 0:
+        return None
+    pi = ParameterInfluence(run.model, run.recorded, options, **overrides)
+    reg_list = []
+    # A few windows per call bound the per-element accumulators (n × windows × 2 × P).
+    for start in range(0, len(windows), 8):
+        chunk = windows[start : start + 8]
+        d = pi.regularization_influence(x[:n_d], target=y[:n_d], steps=chunk, layers=layers)
+        reg_list.append(torch.stack([d[k] for k in layers], dim=-1).reshape(len(chunk), len(layers)))
+    return torch.cat(reg_list)
 
 
 # ---------------------------------------------------------------------- Fig. 4
@@ -316,25 +366,53 @@ def sample_influence(run: GrokRun, x: torch.Tensor, y: torch.Tensor, stages: Seq
     Returns:
         *SampleInfluence*
     """
+    return sample_influences(run, {"inputs": (x, y)}, stages, layer, options, **overrides)["inputs"]
+
+
+def sample_influences(run: GrokRun, sets: Dict[str, "tuple[torch.Tensor, torch.Tensor]"], stages: Sequence[Stage],
+                      layer: str = "decoder", options: OptionsType = "exact",
+                      **overrides: Any) -> Dict[str, SampleInfluence]:
+    """:func:`sample_influence` for several sets of predictions (e.g. test and training pairs) at once.
+
+    The sets share every stage's reverse sweep: the per-sample training gradients of a step,
+    the sweep's main cost, are computed once for all of them (a set's numbers are the same as
+    from its own call: the data view's accumulators are per input).
+
+    Args:
+        run (GrokRun): the recorded run. sets (dict): name → ``(x, y)``.
+        stages, layer, options, **overrides: as :func:`sample_influence`.
+
+    Returns:
+        *dict[str, SampleInfluence]*, by the names of ``sets``
+    """
     if layer not in LAYERS:
         raise ValueError(f"layer must be one of {list(LAYERS)}, got {layer!r}")
+    if not sets:
+        raise ValueError("sets must name at least one (x, y) pair")
     rest = [sel for name, sels in LAYERS.items() if name != layer for sel in sels]
     tdi = TrainingDataInfluence(run.model, run.recorded, run.data.train_set, loss_fn=nn.NLLLoss(reduction="none"),
                                 options=options, **overrides)
-    scores, other, reg, resid, change, delta = [], [], [], [], [], []
+    x = torch.cat([xy[0] for xy in sets.values()])
+    y = torch.cat([xy[1] for xy in sets.values()])
+    parts: Dict[str, List[torch.Tensor]] = {k: [] for k in ("scores", "other", "reg", "resid", "change", "delta")}
     for st in stages:  # one reverse sweep per stage: memory n × n_train per stage
         res = tdi.explain(x, target=y, layers={layer: LAYERS[layer], "rest": rest}, steps=st.steps)
-        scores.append(res.scores[..., 0])
-        other.append(res.scores[..., 1].sum(1))
-        reg.append(res.regularization)
-        resid.append(res.residual)
-        change.append(res.change)
-        delta.append(res.delta)
-    a, b = x[:, 0], x[:, 2]
+        for k, v in (("scores", res.scores[..., 0]), ("other", res.scores[..., 1].sum(1)),
+                     ("reg", res.regularization), ("resid", res.residual), ("change", res.change),
+                     ("delta", res.delta)):
+            parts[k].append(v)
+    stacked = {k: torch.stack(v) for k, v in parts.items()}  # [n_stages, n_all, ...]
     ta, tb = run.data.operands("train")
-    return SampleInfluence(stages=list(stages), layer=layer, scores=torch.stack(scores), other=torch.stack(other),
-                           regularization=torch.stack(reg), residual=torch.stack(resid), change=torch.stack(change),
-                           delta=torch.stack(delta), input_sums=a + b, train_sums=ta + tb, p=run.data.p)
+    out: Dict[str, SampleInfluence] = {}
+    offset = 0
+    for name, (xs, _) in sets.items():
+        sl = slice(offset, offset + xs.shape[0])
+        offset = sl.stop
+        out[name] = SampleInfluence(
+            stages=list(stages), layer=layer, scores=stacked["scores"][:, sl], other=stacked["other"][:, sl],
+            regularization=stacked["reg"][:, sl], residual=stacked["resid"][:, sl], change=stacked["change"][:, sl],
+            delta=stacked["delta"][:, sl], input_sums=xs[:, 0] + xs[:, 2], train_sums=ta + tb, p=run.data.p)
+    return out
 
 
 # ---------------------------------------------------------------------- Fig. 5
@@ -347,6 +425,8 @@ class SimilarityStages:
         similarity (Tensor): ``[n_stages, n, n]`` cosines (Def. 4.4).
         sums (Tensor): ``[n]`` a + b of the inputs. p (int): the modulus.
         max_step_error (list[float]): per stage, the largest per-step quadrature error measured.
+        truncation (list[float]): per stage, the bound on the momentum a late-started sweep dropped
+            (0: swept from step 1).
     """
 
     stages: List[Stage]
@@ -355,6 +435,7 @@ class SimilarityStages:
     sums: torch.Tensor
     p: int
     max_step_error: List[float]
+    truncation: List[float] = field(default_factory=list)
 
     def ordered(self, stage: int, by: str = "sum") -> torch.Tensor:
         key = self.sums if by == "sum" else self.sums % self.p
@@ -368,13 +449,18 @@ class SimilarityStages:
 
 
 def similarity_stages(run: GrokRun, x: torch.Tensor, y: torch.Tensor, stages: Sequence[Stage],
-                      layer: str = "decoder", options: OptionsType = "exact", **overrides: Any) -> SimilarityStages:
+                      layer: str = "decoder", options: OptionsType = "exact", horizon: Optional[int] = None,
+                      **overrides: Any) -> SimilarityStages:
     """Fig. 5: cosine similarity of the predictions' influence tensors through ``layer`` per stage.
 
     Args:
         run (GrokRun): the recorded run. x, y (Tensor): inputs and targets.
         stages (list[Stage]): the windows. layer (str): a key of :data:`LAYERS`. Default: "decoder"
         options, **overrides: how to compute. Default: "exact"
+        horizon (int, optional): start each sweep this many steps before its first stage instead of
+            at step 1 (stages further apart than that get their own sweep); the momentum dropped
+            is bounded in ``truncation`` (β1^horizon: 0.9^409 ≈ 2e-19). ``None``: every sweep from
+            step 1, nothing dropped. Default: None
 
     Returns:
         *SimilarityStages*
@@ -383,11 +469,32 @@ def similarity_stages(run: GrokRun, x: torch.Tensor, y: torch.Tensor, stages: Se
         raise ValueError(f"layer must be one of {list(LAYERS)}, got {layer!r}")
     ps = PredictionSimilarity(run.model, run.recorded, run.data.train_set, loss_fn=nn.NLLLoss(reduction="none"),
                               options=options, **overrides)
+    # one forward sweep for all stages: the per-sample momentum buffers do not depend on the window;
+    # with a horizon, stages more than `horizon` steps after the previous ones get a sweep of their own
+    order = sorted(range(len(stages)), key=lambda i: stages[i].steps.start)
+    clusters: List[List[int]] = []
+    for i in order:
+        if horizon is not None and clusters and stages[i].steps.start - horizon > max(
+                stages[j].steps.stop for j in clusters[-1]):
+            clusters.append([i])
+        elif clusters:
+            clusters[-1].append(i)
+        else:
+            clusters.append([i])
+    by_stage: Dict[int, Any] = {}
+    for cl in clusters:
+        first = min(stages[j].steps.start for j in cl)
+        start = None if horizon is None else max(1, first - int(horizon))
+        out = ps.explain_windows(x, [stages[j].steps for j in cl], target=y, layers=LAYERS[layer], start=start)
+        by_stage.update(zip(cl, out))
+    results = [by_stage[i] for i in range(len(stages))]
     sims, errs = [], []
-    for st in stages:
-        res = ps.explain(x, target=y, layers=LAYERS[layer], steps=st.steps)
+    for st, res in zip(stages, results):
         sims.append(res.similarity)
-        err = res.stats.step_error if res.stats is not None else torch.zeros(0)
+        err = torch.zeros(0)
+        if res.stats is not None and res.stats.step_error.numel():
+            rows = [i for i, s in enumerate(res.stats.steps) if s in st.steps]  # this stage's steps
+            err = res.stats.step_error[rows]
         errs.append(float(err.max()) if err.numel() else 0.0)
     return SimilarityStages(stages=list(stages), layer=layer, similarity=torch.stack(sims), sums=x[:, 0] + x[:, 2],
-                            p=run.data.p, max_step_error=errs)
+                            p=run.data.p, max_step_error=errs, truncation=[float(r.truncation) for r in results])

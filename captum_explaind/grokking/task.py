@@ -26,6 +26,7 @@ Example::
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import time
@@ -50,6 +51,7 @@ __all__ = [
     "build_model",
     "make_optimizer",
     "train",
+    "load_run",
     "accuracy",
 ]
 
@@ -394,3 +396,60 @@ def train(
     seconds = time.perf_counter() - start
     model = model.cpu()
     return GrokRun(model, recorder.trajectory if recorder is not None else None, data, config, history, seconds)
+
+
+def load_run(path: Union[str, os.PathLike], config: GrokConfig = GrokConfig(), *, train_seconds: float = float("nan"),
+             data: Optional[ModAddData] = None, history_file: Union[str, os.PathLike, None] = None,
+             show_progress: bool = False) -> GrokRun:
+    """A :class:`GrokRun` from a trajectory recorded earlier by :func:`train` with ``config``.
+
+    The curves are recomputed from the recorded parameters θ_s (one forward pass over the
+    training and test pairs per step), the loss being the full-batch NLL at θ_{s−1} that step s
+    descended. The model ends at θ_N.
+
+    Args:
+        path (str or os.PathLike): the trajectory directory.
+        config (GrokConfig): the configuration it was trained with (data split and architecture).
+        train_seconds (float): the training time measured when it was recorded. Default: nan
+        data (ModAddData, optional): the split; ``None``: :func:`make_data` from ``config``.
+        history_file (str or os.PathLike, optional): a JSON file caching the curves: read if it
+            exists (and holds one entry per recorded step), else written. Default: None
+        show_progress (bool): a tqdm bar over the steps. Default: False
+
+    Returns:
+        *GrokRun*
+    """
+    from tqdm.auto import tqdm
+
+    traj = Trajectory.open(path)
+    if data is None:
+        data = make_data(config.p, config.n_train, config.n_test, seed=config.data_seed,
+                         include_equal=config.include_equal)
+    model = build_model(config)
+    names = dict(model.named_parameters())
+    recorded = traj.params(0)
+    if set(recorded) != set(names) or any(recorded[k].shape != names[k].shape for k in names):
+        raise ValueError(f"the trajectory at {path} was not recorded from a model built with {config}")
+    model.load_state_dict(traj.params(traj.num_steps), strict=False)
+    if history_file is not None and os.path.exists(history_file):
+        with open(history_file) as fh:
+            history = History(**json.load(fh))
+        if len(history.loss) != traj.num_steps:
+            raise ValueError(f"{history_file} holds {len(history.loss)} steps, the trajectory {traj.num_steps}")
+        return GrokRun(model, traj, data, config, history, train_seconds)
+    x = torch.cat([data.train_x, data.test_x])
+    history = History()
+    with torch.no_grad():
+        # one forward pass per θ_s: its training part is also the loss that step s + 1 descended
+        prev = torch.func.functional_call(model, traj.params(0), (data.train_x,))
+        for s in tqdm(range(1, traj.num_steps + 1), desc="accuracy curves", disable=not show_progress):
+            history.loss.append(float(F.nll_loss(prev, data.train_y)))
+            out = torch.func.functional_call(model, traj.params(s), (x,))
+            pred = out.argmax(-1)
+            history.train_acc.append(float((pred[: data.n_train] == data.train_y).double().mean()))
+            history.test_acc.append(float((pred[data.n_train :] == data.test_y).double().mean()))
+            prev = out[: data.n_train]
+    if history_file is not None:
+        with open(history_file, "w") as fh:
+            json.dump(asdict(history), fh)
+    return GrokRun(model, traj, data, config, history, train_seconds)
