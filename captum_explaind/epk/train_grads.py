@@ -221,8 +221,10 @@ class TrainGrads:
         g_rep = torch.zeros(self.fm.layout.total, dtype=self.fm.dtype, device=self.fm.device)
         idx, dots = [], []
         G = len(group_slices)
+        directions = flush_subnormal(directions)
         for indices, W in self.weighted_grads(rec, theta, what, part):
             g_rep += W.sum(0)
+            W = flush_subnormal(W)
             dots.append(torch.stack(
                 [sum((directions[:, gs] @ W[:, gs].T for gs in group),
                      torch.zeros(directions.shape[0], W.shape[0], dtype=W.dtype, device=W.device))
@@ -342,8 +344,9 @@ class IndependentGrads(TrainGrads):
         local = [[pos[(sl.start, sl.stop)] for sl in group if sl.stop > sl.start] for group in group_slices]
         g_rep = self.batch_grad(rec, theta, what, part)
         idx, dots = [], []
-        D = directions[:, cols]
+        D = flush_subnormal(directions[:, cols])
         for indices, W in self.restricted_grads(rec, theta, names, what, part):
+            W = flush_subnormal(W)
             dots.append(torch.stack(
                 [sum((D[:, gs] @ W[:, gs].T for gs in group),
                      torch.zeros(D.shape[0], W.shape[0], dtype=W.dtype, device=W.device))
@@ -461,6 +464,20 @@ def select_train_grads(epk: "ExactPathKernel", train: TrainingSet, loss_fn: Call
     if choice == "coupled":
         return CoupledGrads(epk.functional, train, loss_fn, size, modes)
     raise ValueError(f"train_grads must be 'auto', 'independent' or 'coupled', got {choice!r}")
+
+
+def flush_subnormal(t: torch.Tensor) -> torch.Tensor:
+    """``t`` with its subnormal entries (|x| < ``finfo.tiny``) set to zero, for a product.
+
+    Per-sample loss gradients of well-fit samples hold many subnormal numbers (softmax
+    probabilities below 1e-38 in float32), and CPU matrix products slow down ~50× on them (measured
+    on the Grokking study's decoder gradients: 7 % subnormal, 8.7 s → 0.16 s). Each flushed entry
+    is below ``tiny`` (1.2e-38 in float32, 2.2e-308 in float64), so a product changes by less than
+    ``tiny · Σ|other factor|``: far below the round-off of any result that is not itself subnormal.
+    """
+    if not t.is_floating_point():
+        return t
+    return t.masked_fill(t.abs() < torch.finfo(t.dtype).tiny, 0)
 
 
 def _lifted(fn: Callable, ed: Any) -> Callable:
