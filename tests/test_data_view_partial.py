@@ -120,3 +120,14 @@ def test_overlapping_groups_are_refused(case):
     tdi = TrainingDataInfluence(model, traj, TensorDataset(X, Y), loss_fn=loss_fn_for("nll"))
     with pytest.raises(ValueError, match="groups must be disjoint"):
         tdi.explain(x, target=0, layers={"a": "fc2", "b": ["fc1", "fc2.bias"]})
+
+
+def test_other_survives_save_and_load(case, tmp_path):
+    from captum_explaind.epk.results import DataDecomposition
+
+    model, traj, X, Y, x, _ = case
+    res = TrainingDataInfluence(model, traj, TensorDataset(X, Y), loss_fn=loss_fn_for("nll")).explain(
+        x, target=0, layers={"dec": "fc2"})
+    res.save(tmp_path / "res.pt")
+    back = DataDecomposition.load(tmp_path / "res.pt")
+    torch.testing.assert_close(back.other, res.other, rtol=0, atol=0)
