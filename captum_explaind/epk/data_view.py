@@ -49,7 +49,7 @@ from .integrands import VjpIntegrand
 from .results import DataDecomposition, SweepStats
 from .segment import Chunk, Segment
 from .target import Target
-from .train_grads import IndependentGrads, TrainGrads, select_train_grads
+from .train_grads import IndependentGrads, TrainGrads, select_train_grads, subnormals_flushed
 from .train_jvp import forward_mode
 from .training_set import TrainingSet, measured_grad_scale
 from .views import ViewBase
@@ -373,9 +373,11 @@ class DataView(ViewBase):
         return dict(zip(self._acc, sizes.tolist()))
 
     def run(self, batch: Batch, show_progress: Optional[bool] = None) -> SweepStats:
-        """The reverse sweep over the steps that can contribute to the windows."""
-        return self.epk.sweep_reverse(batch, self, last=self.last, integrate=self.integrate_steps,
-                                      need_precond=True, desc="training data", show_progress=show_progress)
+        """The reverse sweep over the steps that can contribute to the windows (subnormal numbers
+        flushed: :func:`~.train_grads.subnormals_flushed`)."""
+        with subnormals_flushed():
+            return self.epk.sweep_reverse(batch, self, last=self.last, integrate=self.integrate_steps,
+                                          need_precond=True, desc="training data", show_progress=show_progress)
 
     def result(self, stats: SweepStats, multi: bool) -> DataDecomposition:
         """Scores (window axis kept for a window list, group axis for ``layers``) and the parts beside them."""
