@@ -72,6 +72,10 @@ def data_views(model: nn.Module, traj, X: torch.Tensor, Y: torch.Tensor, x: torc
     da = tdi.explain(x, target=y, steps=[range(2, 4), range(6, traj.num_steps + 1)], layers=["fc1", "fc2"])
     for k in ("scores", "regularization", "residual"):
         out[f"data_app.{k}"] = getattr(da, k)
+    # a group leaving fc1 out: per-sample gradients of fc2 only, fc1's share in `other`
+    dp = tdi.explain(x, target=y, steps=[range(2, 4), range(6, traj.num_steps + 1)], layers={"dec": "fc2"})
+    for k in ("scores", "other", "residual"):
+        out[f"data_part.{k}"] = getattr(dp, k)
     jv = TrainingDataInfluence(model, traj, train, nll, train_jvp=True, **options).explain(x, target=y)
     for k in ("scores", "residual"):
         out[f"data_jvp.{k}"] = getattr(jv, k)
@@ -142,7 +146,11 @@ def polyline_views(traj_path: str, X: torch.Tensor, Y: torch.Tensor) -> Dict[str
     traj = Trajectory.open(traj_path)
     d = TrainingDataInfluence(TanhMLP().double(), traj, TensorDataset(X, Y), nll, polyline=True).explain(
         X[:3], target=Y[:3], steps=[range(1, 3), range(3, traj.num_steps + 1)], layers=["fc1", "fc2"])
-    return {f"polyline.{k}": getattr(d, k) for k in ("scores", "regularization", "residual", "change")}
+    out = {f"polyline.{k}": getattr(d, k) for k in ("scores", "regularization", "residual", "change")}
+    part = TrainingDataInfluence(TanhMLP().double(), traj, TensorDataset(X, Y), nll, polyline=True).explain(
+        X[:3], target=Y[:3], steps=[range(1, 3), range(3, traj.num_steps + 1)], layers=["fc2"])
+    out.update({f"polyline_part.{k}": getattr(part, k) for k in ("scores", "other", "residual")})
+    return out
 
 
 def ddp_sampler_indices(n: int, world: int, rank: int, epoch: int) -> "list[int]":

@@ -178,16 +178,19 @@ def test_residual_warning_names_a_mismatched_training_set(tmp_path):
     assert "residual" in msg and "train_dataset is not the data" in msg and "permuted" in msg
     worst = int(res.residual.abs().argmax())
     assert f"input {worst}: residual {float(res.residual[worst]):.3g}" in msg  # with the numbers
-    # layer groups that partition the model keep the check; a subset of layers (its residual holds
-    # the other layers' share) does not warn
+    # layer groups keep the check, also a subset of layers (the other layers' share is reported in
+    # `other`, not in the residual)
     tdi = TrainingDataInfluence(model, traj, TensorDataset(X, perm), NLL)
     with pytest.warns(ResidualWarning):
         tdi.explain(X[:4], target=Y[:4], layers=["fc1", "fc2"])
+    with pytest.warns(ResidualWarning):
+        tdi.explain(X[:4], target=Y[:4], layers=["fc1"])
     faithful = TrainingDataInfluence(model, traj, TensorDataset(X, Y), NLL)
     with warnings.catch_warnings():
         warnings.simplefilter("error", ResidualWarning)
         part = faithful.explain(X[:4], target=Y[:4], layers=["fc1"])
-    assert float(part.residual.abs().max()) > 1e-3  # fc2's share: reported, not warned about
+    assert float(part.residual.abs().max()) < 1e-10  # the faithful replay, fc2's share in `other`
+    assert float(part.other.abs().max()) > 1e-3
 
 
 def test_residual_warning_names_nll_on_logits(tmp_path):

@@ -160,6 +160,13 @@ def test_polyline_data_view_by_option_is_complete_and_reports_its_approximation(
             x, target=y, steps=[range(1, 3), range(3, kept.num_steps + 1)], layers=["fc1", "fc2"])
     torch.testing.assert_close(dw.scores.sum(dim=(2, 3)), d.scores, rtol=1e-10, atol=1e-14)
     torch.testing.assert_close(dw.residual, d.residual, rtol=1e-10, atol=1e-14)
+    # a group leaving fc1 out: fc1's share of the fit in `other`, the residual unchanged
+    with pytest.warns(ResidualWarning):
+        dp = TrainingDataInfluence(model, kept, TensorDataset(X, Y), nll, polyline=True).explain(
+            x, target=y, steps=[range(1, 3), range(3, kept.num_steps + 1)], layers=["fc2"])
+    torch.testing.assert_close(dp.scores[..., 0], dw.scores[..., 1], rtol=1e-10, atol=1e-14)
+    torch.testing.assert_close(dp.other, dw.scores[..., 0].sum(1), rtol=1e-10, atol=1e-14)
+    torch.testing.assert_close(dp.residual, d.residual, rtol=1e-10, atol=1e-14)
 
 
 def test_polyline_scores_equal_a_brute_force_and_shrink_to_the_exact_view_as_k_goes_to_1(tmp_path):

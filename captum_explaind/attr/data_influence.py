@@ -171,7 +171,11 @@ class TrainingDataInfluence(EPKAttribution, DataInfluence):
             target (optional): Captum's target on the explained output; ``None`` sums over
                 outputs. Default: None
             additional_forward_args (optional): extra arguments for the test forward.
-            layers (optional): split the scores over parameter groups (a last axis).
+            layers (optional): split the scores over parameter groups (a last axis). The
+                groups must be disjoint; parameters in no group get no per-sample scores, their
+                share summed over the training samples is ``other`` (exact, from each step's
+                replayed batch gradient — with independent samples only the grouped parameters'
+                per-sample gradients are formed, so a small group, e.g. the last layer, is cheap).
             steps (int, range, slice or list, optional): restrict to a window of steps, or give
                 several windows (a window axis after the training axis). Default: all steps
             indexing (str, optional): ``"application"`` (default; the paper's): a window holds

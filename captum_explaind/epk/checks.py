@@ -424,12 +424,14 @@ def _unreplayed_dropout(view: Any) -> List[str]:
 
 
 def _groups_partition(view: Any) -> bool:
-    """Whether the view's parameter groups (``layers=``) cover every trainable parameter exactly
-    once — only then is its residual the part of the updates the replay does not explain."""
+    """Whether the view's parameter groups (``layers=``) cover every trainable parameter at most
+    once — then its residual is the part of the updates the replay does not explain (the data view
+    reports the share of the parameters in no group apart, in ``other``)."""
     slices = [(sl.start, sl.stop) for group in getattr(view, "group_slices", [[slice(0, 0)]]) for sl in group]
     covered = sorted(slices)
     total = view.epk.layout.total
-    return len(set(covered)) == len(covered) and sum(b - a for a, b in covered) == total
+    disjoint = len(set(covered)) == len(covered)
+    return disjoint and (hasattr(view, "other") or sum(b - a for a, b in covered) == total)
 
 
 def check_data_result(view: Any, result: "DataDecomposition") -> None:

@@ -49,7 +49,7 @@ from .integrands import VjpIntegrand
 from .results import DataDecomposition, SweepStats
 from .segment import Chunk, Segment
 from .target import Target
-from .train_grads import TrainGrads, select_train_grads
+from .train_grads import IndependentGrads, TrainGrads, select_train_grads, subnormals_flushed
 from .train_jvp import forward_mode
 from .training_set import TrainingSet, measured_grad_scale
 from .views import ViewBase
@@ -86,7 +86,7 @@ class DataView(ViewBase):
     # Split over blocks of test inputs (the accumulators are per input) and, per step, over the
     # step's training samples (see the module docstring); the measured gradient scales are the
     # same on every rank. A rank without test inputs still takes its share of the samples.
-    shard_sum = ("scores", "regularization", "path", "exact", "buffers")
+    shard_sum = ("scores", "other", "regularization", "path", "exact", "buffers")
     shard_copy = ("grad_scale",)
     splits_training = True
     replays_training = True  # needs every optimizer step (no keep_every)
@@ -124,8 +124,19 @@ class DataView(ViewBase):
             self.group_slices = [[slice(0, layout.total)]]
         else:
             self.group_slices = [[layout.slice(p) for p in names if p in layout] for names in groups.values()]
+        self.covered, self.uncovered = _coverage(layout, groups)
         W, G = len(windows), len(self.group_slices)
         self.scores = torch.zeros(n, train.n, W, G, dtype=dt, device=dev)
+        # the share of the parameters in no group: exact, from the replayed batch gradient
+        self.other = torch.zeros(n, W, dtype=dt, device=dev)
+        self._uncovered_cols = None if not self.uncovered else torch.cat(
+            [torch.arange(layout.slice(nm).start, layout.slice(nm).stop, device=dev) for nm in self.uncovered])
+        # per-sample gradients of the grouped parameters only (backward stops at them) where the
+        # samples are independent and forward mode is not asked for; else the full per-sample path
+        inner = getattr(grads, "inner", grads)
+        self._restricted: Optional[IndependentGrads] = (
+            inner if (self.uncovered and type(inner) is IndependentGrads and epk.options.train_jvp is not True)
+            else None)
         self.regularization = torch.zeros(n, W, dtype=dt, device=dev)
         self.path = torch.zeros(n, dtype=dt, device=dev)  # Σ_s φ_s·Δ_s over integrated steps
         self.exact = torch.zeros(n, dtype=dt, device=dev)  # Σ_s f(θ_s) − f(θ_{s−1}) over them
@@ -362,21 +373,23 @@ class DataView(ViewBase):
         return dict(zip(self._acc, sizes.tolist()))
 
     def run(self, batch: Batch, show_progress: Optional[bool] = None) -> SweepStats:
-        """The reverse sweep over the steps that can contribute to the windows."""
-        return self.epk.sweep_reverse(batch, self, last=self.last, integrate=self.integrate_steps,
-                                      need_precond=True, desc="training data", show_progress=show_progress)
+        """The reverse sweep over the steps that can contribute to the windows (subnormal numbers
+        flushed: :func:`~.train_grads.subnormals_flushed`)."""
+        with subnormals_flushed():
+            return self.epk.sweep_reverse(batch, self, last=self.last, integrate=self.integrate_steps,
+                                          need_precond=True, desc="training data", show_progress=show_progress)
 
     def result(self, stats: SweepStats, multi: bool) -> DataDecomposition:
         """Scores (window axis kept for a window list, group axis for ``layers``) and the parts beside them."""
-        scores = self.scores
+        scores, other = self.scores, self.other
         reg = self.regularization.sum(dim=1)
-        residual = self.path - scores.sum(dim=(1, 2, 3)) - reg
+        residual = self.path - scores.sum(dim=(1, 2, 3)) - other.sum(dim=1) - reg
         if not multi:
-            scores = scores[:, :, 0]
+            scores, other = scores[:, :, 0], other[:, 0]
         if self.group_names is None:
             scores = scores[..., 0]
         out = DataDecomposition(
-            scores=scores, regularization=reg, residual=residual, change=self.exact + self.buffers,
+            scores=scores, other=other, regularization=reg, residual=residual, change=self.exact + self.buffers,
             delta=self.exact - self.path, buffers=self.buffers, train_grads=self.grads.name,
             grad_scale=dict(sorted(self.grad_scale.items())), windows=list(self.windows), indexing=self.indexing,
             groups=self.group_names, train_indices=torch.arange(self.train.n), stats=stats,
@@ -402,6 +415,13 @@ class DataView(ViewBase):
         target_idx = idx.to(self.scores.device)
         for k, w in enumerate(windows):
             self.scores[rows, :, w, :].index_add_(1, target_idx, contrib[k])
+        if self._uncovered_cols is not None:
+            # Σ_k a_k ⟨G_k, T⟩ over the ungrouped parameters = ⟨g_rep, T⟩ there (this rank's rows of T;
+            # g_rep is the whole step's, all-reduced when the samples are split)
+            cols = self._uncovered_cols
+            oth = -c * (Ts[:, :, cols] @ g_rep[cols])  # [Wa, rows lo..hi]
+            for k, w in enumerate(windows):
+                self.other[self._lo : self._hi, w] += oth[k]
 
     def _project(self, rec: Any, theta: torch.Tensor, Ts: torch.Tensor, group_slices: Optional[List[List[slice]]] = None
                  ) -> Tuple[torch.Tensor, torch.Tensor, slice, torch.Tensor]:
@@ -410,16 +430,22 @@ class DataView(ViewBase):
         when the sweep is (see the module docstring)."""
         Wa, _, P = Ts.shape
         groups = self.group_slices if group_slices is None else group_slices
-        if self._split and self.grads.splits_samples(rec):
+        restricted = self._restricted if group_slices is None else None
+        project: Callable[..., Tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = self.grads.project
+        if restricted is not None:
+            def project(rec: Any, theta: torch.Tensor, D: torch.Tensor, groups: Any, part: Any = None) -> Any:
+                assert restricted is not None
+                return restricted.project_restricted(rec, theta, D, groups, self.covered, part=part)
+        if self._split and (restricted is not None or self.grads.splits_samples(rec)):
             # every rank needs every row of T against its share of the samples
             full = distributed.all_gather_shards(Ts, self.n, dim=1)
             part = (distributed.rank(), distributed.world_size())
-            idx, dots, g_rep = self.grads.project(rec, theta, full.reshape(Wa * self.n, P), groups, part=part)
+            idx, dots, g_rep = project(rec, theta, full.reshape(Wa * self.n, P), groups, part=part)
             distributed.all_reduce_sum_([g_rep])
             return idx, dots.reshape(Wa, self.n, *dots.shape[1:]), slice(0, self.n), g_rep
         # one process, or a forward-mode step (its work is per direction): this rank's rows, all samples
         r = self._hi - self._lo
-        idx, dots, g_rep = self.grads.project(rec, theta, Ts.reshape(Wa * r, P), groups)
+        idx, dots, g_rep = project(rec, theta, Ts.reshape(Wa * r, P), groups)
         return idx, dots.reshape(Wa, r, *dots.shape[1:]), slice(self._lo, self._hi), g_rep
 
 
@@ -500,6 +526,9 @@ class PolylineDataView(DataView):
         self.fit_scale[seg.step] = a
         contrib = -(dots[0] * a) @ self._member  # [rows, m, G]
         self.scores[drows, :, w, :].index_add_(1, idx.to(self.scores.device), contrib)
+        if self.uncovered:  # the tensors in no group: their share of the fit, summed over the samples
+            outside = 1.0 - self._member.amax(dim=1)
+            self.other[drows, w] += (-(dots[0] * a) @ outside).sum(dim=1)
 
     def _fit(self, kernel: torch.Tensor, g_rep: torch.Tensor) -> torch.Tensor:
         """``a_p = −K|_p·g|_p / |g|_p|²`` per parameter tensor (0 where the replayed gradient is 0)."""
@@ -509,6 +538,29 @@ class PolylineDataView(DataView):
             if float(gg) > 0:
                 a[t] = -(kernel[sl] @ g_rep[sl]) / gg
         return a
+
+
+def _coverage(layout: Any, groups: Optional["OrderedDict[str, List[str]]"]) -> Tuple[List[str], List[str]]:
+    """``(covered, uncovered)``: the parameter tensors (of nonzero size, in layout order) in some
+    group and in none; all covered without groups.
+
+    Raises:
+        ValueError: a parameter in several groups (its share would count once per group, and the
+            parts would no longer add up to the change).
+    """
+    names = [nm for nm, k in zip(layout.names, layout.numels) if k]
+    if groups is None:
+        return names, []
+    seen: Dict[str, str] = {}
+    for gname, members in groups.items():
+        for nm in members:
+            if nm in seen and seen[nm] != gname:
+                raise ValueError(
+                    f"layers: parameter {nm!r} is in groups {seen[nm]!r} and {gname!r}; the data view's groups must "
+                    "be disjoint (each parameter's share is counted once; parameters in no group are reported in "
+                    "DataDecomposition.other)")
+            seen[nm] = gname
+    return [nm for nm in names if nm in seen], [nm for nm in names if nm not in seen]
 
 
 def data_view(epk: "ExactPathKernel", *args: Any, **kwargs: Any) -> DataView:

@@ -313,16 +313,24 @@ class ScoreResult(ResultMixin):
 class DataDecomposition(ResultMixin):
     r"""A prediction's change over the selected steps, split over training samples.
 
-    ``change = scores.sum(training axis and any window/group axes) + regularization + residual + buffers + delta``
+    ``change = scores.sum(training axis and any window/group axes) + other.sum(window axis) + regularization
+    + residual + buffers + delta``
 
     Attributes:
         scores (Tensor): ``[n_inputs, n_train]`` signed influence of each training sample
             (positive: pushed the target output up), with a window axis (``[n, n_train, W]``)
             for a list of windows and a group axis last for ``layers``.
+        other (Tensor or None): ``[n_inputs]`` (``[n_inputs, W]`` for a list of windows) the kernel
+            part of the change through the parameters in no group of ``layers=`` (all training
+            samples together): exact, ``−Σ_i c_i ⟨g_i, T_i⟩`` on those parameters with ``g_i`` the
+            replayed batch gradient of step i — the sum over the samples of their (not computed)
+            per-sample scores there. Zeros when the groups cover every parameter or without
+            ``layers=``. Groups must be disjoint (a parameter in two groups is refused).
         regularization (Tensor): ``[n_inputs]`` part of the change due to weight decay.
         residual (Tensor): ``[n_inputs]`` part of the recorded updates the replay does not
             explain (``Σ_s φ_s·E_s``, E_s = Δ_s − K_s − R_s): round-off for deterministic
-            training with a supported optimizer; large under dropout or a mismatched loss.
+            training with a supported optimizer; large under dropout or a mismatched loss. It
+            never holds the share of ungrouped parameters (that is ``other``).
         change (Tensor): ``[n_inputs]`` exact change of the target output over the selected steps
             (buffers included).
         delta (Tensor): ``[n_inputs]`` convergence delta (quadrature error).
@@ -353,6 +361,7 @@ class DataDecomposition(ResultMixin):
     options: Dict[str, Any] = field(default_factory=dict)
     buffers: Optional[torch.Tensor] = None
     train_grads: str = "independent"
+    other: Optional[torch.Tensor] = None
 
     def top(self, k: int, proponents: bool = True) -> "tuple[torch.Tensor, torch.Tensor]":
         """The ``k`` most positive (or negative) training samples per input: ``(indices, scores)``."""

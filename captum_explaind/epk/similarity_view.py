@@ -24,14 +24,11 @@ holding it.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Tuple
+from typing import TYPE_CHECKING, Callable, Dict, List, Optional, Tuple
 
 import torch
-from torch.func import grad, vmap
 
-from .._compat import functorch_friendly
 from ..recording.format import StepRecord
-from .batch import batched_dims, lift_rows
 from .integrands import JacobianIntegrand
 from .segment import Chunk, Segment
 from .train_grads import IndependentGrads, TrainGrads, select_train_grads
@@ -155,29 +152,11 @@ class SimilarityView(ViewBase):
         Θ's gradients (none recorded: inactive, zero) over the replayed one. ``None`` where Θ's
         replayed gradient is zero (the caller then replays all parameters for this step).
         """
-        fm, layout, loss_fn = self.epk.functional, self.epk.layout, self.loss_fn
-        uniq, weights = step_samples(rec, "similarity view", self.epk.device, self.epk.dtype)
-        base = fm._params(theta)
-        sizes = [layout.numels[layout.names.index(nm)] for nm in self.selected]
-        shapes = [layout.shapes[layout.names.index(nm)] for nm in self.selected]
-        sel0 = torch.cat([theta[layout.slice(nm)] for nm in self.selected])
-
-        def value(sel: torch.Tensor, b: Any, e: Any) -> torch.Tensor:
-            params = dict(base)
-            for nm, piece, shape in zip(self.selected, torch.split(sel, sizes), shapes):
-                params[nm] = piece.view(shape)
-            return loss_fn(b.call(fm.module, params), e).sum()
-
-        rows = []
-        size = max(1, min(len(uniq), (256 * 2**20) // max(1, 8 * sel0.numel())))
-        with functorch_friendly():
-            for start in range(0, len(uniq), size):
-                batch, target = self.train.batch(uniq[start : start + size])
-                ed = batched_dims(target, batch.n)
-                fn = batch.per_row(_lifted(grad(value), ed))
-                rows.append(weights[start : start + size].unsqueeze(1) * vmap(fn, in_dims=batch.dims + (None, ed))(
-                    batch.args, batch.kwargs, sel0, target))
-        W = torch.cat(rows)
+        inner = getattr(self.grads, "inner", self.grads)  # under the forward-mode wrapper
+        assert isinstance(inner, IndependentGrads)  # self._restricted says so
+        parts = list(inner.restricted_grads(rec, theta, self.selected, "similarity view"))
+        uniq = torch.cat([i for i, _ in parts])
+        W = torch.cat([w for _, w in parts])
         norm = float(torch.linalg.vector_norm(W.sum(0) * self._restrict(active)))
         if norm == 0:
             return None
@@ -229,10 +208,6 @@ class SimilarityView(ViewBase):
             d = e * B[r] if zu is None else e * B[r] + zu[r]
             D += (d * d).sum(0)
         return D * (scale * scale)
-
-
-def _lifted(fn: Callable, ed: Any) -> Callable:
-    return lambda b, sel, e: fn(sel, b, lift_rows(e, ed))
 
 
 def cosine_from_gram(g: torch.Tensor) -> torch.Tensor:

@@ -353,9 +353,10 @@ def sample_influence(run: GrokRun, x: torch.Tensor, y: torch.Tensor, stages: Seq
                      layer: str = "decoder", options: OptionsType = "exact", **overrides: Any) -> SampleInfluence:
     """Fig. 4: each training sample's influence on ``f_y(x)`` through ``layer`` in each stage.
 
-    The scores of the other layers are computed too (one group "rest"), so that every stage's
-    decomposition can be checked for completeness: scores + rest + regularization + residual +
-    delta = the exact change of the prediction over the stage.
+    The other layers' share is computed too, summed over the training samples (the data view's
+    ``other``: exact, from the replayed batch gradient, so only ``layer``'s per-sample gradients
+    are formed), so that every stage's decomposition can be checked for completeness: scores +
+    other + regularization + residual + delta = the exact change of the prediction over the stage.
 
     Args:
         run (GrokRun): the recorded run. x, y (Tensor): inputs (test or training pairs) and targets.
@@ -389,15 +390,16 @@ def sample_influences(run: GrokRun, sets: Dict[str, "tuple[torch.Tensor, torch.T
         raise ValueError(f"layer must be one of {list(LAYERS)}, got {layer!r}")
     if not sets:
         raise ValueError("sets must name at least one (x, y) pair")
-    rest = [sel for name, sels in LAYERS.items() if name != layer for sel in sels]
     tdi = TrainingDataInfluence(run.model, run.recorded, run.data.train_set, loss_fn=nn.NLLLoss(reduction="none"),
                                 options=options, **overrides)
     x = torch.cat([xy[0] for xy in sets.values()])
     y = torch.cat([xy[1] for xy in sets.values()])
     parts: Dict[str, List[torch.Tensor]] = {k: [] for k in ("scores", "other", "reg", "resid", "change", "delta")}
     for st in stages:  # one reverse sweep per stage: memory n × n_train per stage
-        res = tdi.explain(x, target=y, layers={layer: LAYERS[layer], "rest": rest}, steps=st.steps)
-        for k, v in (("scores", res.scores[..., 0]), ("other", res.scores[..., 1].sum(1)),
+        # per-sample gradients of `layer` only; the other layers' share from the replayed batch gradient
+        res = tdi.explain(x, target=y, layers={layer: LAYERS[layer]}, steps=st.steps)
+        assert res.other is not None  # the data view always reports it
+        for k, v in (("scores", res.scores[..., 0]), ("other", res.other),
                      ("reg", res.regularization), ("resid", res.residual), ("change", res.change),
                      ("delta", res.delta)):
             parts[k].append(v)
