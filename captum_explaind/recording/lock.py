@@ -30,7 +30,9 @@ LOCK = ".lock"
 
 # Directories locked by recorders of this process (realpath -> holder description).
 _HELD: Dict[str, str] = {}
-_HELD_GUARD = threading.Lock()
+# Reentrant: a garbage-collected recorder's __del__ may release its lock while this thread is
+# inside acquire() (the GC runs at any allocation) — a plain Lock deadlocked there.
+_HELD_GUARD = threading.RLock()
 
 
 class TrajectoryLockError(TrajectoryError):
