@@ -225,10 +225,7 @@ class TrainGrads:
         for indices, W in self.weighted_grads(rec, theta, what, part):
             g_rep += W.sum(0)
             W = flush_subnormal(W)
-            dots.append(torch.stack(
-                [sum((directions[:, gs] @ W[:, gs].T for gs in group),
-                     torch.zeros(directions.shape[0], W.shape[0], dtype=W.dtype, device=W.device))
-                 for group in group_slices], dim=-1))
+            dots.append(_group_dots(directions, W, group_slices))
             idx.append(indices)
         if not idx:  # an empty share (fewer samples than parts)
             return (torch.zeros(0, dtype=torch.int64),
@@ -347,10 +344,7 @@ class IndependentGrads(TrainGrads):
         D = flush_subnormal(directions[:, cols])
         for indices, W in self.restricted_grads(rec, theta, names, what, part):
             W = flush_subnormal(W)
-            dots.append(torch.stack(
-                [sum((D[:, gs] @ W[:, gs].T for gs in group),
-                     torch.zeros(D.shape[0], W.shape[0], dtype=W.dtype, device=W.device))
-                 for group in local], dim=-1))
+            dots.append(_group_dots(D, W, local))
             idx.append(indices)
         if not idx:
             return (torch.zeros(0, dtype=torch.int64),
@@ -514,3 +508,9 @@ def _has_rng_states(epk: "ExactPathKernel") -> bool:
     rec = epk.trajectory.record(1)
     return any(getattr(mb, "rng_state", None) is not None or getattr(mb, "cuda_rng_state", None) is not None
                for mb in rec.batches)
+
+
+def _group_dots(directions: torch.Tensor, W: torch.Tensor, groups: Sequence[Sequence[slice]]) -> torch.Tensor:
+    """``[D, m, G]``: per group, ``directions[:, g] · W[:, g]`` summed over the group's slices."""
+    zero = torch.zeros(directions.shape[0], W.shape[0], dtype=W.dtype, device=W.device)
+    return torch.stack([sum((directions[:, gs] @ W[:, gs].T for gs in group), zero) for group in groups], dim=-1)
