@@ -69,3 +69,34 @@ def test_training_stops_at_the_target_and_records_every_step(tmp_path):
     assert math.isclose(acc, run.history.test_acc[-1])
     stopped = train(None, GrokConfig.tiny(max_steps=50, target_test_acc=0.0))
     assert stopped.steps == 1 and stopped.trajectory is None
+
+
+def _full_sequence_forward(model: ModAddTransformer, tokens: torch.Tensor) -> torch.Tensor:
+    """The authors' formulation: attention and MLP at every position, the last one read out."""
+    x = model.input_emb(tokens) * math.sqrt(model.d_model)
+    attn = sum(dec(torch.nn.functional.scaled_dot_product_attention(enc(x), enc(x), enc(x)))
+               for enc, dec in model.heads())
+    out = attn + torch.relu(model.linear2(torch.relu(model.linear1(attn))))
+    return model.decoder(out)[:, -1, :].log_softmax(dim=-1)
+
+
+def test_last_position_forward_equals_the_full_sequence_model_and_its_gradients():
+    # The model computes attention and the MLP at the read-out position only; the numbers and
+    # every parameter's gradient must be those of the full-sequence model (float64, trained a bit
+    # so no ReLU is at its initial state).
+    torch.manual_seed(1)
+    cfg = GrokConfig.tiny()
+    model = build_model(cfg).double()
+    d = make_data(cfg.p, cfg.n_train, cfg.n_test)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for _ in range(5):
+        opt.zero_grad()
+        torch.nn.functional.nll_loss(model(d.train_x), d.train_y).backward()
+        opt.step()
+    ours = model(d.test_x)
+    ref = _full_sequence_forward(model, d.test_x)
+    torch.testing.assert_close(ours, ref, rtol=1e-13, atol=1e-13)
+    g_ours = torch.autograd.grad(ours[torch.arange(len(d.test_y)), d.test_y].sum(), list(model.parameters()))
+    g_ref = torch.autograd.grad(ref[torch.arange(len(d.test_y)), d.test_y].sum(), list(model.parameters()))
+    for (name, _), a, b in zip(model.named_parameters(), g_ours, g_ref):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-13, msg=name)

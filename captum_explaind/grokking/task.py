@@ -174,13 +174,17 @@ class ModAddTransformer(nn.Module):
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         x = self.input_emb(tokens) * math.sqrt(self.d_model)
         outs = []
+        # Only the last position is read out, and the MLP and decoder act position-wise in this
+        # one-layer model: attending from the last query alone and running the MLP there gives the
+        # same numbers as the full sequence (bit-identical here) at a quarter of the MLP's cost —
+        # and the ReLUs of the unread positions would add kinks that the exact integration has to
+        # split at although they never change the output.
         for encoder, decoder in self.heads():
             h = encoder(x)
-            h = F.scaled_dot_product_attention(h, h, h)
-            outs.append(decoder(h))
-        attn = torch.stack(outs).sum(dim=0)
+            outs.append(decoder(F.scaled_dot_product_attention(h[:, -1:], h, h)))
+        attn = torch.stack(outs).sum(dim=0)[:, 0]
         out = attn + F.relu(self.linear2(F.relu(self.linear1(attn))))
-        return self.decoder(out)[:, -1, :].log_softmax(dim=-1)
+        return self.decoder(out).log_softmax(dim=-1)
 
 
 @dataclass
