@@ -78,9 +78,13 @@ def test_fig3a_left_and_right_from_one_sweep_equal_the_two_calls(run):
     tb = training_balance(run, x, y, window=3, options=OPTS)
     lb = layer_balance(run, x, y, window=3, d_inputs=2, options=OPTS)
     scale = float(tb.change.abs().max())
-    for a, b in ((bal.kernel, tb.kernel), (bal.regularization, tb.regularization), (bal.delta, tb.delta),
-                 (lay.scores, lb.scores), (lay.delta, lb.delta)):
-        torch.testing.assert_close(a, b, rtol=0, atol=1e-9 * scale)
+    # The same sweep as layer_balance (reverse mode, six groups): equal to round-off.
+    for a, b in ((lay.scores, lb.scores), (lay.delta, lb.delta)):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12 * scale)
+    # training_balance's one group is integrated in forward mode: both are within the preset's
+    # error control (1e-6 of each step's change), so they agree to that, not to round-off.
+    for a, b in ((bal.kernel, tb.kernel), (bal.regularization, tb.regularization), (bal.delta, tb.delta)):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6 * scale)
     torch.testing.assert_close(lay.reg_influence, lb.reg_influence, rtol=0, atol=0)
     truth = forward_change(run, x, y, 0, 6)
     assert (truth - (bal.kernel + bal.regularization).sum(1)).abs().max() < TOL * truth.abs().max()

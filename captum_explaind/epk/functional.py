@@ -266,19 +266,24 @@ class FunctionalModel:
 
     def grads_on_segment(self, theta0: torch.Tensor, delta: torch.Tensor, t: torch.Tensor, batch: Batch,
                          scalar: Callable[[Any, Any], torch.Tensor], extra: Any,
-                         purpose: str = "target") -> torch.Tensor:
-        """Per-example gradients at one point per example: → [n, P].
+                         purpose: str = "target", project: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Per-example gradients at one point per example: → [n, P] (or [n, K] projected).
 
         ``scalar(raw_output_of_one, extra_row)`` is differentiated (see :meth:`selected_grads`).
+        ``project`` ([P, K], optional): return ``grads @ project`` instead — on the shared-weight
+        path each parameter's gradient is projected as it comes, never concatenated to [n, P].
         """
         if self.use_vmap(purpose) and self._use_affine(theta0, delta, batch):
             base, dd = self.layout.split(theta0), self.layout.split(delta)
             zeros = {k: torch.zeros_like(v) for k, v in base.items()}
             ed = batched_dims(extra, batch.n)
+            proj = None if project is None else dict(zip(self.layout.names, torch.split(project, self.layout.numels)))
 
             def one(t_r: torch.Tensor, b: Batch, e: Any) -> torch.Tensor:
                 e = lift_rows(e, ed)
                 g = grad(lambda ex: scalar(self._affine_raw(base, dd, t_r, b, ex), e))(zeros)
+                if proj is not None:
+                    return sum(g[k].reshape(-1) @ proj[k] for k in self.layout.names)
                 return torch.cat([g[k].reshape(-1) for k in self.layout.names])
 
             try:
@@ -289,7 +294,8 @@ class FunctionalModel:
             except Exception:
                 pass  # fall through to the generic per-row path (it owns the loop fallback)
         thetas = theta0.unsqueeze(0) + t.unsqueeze(1) * delta.unsqueeze(0)
-        return self.selected_grads(thetas, batch, scalar, extra, purpose)[0]
+        grads = self.selected_grads(thetas, batch, scalar, extra, purpose)[0]
+        return grads if project is None else grads @ project
 
     def selected_grads(
         self,

@@ -36,14 +36,16 @@ def _forward(fm: FunctionalModel, seg: Segment, t: Union[float, torch.Tensor], b
 
 
 def _target_grads(fm: FunctionalModel, seg: Segment, t: Union[float, torch.Tensor], b: Batch,
-                  target: Target, idx: torch.Tensor) -> torch.Tensor:
-    """Per-example gradients of the selected explained output [m, P] (``idx``: flat indices [m])."""
+                  target: Target, idx: torch.Tensor, project: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Per-example gradients of the selected explained output [m, P] (``idx``: flat indices [m]),
+    or their projections ``grads @ project`` [m, K]."""
     def scalar(raw: Any, i: torch.Tensor) -> torch.Tensor:
         return target.scalar(fm.explain(raw, 1), i)
 
     if isinstance(t, torch.Tensor):
-        return fm.grads_on_segment(seg.theta0, seg.delta, t.to(seg.delta.dtype), b, scalar, idx)
-    return fm.selected_grads(seg.point(t), b, scalar, idx)[0]
+        return fm.grads_on_segment(seg.theta0, seg.delta, t.to(seg.delta.dtype), b, scalar, idx, project=project)
+    grads = fm.selected_grads(seg.point(t), b, scalar, idx)[0]
+    return grads if project is None else grads @ project
 
 
 def _jvp(
@@ -119,16 +121,25 @@ class SelectedJvpIntegrand(_Capturing):
 
 
 class VjpIntegrand(_Capturing):
-    """Per-example gradient of the target output; payload [m, P], checked: the target [m, 1]."""
+    """Per-example gradient of the target output; payload [m, P], checked: the target [m, 1].
 
-    def __init__(self, fm: FunctionalModel, seg: Segment, chunk: Chunk, target: Target, sink: Sink) -> None:
+    With ``project`` ([P, K], its last column Δ_s itself, which drives the check) the payload is
+    ``grads @ project`` [m, K]: what per-group scores need, without holding, weighting and
+    summing parameter-sized rows at every node of every refinement level.
+    """
+
+    def __init__(self, fm: FunctionalModel, seg: Segment, chunk: Chunk, target: Target, sink: Sink,
+                 project: Optional[torch.Tensor] = None) -> None:
         self.fm, self.seg, self.chunk, self.target, self.sink = fm, seg, chunk, target, sink
+        self.project = project
 
     def evaluate(self, t: Union[float, torch.Tensor], rows: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         b = self.chunk.take(rows)
         idx = self.target.rows_index(self.chunk.offset + rows)
-        grads = _target_grads(self.fm, self.seg, t, b, self.target, idx)
-        return grads, (grads @ self.seg.delta).unsqueeze(1)
+        out = _target_grads(self.fm, self.seg, t, b, self.target, idx, self.project)
+        if self.project is not None:
+            return out, out[:, -1:]
+        return out, (out @ self.seg.delta).unsqueeze(1)
 
     def checked(self, t: Union[float, torch.Tensor], rows: torch.Tensor) -> torch.Tensor:
         b = self.chunk.take(rows)

@@ -22,7 +22,7 @@ Two ways to get there (``method``):
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import TYPE_CHECKING, Dict, List, Optional, Sequence, Union, cast
+from typing import TYPE_CHECKING, Callable, Dict, List, Optional, Sequence, Union, cast
 
 import torch
 
@@ -143,8 +143,40 @@ class ScoreView(ViewBase):
             "total": seg.delta,
         }
 
+    def _group_tangents(self, seg: Segment) -> torch.Tensor:
+        """One row per (part, group) — the part of Δ_s restricted to the group — then Δ_s itself."""
+        parts = self._parts(seg)
+        masks = self.masks
+        assert masks is not None  # per-group scores only
+        rows_t = []
+        for comp in self.components:
+            part = parts[comp]
+            for g in range(masks.shape[0]):
+                rows_t.append(torch.zeros_like(seg.delta) if part is None else part * masks[g])
+        rows_t.append(seg.delta)  # drives the error check
+        return torch.stack(rows_t)
+
+    def _step_sink(self, seg: Segment, k: int) -> Callable[[torch.Tensor, torch.Tensor], None]:
+        """A sink adding each row's first ``k`` payload columns to this step's per-group scores."""
+        if self._step_scores is None or self._scores_step != seg.step:
+            self._step_scores = torch.zeros(self.n, k, dtype=self.epk.dtype, device=self.epk.device)
+            self._scores_step = seg.step
+
+        def sink(rows: torch.Tensor, payload: torch.Tensor) -> None:
+            scores = self._step_scores
+            assert scores is not None  # set above for this step; end_step() clears it
+            scores.index_add_(0, rows, payload[:, :k])
+
+        return sink
+
     def integrand(self, seg: Segment, chunk: Chunk) -> Union[VjpIntegrand, SelectedJvpIntegrand]:
         fm = self.epk.functional
+        if self.method == "vjp" and self.masks is not None:
+            # Per-group scores by reverse mode: project each row's gradient on the (part, group)
+            # tangents as it is computed, so refinement carries [rows, G·C + 1], not [rows, P].
+            tangents = self._group_tangents(seg)
+            return VjpIntegrand(fm, seg, chunk, self.target, self._step_sink(seg, tangents.shape[0] - 1),
+                                project=tangents.T.contiguous())
         if self.method == "vjp":
             if self._u is None or self._u_step != seg.step:
                 self._u = torch.zeros(self.n, self.epk.layout.total, dtype=self.epk.dtype, device=self.epk.device)
@@ -157,46 +189,25 @@ class ScoreView(ViewBase):
 
             return VjpIntegrand(fm, seg, chunk, self.target, sink)
 
-        parts = self._parts(seg)
-        masks = self.masks
-        assert masks is not None  # choose_method: "jvp" only with parameter groups
-        rows_t = []
-        for comp in self.components:
-            part = parts[comp]
-            for g in range(masks.shape[0]):
-                rows_t.append(torch.zeros_like(seg.delta) if part is None else part * masks[g])
-        rows_t.append(seg.delta)  # drives the error check
-        tangents = torch.stack(rows_t)
-        if self._step_scores is None or self._scores_step != seg.step:
-            self._step_scores = torch.zeros(self.n, len(rows_t) - 1, dtype=self.epk.dtype, device=self.epk.device)
-            self._scores_step = seg.step
-
-        def jvp_sink(rows: torch.Tensor, payload: torch.Tensor) -> None:
-            scores = self._step_scores
-            assert scores is not None  # set above for this step; end_step() clears it
-            scores.index_add_(0, rows, payload[:, :-1])
-
-        return SelectedJvpIntegrand(fm, seg, tangents, chunk, self.target, jvp_sink)
+        assert self.masks is not None  # choose_method: "jvp" only with parameter groups
+        tangents = self._group_tangents(seg)
+        return SelectedJvpIntegrand(fm, seg, tangents, chunk, self.target, self._step_sink(seg, tangents.shape[0] - 1))
 
     def end_step(self, seg: Segment, integrated: bool = True) -> None:
         w = self.step_window[seg.step]
         C = len(self.components)
-        if self.method == "vjp":
+        if self.method == "vjp" and self.masks is None:
             u = self._u
             assert u is not None  # integrand() created it for this step
             parts = self._parts(seg)
             for c, comp in enumerate(self.components):
                 part = parts[comp]
-                if part is None:
-                    continue
-                if self.masks is None:
+                if part is not None:
                     self.acc[:, w, c] += u * part
-                else:
-                    self.acc[:, w, c] += u @ (self.masks * part).T
             self._u = None
         else:
             masks, step_scores = self.masks, self._step_scores
-            assert masks is not None and step_scores is not None  # "jvp": groups given; integrand() ran this step
+            assert masks is not None and step_scores is not None  # groups given; integrand() ran this step
             G = masks.shape[0]
             self.acc[:, w] += step_scores.reshape(self.n, C, G)
             self._step_scores = None
