@@ -49,6 +49,15 @@ def counted_train_grads() -> Iterator[List[int]]:
         train_grads.per_sample_loss_grads = original
 
 
+def step_work(calls: List, steps: int = 64) -> torch.Tensor:
+    """(step, inputs) integrations as inputs integrated per step: a step dropped or integrated by
+    two ranks changes its entry."""
+    work = torch.zeros(steps + 1, dtype=torch.int64)
+    for step, n in calls:
+        work[step] += n
+    return work
+
+
 def data_views(model: nn.Module, traj, X: torch.Tensor, Y: torch.Tensor, x: torch.Tensor, y: torch.Tensor,
                **options) -> Dict[str, torch.Tensor]:
     """The data view: one window, gradient windows, one input, application windows with groups,
@@ -218,12 +227,13 @@ def main(argv) -> None:
         original = ExactPathKernel._integrate
 
         def counted(self, seg, chunks, *args):
-            calls.append(sum(ch.n for ch in chunks))
+            calls.append((seg.step, sum(ch.n for ch in chunks)))
             return original(self, seg, chunks, *args)
 
         ExactPathKernel._integrate = counted
         out = all_views(model, Trajectory.open(traj_path), X, Y)
-        out["work"] = torch.tensor(sum(calls))
+        out["work"] = torch.tensor(sum(n for _, n in calls))
+        out["work_steps"] = step_work(calls)
         ExactPathKernel._integrate = original
         # the data view split by test inputs and training samples (what it does when a rank's
         # block of steps would not fit): the same numbers

@@ -38,6 +38,7 @@ from .layout import ParamLayout
 from .memory import MemoryPlan, activation_bytes, plan, view_bytes
 from .options import EPKOptions, resolve_options
 from .outputs import OutputFn, resolve_output_fn
+from .pair_sweep import pair_sweep
 from .results import Reconstruction, SweepStats
 from .segment import Chunk, Segment
 from .selection import Selector, resolve_parameters
@@ -150,6 +151,8 @@ class ExactPathKernel:
         self.output_fn = resolve_output_fn(output_fn)
         self.layout = ParamLayout(trajectory.trainable, [trajectory.spec[n].shape for n in trajectory.trainable])
         self._plan: Optional[MemoryPlan] = None  # batch sizes of the sweep under way (max_memory)
+        # (step, batch) -> outputs, within one reconstruct(): the input probe's f(θ_0), f(θ_N) are its ends
+        self._end_outputs: Optional[dict] = None
         self._select_parameters(model, parameters)
         fixed = trajectory.frozen_params(device=self.device, dtype=self.dtype)
         self._initial_buffers = trajectory.buffers(0, device=self.device, dtype=self.dtype)
@@ -280,13 +283,18 @@ class ExactPathKernel:
         return self._forward_all(step, batch)
 
     def _forward_all(self, step: int, batch: Batch) -> torch.Tensor:
+        memo, key = self._end_outputs, (step, id(batch))
+        if memo is not None and key in memo:
+            return memo[key][1]
         theta = self.theta(step)
         self.functional.set_fixed(self.trajectory.buffers(step, device=self.device, dtype=self.dtype))
         try:
-            outs = [self.functional.forward(theta, ch.batch) for ch in self.chunks(batch)]
+            out = torch.cat([self.functional.forward(theta, ch.batch) for ch in self.chunks(batch)])
         finally:
             self.functional.set_fixed(self._initial_buffers)
-        return torch.cat(outs)
+        if memo is not None:
+            memo[key] = (batch, out)  # the batch is held so that its id is not reused meanwhile
+        return out
 
     # ------------------------------------------------------------------ the sweeps
     @property
@@ -365,6 +373,10 @@ class ExactPathKernel:
         self._check_every_step(view)
         self._plan = self._memory_plan(batch, view)
         sharded = self._shardable(batch, view, selected)
+        if sharded and self._pairs_apply(view, need_precond):
+            stats = self._pair_sweep(batch, view, all_todo, need_precond, desc, show_progress)
+            if stats is not None:
+                return stats
         if sharded:
             selected, todo = _shard_steps(view, selected, todo)
             chosen = set(selected)
@@ -487,6 +499,36 @@ class ExactPathKernel:
             _reduce_view(view, log)
         return log.finish(self.options.max_depth, self.options.max_evaluations)
 
+    def _pairs_apply(self, view: SweepView, need_precond: bool) -> bool:
+        """Whether a split forward sweep may let pairs of ranks meet where their work balances
+        (:mod:`.pair_sweep`): the view accumulates per step in any order, no buffers move between
+        steps, and ``R_s`` needs no earlier parameters. Else: contiguous blocks (:func:`_shard_steps`)."""
+        if getattr(view, "visit_every_step", False) or self.trajectory.buffer_steps():
+            return False
+        um = UpdateModel(self.trajectory, self.layout, device=self.device, dtype=self.dtype, need_precond=need_precond)
+        return not um.needs_history
+
+    def _pair_sweep(self, batch: Batch, view: SweepView, todo: List[int], need_precond: bool, desc: str,
+                    show_progress: Optional[bool]) -> Optional[SweepStats]:
+        """This rank's part of a forward sweep split over pairs of ranks (:mod:`.pair_sweep`), summed
+        over the ranks; None where the process group's store cannot hold the shared counter."""
+        part, pair, front = distributed.pair_segment(todo)
+        claims = distributed.StepClaims(len(part), pair)
+        if not claims.available:
+            return None
+        log = _SweepLog(todo, batch.n, self.dtype)
+        bar = self._bar(len(part), view, desc, show_progress)
+        try:
+            pair_sweep(self, batch, view, part, front, claims, need_precond, log, bar)
+        finally:
+            bar.close()
+            self.functional.set_fixed(self._initial_buffers)
+            self._plan = None
+        _reduce_view(view, log)  # a collective: both ranks of the pair are done with the counter
+        if front:
+            claims.close()
+        return log.finish(self.options.max_depth, self.options.max_evaluations)
+
     def _shardable(self, batch: Batch, view: SweepView, steps: List[int]) -> bool:
         """Whether a sweep of ``view`` is split over the ranks: inside a process group (unless
         ``options.distributed`` is off), for views that name the accumulators to sum
@@ -561,11 +603,17 @@ class ExactPathKernel:
         """
         from .reconstruct_view import ReconstructView
 
-        batch = self.prepare_inputs(inputs, additional_forward_args)
-        initial = self._forward_all(0, batch)
+        # The input probe computes f(θ_0) and f(θ_N) on every input: those are the two ends (a
+        # split sweep's fixed cost on every rank, so computing them once is part of the speed-up).
+        self._end_outputs = {}
+        try:
+            batch = self.prepare_inputs(inputs, additional_forward_args)
+            initial = self._forward_all(0, batch)
+            final = self._forward_all(self.num_steps, batch)
+        finally:
+            self._end_outputs = None
         view = ReconstructView(self, batch.n, initial.shape[1:])
         stats = self.sweep(batch, view, desc="reconstruct")
-        final = self._forward_all(self.num_steps, batch)
         return view.result(initial, final, stats)
 
     def tangents(self, seg: Segment) -> Tuple[torch.Tensor, List[str]]:
@@ -643,8 +691,9 @@ class _ForwardState:
         """Advance over step ``s``: integrate it, only hand it to ``end_step``, or skip it."""
         epk, rec = self.epk, self.epk.trajectory.record(s)
         if not selected and not self.um.needs_history:
-            # Not requested and no state to carry: only the step counters advance.
-            self.um.advance(rec, None)
+            # Not requested and no state to carry: only the step counters advance (no vectors:
+            # a rank of a split sweep steps over every step before its block this way)
+            self.um.scalars(rec)
             self.theta_prev = epk.theta(s) if next_selected else None
             self.f_prev = [None] * len(self.chunks)
             self._buffers_after(s)
