@@ -11,6 +11,7 @@ group of one — every function here is the identity and nothing changes. The he
 * :func:`all_reduce_sum_` / :func:`all_reduce_max` / :func:`all_reduce_max_` — combining per-rank
   partial results, in place;
 * :func:`all_gather_shards` — a tensor's rows from every rank's :func:`shard` of them, on every rank;
+* :func:`all_gather_equal` — a tensor of one shape from every rank, on every rank;
 * :func:`all_gather_objects` / :func:`gather_indices` / :func:`broadcast_object` — small Python
   payloads (micro-batch indices of a ``DistributedSampler`` run, counters).
 
@@ -27,8 +28,8 @@ import torch
 import torch.distributed as dist
 
 __all__ = ["active", "rank", "world_size", "is_writer", "shard", "pair_segment", "StepClaims", "all_reduce_sum_",
-           "all_reduce_max", "all_reduce_max_", "all_gather_shards", "all_gather_objects", "gather_indices",
-           "broadcast_object", "barrier", "check_same"]
+           "all_reduce_max", "all_reduce_max_", "all_gather_shards", "all_gather_equal", "all_gather_objects",
+           "gather_indices", "broadcast_object", "barrier", "check_same"]
 
 T = TypeVar("T")
 
@@ -202,6 +203,17 @@ def all_gather_shards(part: torch.Tensor, n: int, dim: int = 0) -> torch.Tensor:
     dist.all_gather(recv, send.contiguous())
     whole = torch.cat([r[:k] for r, k in zip(recv, sizes)]).to(part.device)
     return whole.movedim(0, dim)
+
+
+def all_gather_equal(t: torch.Tensor) -> List[torch.Tensor]:
+    """``[t of rank 0, t of rank 1, …]`` for a tensor of the same shape and dtype on every rank
+    (``[t]`` outside a process group): one ``all_gather``, no pickling, bit for bit."""
+    if not active():
+        return [t]
+    send = t.contiguous().to(_comm_device(t))
+    recv = [torch.empty_like(send) for _ in range(world_size())]
+    dist.all_gather(recv, send)
+    return [r.to(t.device) for r in recv]
 
 
 def all_gather_objects(obj: Any) -> List[Any]:
