@@ -91,6 +91,16 @@ def data_views(model: nn.Module, traj, X: torch.Tensor, Y: torch.Tensor, x: torc
     return out
 
 
+def forward_views(model: nn.Module, traj, x: torch.Tensor, y: torch.Tensor) -> Dict[str, torch.Tensor]:
+    """The forward sweeps (reconstruction, training view): split over pairs of ranks meeting in
+    their part, a lone rank with an odd world."""
+    rec = ExactPathKernel(model, traj).reconstruct(x)
+    out = {f"fwd_reconstruct.{k}": getattr(rec, k) for k in ("kernel", "regularization", "delta")}
+    steps = StepInfluence(model, traj).explain(x, target=y, window=1, layers=["fc1", "fc2"])
+    out.update({f"fwd_steps.{c}": v for c, v in steps.scores.items()})
+    return out
+
+
 def all_views(model: nn.Module, traj, X: torch.Tensor, Y: torch.Tensor, n_test: int = 5,
               **options) -> Dict[str, torch.Tensor]:
     """Reconstruction, model view (per parameter and per layer), training view, data view (two
@@ -207,6 +217,7 @@ def data_main(argv) -> None:
     try:
         X, Y = torch.load(data_path)
         got = data_views(TanhMLP().double(), Trajectory.open(traj_path), X, Y, X[:5], Y[:5])
+        got.update(forward_views(TanhMLP().double(), Trajectory.open(traj_path), X[:5], Y[:5]))
         torch.save(got, f"{prefix}.rank{distributed.rank()}.pt")
     finally:
         torch.distributed.destroy_process_group()

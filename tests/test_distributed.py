@@ -282,14 +282,16 @@ def test_ddp_recorder_records_every_rank_and_the_data_view_replays_it(recorded, 
 
 @pytest.mark.slow
 def test_data_view_over_three_ranks_chains_the_carry(recorded, tmp_path):
-    """Three blocks of steps: the carry into the first crosses two later blocks."""
-    from distributed_views import data_views
+    """Three blocks of steps: the carry into the first crosses two later blocks. And the forward
+    sweeps with an odd world: a pair meeting in its part, the last rank alone in its own."""
+    from distributed_views import data_views, forward_views
 
     model, traj, X, Y, path = recorded
     torch.save((X, Y), tmp_path / "data.pt")
     torchrun(HERE / "distributed_views.py", "--data", str(path), str(tmp_path / "data.pt"), str(tmp_path / "d"),
              nproc=3)
     want = data_views(model, traj, X, Y, X[:5], Y[:5])
+    want.update(forward_views(model, traj, X[:5], Y[:5]))
     total = int(want.pop("data.train_work"))
     work = []
     for r in range(3):
