@@ -22,14 +22,14 @@ where they were, in their own dtype, so float64 results stay float64.
 from __future__ import annotations
 
 import uuid
-from typing import Any, List, Optional, Sequence, Tuple, TypeVar
+from typing import Any, Dict, List, Optional, Sequence, Tuple, TypeVar
 
 import torch
 import torch.distributed as dist
 
 __all__ = ["active", "rank", "world_size", "is_writer", "shard", "pair_segment", "StepClaims", "all_reduce_sum_",
-           "all_reduce_max", "all_reduce_max_", "all_gather_shards", "all_gather_equal", "all_gather_objects",
-           "gather_indices", "broadcast_object", "barrier", "check_same"]
+           "all_reduce_max", "all_reduce_max_", "all_gather_shards", "all_gather_equal", "exchange",
+           "all_gather_objects", "gather_indices", "broadcast_object", "barrier", "check_same"]
 
 T = TypeVar("T")
 
@@ -94,6 +94,11 @@ def _default_store() -> Any:
         return get() if get is not None else None
     except (RuntimeError, ValueError):
         return None
+
+
+def store_available() -> bool:
+    """Whether :class:`StepClaims` can use the process group's store (the same on every rank)."""
+    return active() and _default_store() is not None
 
 
 class StepClaims:
@@ -214,6 +219,22 @@ def all_gather_equal(t: torch.Tensor) -> List[torch.Tensor]:
     recv = [torch.empty_like(send) for _ in range(world_size())]
     dist.all_gather(recv, send)
     return [r.to(t.device) for r in recv]
+
+
+def exchange(send: Dict[int, torch.Tensor], receive: Sequence[int], peer: int, like: torch.Tensor
+             ) -> Dict[int, torch.Tensor]:
+    """Point to point with rank ``peer``: send it ``send`` (key → tensor), receive from it the
+    tensors of keys ``receive``, each shaped and typed like ``like`` (keys are the message tags)."""
+    if not active() or (not send and not receive):
+        return {}
+    device = _comm_device(like)
+    reqs = [dist.isend(t.contiguous().to(device), dst=peer, tag=int(k)) for k, t in sorted(send.items())]
+    got = {int(k): torch.empty(like.shape, dtype=like.dtype, device=device) for k in sorted(receive)}
+    reqs += [dist.irecv(buf, src=peer, tag=k) for k, buf in got.items()]
+    for r in reqs:
+        if r is not None:
+            r.wait()
+    return {k: buf.to(like.device) for k, buf in got.items()}
 
 
 def all_gather_objects(obj: Any) -> List[Any]:

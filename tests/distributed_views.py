@@ -91,6 +91,17 @@ def data_views(model: nn.Module, traj, X: torch.Tensor, Y: torch.Tensor, x: torc
     return out
 
 
+def data_pair_views(model: nn.Module, traj, X: torch.Tensor, Y: torch.Tensor, x: torch.Tensor, y: torch.Tensor
+                    ) -> Dict[str, torch.Tensor]:
+    """Two of :func:`data_views`' explanations (one window; application windows with groups)."""
+    tdi = TrainingDataInfluence(model, traj, TensorDataset(X, Y), nll)
+    d = tdi.explain(x, target=y)
+    out = {f"data.{k}": getattr(d, k) for k in ("scores", "regularization", "residual", "change", "delta")}
+    da = tdi.explain(x, target=y, steps=[range(2, 4), range(6, traj.num_steps + 1)], layers=["fc1", "fc2"])
+    out.update({f"data_app.{k}": getattr(da, k) for k in ("scores", "regularization", "residual")})
+    return out
+
+
 def forward_views(model: nn.Module, traj, x: torch.Tensor, y: torch.Tensor) -> Dict[str, torch.Tensor]:
     """The forward sweeps (reconstruction, training view): split over pairs of ranks meeting in
     their part, a lone rank with an odd world."""
@@ -256,6 +267,16 @@ def main(argv) -> None:
             rows.update(bn_views(argv[4], argv[5]))
         data_view.STEP_SPLIT_BYTES = saved
         out.update({f"rows.{k}": v for k, v in rows.items()})
+        # the pair's meeting point forced to either end: one rank integrates every step of both
+        # blocks and hands the other's η D φ over (the exchange, both ways)
+        from captum_explaind.epk import pair_sweep
+
+        saved_limit = pair_sweep.PAIR_LIMIT
+        for side in (0, 1):
+            pair_sweep.PAIR_LIMIT = 1.0 if distributed.rank() == side else 0.0
+            out.update({f"side{side}.{k}": v for k, v in data_pair_views(model, Trajectory.open(traj_path), X, Y,
+                                                                         X[:5], Y[:5]).items()})
+        pair_sweep.PAIR_LIMIT = saved_limit
         # ranks asking different questions: a named error on every rank, or each alone by option
         r = distributed.rank()
         traj = Trajectory.open(traj_path)

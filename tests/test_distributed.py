@@ -215,6 +215,10 @@ def test_every_view_under_torchrun_equals_one_process(recorded, launched):
         train_work.append(int(got.pop("data.train_work")))
         rows_work.append(int(got.pop("rows.data.train_work")))
         rows = {k[len("rows."):]: got.pop(k) for k in list(got) if k.startswith("rows.")}
+        for side in (0, 1):  # one rank integrated both blocks' steps and handed the other's over
+            forced = {k[len(f"side{side}."):]: got.pop(k) for k in list(got) if k.startswith(f"side{side}.")}
+            assert forced and set(forced) <= set(want), sorted(forced)
+            assert_equal_results(forced, {k: want[k] for k in forced})
         assert_equal_results(rows, {k: v for k, v in {**want, **bn_want}.items() if k.split(".")[0] in
                                     {k2.split(".")[0] for k2 in rows}})
         assert int(got.pop("mismatch")) == 1  # different inputs per rank: the named error, on every rank

@@ -172,7 +172,9 @@ class DataView(ViewBase):
         batches are not paid twice."""
         world = distributed.world_size()
         P, size = self.epk.layout.total, torch.finfo(self.epk.dtype).bits // 8
-        per_rank = -(-last // world) * (self.n + 12) * P * size  # η D φ plus a step's parameter-sized vectors
+        # η D φ plus a step's parameter-sized vectors, for up to 1.5 blocks (the ranks of a pair
+        # integrate up to 1.5 of their blocks before handing the other's steps over: PAIR_LIMIT)
+        per_rank = -(-3 * last // (2 * world)) * (self.n + 12) * P * size
         if last < world or per_rank > STEP_SPLIT_BYTES or self.epk.options.max_memory is not None:
             return False
         self._stored = []
@@ -240,6 +242,26 @@ class DataView(ViewBase):
             return
         self._test_side(seg, ephi, beta_next)
         self._decoupled(seg, phi)
+
+    @property
+    def stores_steps(self) -> bool:
+        """Split by steps: whether this view keeps its steps until the carry arrives."""
+        return self._stored is not None
+
+    def keep_received(self, seg: Segment, ephi: torch.Tensor) -> None:
+        """Split by steps: store a step of this rank's block that the other rank of its pair
+        integrated (its ``path`` and decoupled decay are counted there, once)."""
+        assert self._stored is not None  # shard_steps() started the block
+        self._stored.append((self._kept_segment(seg), ephi))
+
+    def take_stored(self, steps: List[int]) -> Dict[int, torch.Tensor]:
+        """Split by steps: remove the stored steps ``steps`` (integrated here, of the other rank's
+        block) and return their ``η D φ`` to hand over."""
+        assert self._stored is not None
+        wanted = set(steps)
+        out = {seg.step: ephi for seg, ephi in self._stored if seg.step in wanted and ephi is not None}
+        self._stored = [(seg, ephi) for seg, ephi in self._stored if seg.step not in wanted]
+        return out
 
     def _kept_segment(self, seg: Segment) -> Segment:
         """What a block split by steps keeps of ``seg`` until its carry arrives: no θ_s or Δ_s (the
@@ -322,6 +344,7 @@ class DataView(ViewBase):
         """
         stored, self._stored = self._stored, None
         assert stored is not None  # shard_steps() started the block
+        stored.sort(key=lambda entry: -entry[0].step)  # descending (a pair's steps arrive in any order)
         keys = list(range(len(self.windows))) if self.indexing == "application" else [0]
         P = self.epk.layout.total
         dev, dt = self.epk.device, self.epk.dtype

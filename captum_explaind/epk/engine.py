@@ -17,6 +17,7 @@ with their own integrands.
 
 from __future__ import annotations
 
+import math
 import os
 import warnings
 from typing import Any, Iterable, List, Optional, Sequence, Tuple, Union
@@ -31,6 +32,7 @@ from ..errors import TrajectoryError
 from ..recording.format import StepRecord
 from ..recording.trajectory import Trajectory
 from . import checks
+from . import pair_sweep as pair_module
 from .batch import Batch
 from .functional import FunctionalModel
 from .integrator import StepStats, integrate_step
@@ -453,6 +455,11 @@ class ExactPathKernel:
             rows = distributed.shard(range(batch.n))
             view.shard_rows(range(rows[0], rows[-1] + 1) if rows else range(0, 0))
         log = _SweepLog(sorted(todo), batch.n, self.dtype)
+        if steps_mode and hasattr(view, "keep_received") and not buffer_steps:
+            if distributed.store_available():
+                self._pair_reverse(batch, view, last, sorted(todo), records, scalars, um, log,
+                                   self._bar(last, view, desc, show_progress))
+                return log.finish(self.options.max_depth, self.options.max_evaluations)
         if sharded and (top < bottom or not chunks) and (steps_mode or not getattr(view, "splits_training", False)):
             self._plan = None
             if steps_mode:
@@ -528,6 +535,58 @@ class ExactPathKernel:
         if front:
             claims.close()
         return log.finish(self.options.max_depth, self.options.max_evaluations)
+
+    def _pair_reverse(self, batch: Batch, view: SweepView, last: int, todo: List[int], records: List[StepRecord],
+                      scalars: List[Any], um: UpdateModel, log: _SweepLog, bar: tqdm) -> None:
+        """A reverse sweep split by steps (``shard_steps``), its integration balanced in pairs.
+
+        Each rank owns a contiguous block of ``1..last`` (:func:`distributed.shard`) for the carry
+        exchange and its test and training sides, but the integrations — uneven where steps refine
+        — are taken by the two ranks of a pair from both ends of their blocks (:mod:`.pair_sweep`);
+        a step integrated outside its owner's block hands its ``η D φ`` (inputs × P) to the owner.
+        """
+        me, world = distributed.rank(), distributed.world_size()
+        members = [r for r in (me - me % 2, me - me % 2 + 1) if r < world]
+        blocks = {r: distributed.shard(range(1, last + 1), r, world) for r in members}
+        mine = set(blocks[me])
+        part = sorted(s for s in todo if any(s in blocks[r] for r in members))
+        claims = distributed.StepClaims(len(part), me // 2)
+
+        def segment_of(s: int, theta0: torch.Tensor, theta1: torch.Tensor) -> Segment:
+            rec = records[s - 1]
+            coeffs = self._polyline_regularization(s, um.vectors(scalars[s - 1], rec))
+            return Segment(s, theta0, theta1, theta1 - theta0, coeffs, rec)
+
+        try:
+            limit = math.ceil(pair_module.PAIR_LIMIT * len(part))  # (read at call time: tests force a side)
+            done = pair_sweep(self, batch, view, part, me == members[0], claims, False, log, bar, segment_of, limit)
+            peer = [r for r in members if r != me]
+            dones = distributed.all_gather_objects(done)
+            # a view that stores its steps until the carry (the exact data view; not the polyline one,
+            # whose steps are complete once integrated) hands the other block's steps to their owner
+            stores = bool(getattr(view, "stores_steps", False))
+            send = getattr(view, "take_stored")([s for s in done if s not in mine]) if stores else {}  # noqa: B009
+            receive = [s for s in (dones[peer[0]] if peer else []) if s in mine] if stores else []
+            like = torch.empty(batch.n, self.layout.total, dtype=self.dtype, device=self.device)
+            got = distributed.exchange(send, receive, peer[0], like) if peer else {}
+            del send
+            for s in sorted(mine, reverse=True):  # this block's other steps: integrated by the peer, or not at all
+                if s in got or s not in todo:
+                    theta0 = self.theta(s - 1)
+                    seg = Segment(s, theta0, theta0, torch.zeros_like(theta0), um.vectors(scalars[s - 1],
+                                  records[s - 1]), records[s - 1])
+                    seg.coeffs = self._polyline_regularization(s, seg.coeffs)
+                    if s in got:
+                        getattr(view, "keep_received")(seg, got.pop(s))  # noqa: B009
+                    else:
+                        view.end_step(seg, False)
+        finally:
+            bar.close()
+            self._plan = None
+        getattr(view, "finish_shard")()  # noqa: B009 — the carries between the blocks, then the sides
+        _reduce_view(view, log)
+        if me == members[0]:
+            claims.close()
 
     def _shardable(self, batch: Batch, view: SweepView, steps: List[int]) -> bool:
         """Whether a sweep of ``view`` is split over the ranks: inside a process group (unless

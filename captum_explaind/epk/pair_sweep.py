@@ -16,7 +16,7 @@ between steps, and the view accumulates per step in any order (``visit_every_ste
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 
@@ -30,7 +30,11 @@ if TYPE_CHECKING:
     from .engine import ExactPathKernel, _SweepLog
     from .views import SweepView
 
-__all__ = ["pair_sweep"]
+__all__ = ["pair_sweep", "PAIR_LIMIT"]
+
+#: a reverse sweep split by steps: the most of its pair's part one rank integrates (it holds the
+#: steps' ``η D φ`` until it hands the other block's over; ``DataView.shard_steps`` counts 1.5 blocks)
+PAIR_LIMIT = 0.75
 
 
 class _Coefficients:
@@ -77,25 +81,31 @@ class _Ends:
 
 
 def pair_sweep(epk: "ExactPathKernel", batch: "Batch", view: "SweepView", part: List[int], front: bool,
-               claims: distributed.StepClaims, need_precond: bool, log: "_SweepLog", bar: Any) -> List[int]:
+               claims: distributed.StepClaims, need_precond: bool, log: "_SweepLog", bar: Any,
+               segment_of: Optional[Callable[[int, torch.Tensor, torch.Tensor], Segment]] = None,
+               limit: Optional[int] = None) -> List[int]:
     """Integrate this rank's share of its pair's ``part`` of the steps (ascending) for every input,
     taking one step at a time through ``claims``: from the first step forward (``front``) or from
-    the last backward. Returns the steps integrated here, ascending. The caller then sums the
-    view's accumulators and ``log`` over the ranks (a collective) and closes ``claims``.
+    the last backward, at most ``limit`` steps. Returns the steps integrated here, ascending. The
+    caller then sums the view's accumulators and ``log`` over the ranks (a collective) and closes
+    ``claims``. ``segment_of(s, θ_{s−1}, θ_s)``: the step's segment (default: the forward model's
+    coefficients with ``R_s``, computed here in time order).
     """
-    coeffs = _Coefficients(epk, need_precond)
-    if not front and part:
-        coeffs.upto(part[-1])  # the back rank's first step needs the scalars of every earlier one
+    if segment_of is None:
+        coeffs = _Coefficients(epk, need_precond)
+        if not front and part:
+            coeffs.upto(part[-1])  # the back rank's first step needs the scalars of every earlier one
+        segment_of = coeffs.segment
     chunks = epk.chunks(batch)
     fm = epk.functional
     ends = _Ends()
     done: List[int] = []
     for s in part if front else part[::-1]:
-        if not claims.take():
-            break
+        if (limit is not None and len(done) >= limit) or not claims.take():
+            break  # (at the limit the other rank takes the rest: both limits together exceed the part)
         theta0, f0s = ends.get(epk, s - 1)
         theta1, f1s = ends.get(epk, s)
-        seg = coeffs.segment(s, theta0, theta1)
+        seg = segment_of(s, theta0, theta1)
         f0s = f0s if f0s is not None else [fm.forward(theta0, ch.batch) for ch in chunks]
         f1s = f1s if f1s is not None else [fm.forward(theta1, ch.batch) for ch in chunks]
         epk._integrate(seg, chunks, f0s, f1s, view, log)
