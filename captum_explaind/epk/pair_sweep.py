@@ -9,9 +9,13 @@ until every step is taken. Each rank's steps stay contiguous, so consecutive ste
 end point's parameters and outputs exactly as in one forward sweep: no step costs more than in
 one process, and every step is integrated by exactly one rank.
 
-This needs the step coefficients without a forward history: the engine uses it only where
-``R_s`` depends on ``θ_{s−1}`` alone (:attr:`UpdateModel.needs_history` is False), no buffers move
-between steps, and the view accumulates per step in any order (``visit_every_step`` is False).
+Forward sweeps (:meth:`ExactPathKernel.sweep`) need the step coefficients without a forward
+history: the engine uses this only where ``R_s`` depends on ``θ_{s−1}`` alone
+(:attr:`UpdateModel.needs_history` is False), no buffers move between steps, and the view
+accumulates per step in any order (``visit_every_step`` is False). The data view split by steps
+(:meth:`ExactPathKernel.sweep_reverse`) balances its integrations the same way, with the
+coefficients precomputed in time order, and then hands each step's ``η D φ`` to the rank whose
+block holds it (``ExactPathKernel._pair_reverse``).
 """
 
 from __future__ import annotations
