@@ -573,8 +573,8 @@ class ExactPathKernel:
             for s in sorted(mine, reverse=True):  # this block's other steps: integrated by the peer, or not at all
                 if s in got or s not in todo:
                     theta0 = self.theta(s - 1)
-                    seg = Segment(s, theta0, theta0, torch.zeros_like(theta0), um.vectors(scalars[s - 1],
-                                  records[s - 1]), records[s - 1])
+                    none = theta0.new_empty(0)  # kept without its far end and Δ_s (DataView._kept_segment)
+                    seg = Segment(s, theta0, none, none, um.vectors(scalars[s - 1], records[s - 1]), records[s - 1])
                     seg.coeffs = self._polyline_regularization(s, seg.coeffs)
                     if s in got:
                         getattr(view, "keep_received")(seg, got.pop(s))  # noqa: B009
