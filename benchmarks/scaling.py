@@ -217,6 +217,50 @@ def _series(rows: List[Row]) -> List[Any]:
 
 
 # ----------------------------------------------------------------------------- ranks
+#: what ``--rank-breakdown`` times (inclusive main-thread CPU seconds per call site, summed per run)
+BREAKDOWN = [
+    ("captum_explaind.epk.engine", "ExactPathKernel", "__init__"),
+    ("captum_explaind.epk.engine", "ExactPathKernel", "prepare_inputs"),
+    ("captum_explaind.epk.engine", "ExactPathKernel", "_forward_all"),
+    ("captum_explaind.epk.engine", "ExactPathKernel", "_integrate"),
+    ("captum_explaind.epk.engine", "ExactPathKernel", "theta"),
+    ("captum_explaind.recording.trajectory", "Trajectory", "record"),
+    ("captum_explaind.epk.updates", "UpdateModel", "vectors"),
+    ("captum_explaind.epk.data_view", "DataView", "_project"),
+    ("captum_explaind.epk.data_view", "DataView", "_test_side"),
+    ("captum_explaind.epk.data_view", "DataView", "finish_shard"),
+    ("captum_explaind.distributed", None, "all_gather_objects"),
+    ("captum_explaind.distributed", None, "all_gather_equal"),
+    ("captum_explaind.distributed", None, "all_reduce_sum_"),
+]
+
+
+def _install_timers() -> Dict[str, List[float]]:
+    """Wrap :data:`BREAKDOWN` with thread-time counters; returns ``{name: [seconds, calls]}``."""
+    import functools
+    import importlib
+
+    acc: Dict[str, List[float]] = {}
+    for mod, cls, name in BREAKDOWN:
+        owner = getattr(importlib.import_module(mod), cls) if cls else importlib.import_module(mod)
+        orig = getattr(owner, name, None)
+        if orig is None:  # an older version of the library (a before/after comparison)
+            continue
+        key = f"{cls or 'distributed'}.{name}"
+        acc[key] = [0.0, 0]
+
+        def timed(*a: Any, _orig: Any = orig, _key: str = key, **k: Any) -> Any:
+            t = time.thread_time()
+            try:
+                return _orig(*a, **k)
+            finally:
+                acc[_key][0] += time.thread_time() - t
+                acc[_key][1] += 1
+
+        setattr(owner, name, functools.wraps(orig)(timed))
+    return acc
+
+
 def rank_worker(args: argparse.Namespace) -> None:
     """Under torchrun with 2 ranks: each job alternately by one process (rank 0 alone,
     ``distributed=False``, while rank 1 waits) and split over both ranks, ``--rank-repeat`` times.
@@ -235,7 +279,9 @@ def rank_worker(args: argparse.Namespace) -> None:
         model = MLP(hidden_for(s.P)).double()
         X, Y, x, y = torch.load(os.path.join(args.traj, "..", "data.pt"))
         result: Dict[str, Any] = {}
+        acc = _install_timers() if args.rank_breakdown else {}
         for job in ("reconstruct", "training view", "data view"):
+            best: Dict[str, Any] = {}
             # warm-up both ways (lazy imports must not land inside a timed call)
             run_job(job, model, traj, X, Y, x[:2], y[:2], "cpu")
             if distributed.rank() == 0:
@@ -244,6 +290,8 @@ def rank_worker(args: argparse.Namespace) -> None:
             for _ in range(args.rank_repeat):
                 for mode in ("one", "two"):
                     distributed.barrier()
+                    for v in acc.values():
+                        v[0], v[1] = 0.0, 0
                     t0, c0 = time.perf_counter(), time.thread_time()
                     if mode == "two":
                         run_job(job, model, traj, X, Y, x, y, "cpu")
@@ -252,7 +300,13 @@ def rank_worker(args: argparse.Namespace) -> None:
                     c1 = time.thread_time()
                     distributed.barrier()
                     times[mode][0].append(time.perf_counter() - t0)
-                    times[mode][1].append(max(distributed.all_gather_objects(c1 - c0)))
+                    cpus = distributed.all_gather_objects(c1 - c0)
+                    times[mode][1].append(max(cpus))
+                    if acc and (mode not in best or max(cpus) < best[mode][0]):
+                        parts = {k: (round(v[0], 4), int(v[1])) for k, v in acc.items() if v[1]}
+                        best[mode] = (max(cpus), [round(c, 4) for c in cpus], distributed.all_gather_objects(parts))
+            if best:
+                result[f"{job} breakdown"] = best
             for mode in ("one", "two"):
                 result[f"{job} {mode} wall"] = min(times[mode][0])
                 result[f"{job} {mode} cpu"] = min(times[mode][1])
@@ -265,7 +319,8 @@ def rank_worker(args: argparse.Namespace) -> None:
         torch.distributed.destroy_process_group()
 
 
-def ranks_rows(workdir: str, P: int, N: int, n_test: int, repeat: int = 5) -> Dict[str, Any]:
+def ranks_rows(workdir: str, P: int, N: int, n_test: int, repeat: int = 5, breakdown: bool = False
+               ) -> Dict[str, Any]:
     """Record the job's run, then one 2-rank launch measuring it both ways (see :func:`rank_worker`)."""
     import socket
 
@@ -283,7 +338,8 @@ def ranks_rows(workdir: str, P: int, N: int, n_test: int, repeat: int = 5) -> Di
     subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
                     "--master_addr=127.0.0.1", f"--master_port={port}", __file__, "--rank-worker",
                     "--traj", path, "--out", out, "--rank-P", str(P), "--rank-N", str(N),
-                    "--rank-n-test", str(n_test), "--rank-repeat", str(repeat)], env=env, check=True)
+                    "--rank-n-test", str(n_test), "--rank-repeat", str(repeat)]
+                   + (["--rank-breakdown"] if breakdown else []), env=env, check=True)
     result = json.load(open(out, encoding="utf-8"))
     result["load_before"] = load0
     for job in ("reconstruct", "training view", "data view"):
@@ -370,7 +426,27 @@ def write_report(rows: List[Row], big: Optional[Row], ranks: Dict[str, Any], arg
             lines.append(f"| {job} | {w1:.2f} | {w2:.2f} | {w1 / w2:.2f}× / {mw:.2f}× | {c1:.2f} | {c2:.2f} "
                          f"| {c1 / c2:.2f}× / {mc:.2f}× |")
         lines += ["", f"Others' CPU load right before the launch: {ranks['load_before']:.0%} of the machine.", ""]
+        lines += breakdown_lines(ranks)
     Path(path).write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+def breakdown_lines(ranks: Dict[str, Any]) -> List[str]:
+    """``--rank-breakdown``: per job, inclusive main-thread CPU seconds (calls) of the engine's parts
+    in the best run of one process and of each of the 2 ranks."""
+    lines: List[str] = []
+    for job in ("reconstruct", "training view", "data view"):
+        b = ranks.get(f"{job} breakdown")
+        if not b or "one" not in b or "two" not in b:
+            continue
+        one, two = b["one"][2][0], b["two"][2]
+        lines += [f"Breakdown, {job} (inclusive CPU s (calls); best run: 1 process {b['one'][1][0]:.3f} s, "
+                  f"ranks {' / '.join(f'{c:.3f}' for c in b['two'][1])} s):", "",
+                  "| part | 1 process | rank 0 | rank 1 |", "|---|---|---|---|"]
+        for key in sorted(set(one) | set(two[0]) | set(two[1])):
+            cells = [d.get(key) for d in (one, two[0], two[1])]
+            lines.append(f"| {key} | " + " | ".join("–" if c is None else f"{c[0]:.3f} ({c[1]})" for c in cells) + " |")
+        lines.append("")
+    return lines
 
 
 def main() -> None:
@@ -387,6 +463,8 @@ def main() -> None:
     ap.add_argument("--rank-N", type=int, default=16, help="steps of the 1 vs 2 ranks job")
     ap.add_argument("--rank-n-test", type=int, default=8, help="test inputs of the 1 vs 2 ranks job")
     ap.add_argument("--rank-repeat", type=int, default=5, help="interleaved timed pairs per job (1 process, 2 ranks)")
+    ap.add_argument("--rank-breakdown", action="store_true",
+                    help="1 vs 2 ranks: also time the engine's parts on each rank (inclusive CPU seconds, best run)")
     args = ap.parse_args()
     if args.rank_worker:
         rank_worker(args)
@@ -424,7 +502,8 @@ def main() -> None:
             big = measure_rows("big", ["data view"], s, args.device, tmp, max_memory="4GiB", max_evaluations=16,
                                note="max_memory='4GiB', max_evaluations=16, train_jvp left automatic")[0]
         if "ranks" in parts:
-            ranks = ranks_rows(tmp, args.rank_P, args.rank_N, args.rank_n_test, args.rank_repeat)
+            ranks = ranks_rows(tmp, args.rank_P, args.rank_N, args.rank_n_test, args.rank_repeat,
+                               args.rank_breakdown)
     if rows:
         plot(rows, str(Path(args.out).with_suffix(".png")))
     write_report(rows, big, ranks, args, args.out, load_note)

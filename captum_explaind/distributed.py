@@ -6,9 +6,12 @@ group of one — every function here is the identity and nothing changes. The he
 
 * :func:`active`, :func:`rank`, :func:`world_size`, :func:`is_writer` — where this process stands;
 * :func:`shard` — the contiguous, balanced part of a sequence (steps, input rows) a rank owns;
+* :func:`pair_segment` / :class:`StepClaims` — a sequence split over pairs of ranks, the two ranks of a
+  pair taking its items from both ends, one at a time, until they meet (balanced by time, not count);
 * :func:`all_reduce_sum_` / :func:`all_reduce_max` / :func:`all_reduce_max_` — combining per-rank
   partial results, in place;
 * :func:`all_gather_shards` — a tensor's rows from every rank's :func:`shard` of them, on every rank;
+* :func:`all_gather_equal` — a tensor of one shape from every rank, on every rank;
 * :func:`all_gather_objects` / :func:`gather_indices` / :func:`broadcast_object` — small Python
   payloads (micro-batch indices of a ``DistributedSampler`` run, counters).
 
@@ -18,14 +21,15 @@ where they were, in their own dtype, so float64 results stay float64.
 
 from __future__ import annotations
 
-from typing import Any, List, Sequence, TypeVar
+import uuid
+from typing import Any, Dict, List, Optional, Sequence, Tuple, TypeVar
 
 import torch
 import torch.distributed as dist
 
-__all__ = ["active", "rank", "world_size", "is_writer", "shard", "all_reduce_sum_", "all_reduce_max",
-           "all_reduce_max_", "all_gather_shards", "all_gather_objects", "gather_indices", "broadcast_object",
-           "barrier", "check_same"]
+__all__ = ["active", "rank", "world_size", "is_writer", "shard", "pair_segment", "StepClaims", "all_reduce_sum_",
+           "all_reduce_max", "all_reduce_max_", "all_gather_shards", "all_gather_equal", "exchange",
+           "all_gather_objects", "gather_indices", "broadcast_object", "barrier", "check_same"]
 
 T = TypeVar("T")
 
@@ -63,6 +67,75 @@ def shard(items: Sequence[T], index: int | None = None, count: int | None = None
     start = index * base + min(index, extra)
     stop = start + base + (1 if index < extra else 0)
     return list(items[start:stop])
+
+
+def pair_segment(items: Sequence[T], index: Optional[int] = None, count: Optional[int] = None
+                 ) -> Tuple[List[T], int, bool]:
+    """The part of ``items`` shared by rank ``index``'s pair, the pair's number, and whether this rank
+    takes the part's items from the front (the pair's first rank, or a rank alone) or the back.
+
+    Ranks ``2j`` and ``2j + 1`` form pair ``j``; with an odd ``count`` the last rank is alone. The
+    pairs' parts are contiguous, in rank order, sized by the ranks they hold (a lone rank's part is
+    half a pair's), so every item lies in exactly one part.
+    """
+    index = rank() if index is None else index
+    count = world_size() if count is None else count
+    pair = index // 2
+    # a pair's part is the union of its ranks' shards: sized by rank count, contiguous, covering all
+    members = [r for r in (2 * pair, 2 * pair + 1) if r < count]
+    part = [x for r in members for x in shard(items, r, count)]
+    return part, pair, index == members[0]
+
+
+def _default_store() -> Any:
+    """The default process group's key-value store (None where this torch has no such accessor)."""
+    get = getattr(dist.distributed_c10d, "_get_default_store", None)
+    try:
+        return get() if get is not None else None
+    except (RuntimeError, ValueError):
+        return None
+
+
+def store_available() -> bool:
+    """Whether :class:`StepClaims` can use the process group's store (the same on every rank)."""
+    return active() and _default_store() is not None
+
+
+class StepClaims:
+    """A shared counter through which the two ranks of a pair take the ``n`` items of their part
+    (:func:`pair_segment`) one at a time, the first rank from the front and the second from the back.
+
+    :meth:`take` succeeds exactly ``n`` times over both ranks: each success is one more item taken
+    from the part, so the front and back runs never overlap and together cover it, wherever they
+    meet. Where the work per item varies (refined steps), the ranks meet where their *times*
+    balance rather than their counts. Which rank integrates an item therefore depends on timing;
+    the results are the same sums, grouped differently (round-off). The counter lives in the
+    process group's store (an atomic ``add``; one round trip per item).
+
+    Created collectively (every rank of the group, in the same order: the key is rank 0's).
+    :meth:`available` is False where the store cannot be reached; then nothing is taken.
+    """
+
+    def __init__(self, n: int, pair: int) -> None:
+        self.n = n
+        self._store = _default_store()
+        tag = broadcast_object(uuid.uuid4().hex)  # one key for all ranks, new for every sweep
+        self._key = f"captum_explaind/claims/{tag}/{pair}"
+
+    @property
+    def available(self) -> bool:
+        return self._store is not None
+
+    def take(self) -> bool:
+        """Claim the next item of the part for this rank; False once all ``n`` are taken."""
+        return int(self._store.add(self._key, 1)) <= self.n
+
+    def close(self) -> None:
+        """Drop the counter (after a collective that every rank of the pair has passed)."""
+        try:
+            self._store.delete_key(self._key)
+        except (RuntimeError, AttributeError):  # a store without delete: the key stays (a few bytes)
+            pass
 
 
 def _comm_device(t: torch.Tensor) -> torch.device:
@@ -135,6 +208,33 @@ def all_gather_shards(part: torch.Tensor, n: int, dim: int = 0) -> torch.Tensor:
     dist.all_gather(recv, send.contiguous())
     whole = torch.cat([r[:k] for r, k in zip(recv, sizes)]).to(part.device)
     return whole.movedim(0, dim)
+
+
+def all_gather_equal(t: torch.Tensor) -> List[torch.Tensor]:
+    """``[t of rank 0, t of rank 1, …]`` for a tensor of the same shape and dtype on every rank
+    (``[t]`` outside a process group): one ``all_gather``, no pickling, bit for bit."""
+    if not active():
+        return [t]
+    send = t.contiguous().to(_comm_device(t))
+    recv = [torch.empty_like(send) for _ in range(world_size())]
+    dist.all_gather(recv, send)
+    return [r.to(t.device) for r in recv]
+
+
+def exchange(send: Dict[int, torch.Tensor], receive: Sequence[int], peer: int, like: torch.Tensor
+             ) -> Dict[int, torch.Tensor]:
+    """Point to point with rank ``peer``: send it ``send`` (key → tensor), receive from it the
+    tensors of keys ``receive``, each shaped and typed like ``like`` (keys are the message tags)."""
+    if not active() or (not send and not receive):
+        return {}
+    device = _comm_device(like)
+    reqs = [dist.isend(t.contiguous().to(device), dst=peer, tag=int(k)) for k, t in sorted(send.items())]
+    got = {int(k): torch.empty(like.shape, dtype=like.dtype, device=device) for k in sorted(receive)}
+    reqs += [dist.irecv(buf, src=peer, tag=k) for k, buf in got.items()]
+    for r in reqs:
+        if r is not None:
+            r.wait()
+    return {k: buf.to(like.device) for k, buf in got.items()}
 
 
 def all_gather_objects(obj: Any) -> List[Any]:

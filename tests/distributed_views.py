@@ -49,6 +49,15 @@ def counted_train_grads() -> Iterator[List[int]]:
         train_grads.per_sample_loss_grads = original
 
 
+def step_work(calls: List, steps: int = 64) -> torch.Tensor:
+    """(step, inputs) integrations as inputs integrated per step: a step dropped or integrated by
+    two ranks changes its entry."""
+    work = torch.zeros(steps + 1, dtype=torch.int64)
+    for step, n in calls:
+        work[step] += n
+    return work
+
+
 def data_views(model: nn.Module, traj, X: torch.Tensor, Y: torch.Tensor, x: torch.Tensor, y: torch.Tensor,
                **options) -> Dict[str, torch.Tensor]:
     """The data view: one window, gradient windows, one input, application windows with groups,
@@ -79,6 +88,27 @@ def data_views(model: nn.Module, traj, X: torch.Tensor, Y: torch.Tensor, x: torc
     jv = TrainingDataInfluence(model, traj, train, nll, train_jvp=True, **options).explain(x, target=y)
     for k in ("scores", "residual"):
         out[f"data_jvp.{k}"] = getattr(jv, k)
+    return out
+
+
+def data_pair_views(model: nn.Module, traj, X: torch.Tensor, Y: torch.Tensor, x: torch.Tensor, y: torch.Tensor
+                    ) -> Dict[str, torch.Tensor]:
+    """Two of :func:`data_views`' explanations (one window; application windows with groups)."""
+    tdi = TrainingDataInfluence(model, traj, TensorDataset(X, Y), nll)
+    d = tdi.explain(x, target=y)
+    out = {f"data.{k}": getattr(d, k) for k in ("scores", "regularization", "residual", "change", "delta")}
+    da = tdi.explain(x, target=y, steps=[range(2, 4), range(6, traj.num_steps + 1)], layers=["fc1", "fc2"])
+    out.update({f"data_app.{k}": getattr(da, k) for k in ("scores", "regularization", "residual")})
+    return out
+
+
+def forward_views(model: nn.Module, traj, x: torch.Tensor, y: torch.Tensor) -> Dict[str, torch.Tensor]:
+    """The forward sweeps (reconstruction, training view): split over pairs of ranks meeting in
+    their part, a lone rank with an odd world."""
+    rec = ExactPathKernel(model, traj).reconstruct(x)
+    out = {f"fwd_reconstruct.{k}": getattr(rec, k) for k in ("kernel", "regularization", "delta")}
+    steps = StepInfluence(model, traj).explain(x, target=y, window=1, layers=["fc1", "fc2"])
+    out.update({f"fwd_steps.{c}": v for c, v in steps.scores.items()})
     return out
 
 
@@ -198,6 +228,7 @@ def data_main(argv) -> None:
     try:
         X, Y = torch.load(data_path)
         got = data_views(TanhMLP().double(), Trajectory.open(traj_path), X, Y, X[:5], Y[:5])
+        got.update(forward_views(TanhMLP().double(), Trajectory.open(traj_path), X[:5], Y[:5]))
         torch.save(got, f"{prefix}.rank{distributed.rank()}.pt")
     finally:
         torch.distributed.destroy_process_group()
@@ -218,12 +249,13 @@ def main(argv) -> None:
         original = ExactPathKernel._integrate
 
         def counted(self, seg, chunks, *args):
-            calls.append(sum(ch.n for ch in chunks))
+            calls.append((seg.step, sum(ch.n for ch in chunks)))
             return original(self, seg, chunks, *args)
 
         ExactPathKernel._integrate = counted
         out = all_views(model, Trajectory.open(traj_path), X, Y)
-        out["work"] = torch.tensor(sum(calls))
+        out["work"] = torch.tensor(sum(n for _, n in calls))
+        out["work_steps"] = step_work(calls)
         ExactPathKernel._integrate = original
         # the data view split by test inputs and training samples (what it does when a rank's
         # block of steps would not fit): the same numbers
@@ -235,6 +267,16 @@ def main(argv) -> None:
             rows.update(bn_views(argv[4], argv[5]))
         data_view.STEP_SPLIT_BYTES = saved
         out.update({f"rows.{k}": v for k, v in rows.items()})
+        # the pair's meeting point forced to either end: one rank integrates every step of both
+        # blocks and hands the other's η D φ over (the exchange, both ways)
+        from captum_explaind.epk import pair_sweep
+
+        saved_limit = pair_sweep.PAIR_LIMIT
+        for side in (0, 1):
+            pair_sweep.PAIR_LIMIT = 1.0 if distributed.rank() == side else 0.0
+            out.update({f"side{side}.{k}": v for k, v in data_pair_views(model, Trajectory.open(traj_path), X, Y,
+                                                                         X[:5], Y[:5]).items()})
+        pair_sweep.PAIR_LIMIT = saved_limit
         # ranks asking different questions: a named error on every rank, or each alone by option
         r = distributed.rank()
         traj = Trajectory.open(traj_path)

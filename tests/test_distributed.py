@@ -19,7 +19,7 @@ import torch
 
 from captum_explaind import ExactPathKernel, distributed
 
-from distributed_views import all_views
+from distributed_views import all_views, step_work
 from training import OPTIMIZERS, RunConfig, TanhMLP, make_data, record_run
 
 HERE = Path(__file__).resolve().parent
@@ -94,13 +94,69 @@ def test_shard_parts_are_contiguous_balanced_and_cover_everything():
             assert max(sizes) - min(sizes) <= 1
 
 
+def test_pair_segment_parts_cover_everything_once_and_name_the_front_rank():
+    for n in range(0, 12):
+        for world in (1, 2, 3, 4, 5):
+            parts = [distributed.pair_segment(list(range(n)), r, world) for r in range(world)]
+            for r, (part, pair, front) in enumerate(parts):
+                assert pair == r // 2 and front == (r % 2 == 0)  # a lone last rank (odd world) is even
+                if r % 2:  # both ranks of a pair share one part
+                    assert part == parts[r - 1][0]
+            firsts = [parts[r][0] for r in range(0, world, 2)]
+            assert sum(firsts, []) == list(range(n))
+
+
+class _ScriptedClaims:
+    """Stands in for the shared counter: this side takes ``limit`` steps, then the other side's turn."""
+
+    def __init__(self, limit: int) -> None:
+        self.left = limit
+
+    def take(self) -> bool:
+        self.left -= 1
+        return self.left >= 0
+
+
+class _NoBar:
+    def update(self, n: int) -> None:
+        pass
+
+
+@pytest.mark.parametrize("steps", [None, [2, 3, 5, 6, 9]])
+def test_pair_sweep_meeting_anywhere_integrates_every_step_once(recorded, steps):
+    """The two ranks of a pair meet wherever their times balance: for every meeting point, the
+    front rank's steps and the back rank's add up to one process's sweep — a step dropped or
+    integrated on both sides, or a wrong shared end point (θ, outputs), fails here."""
+    from captum_explaind.epk.engine import _SweepLog
+    from captum_explaind.epk.pair_sweep import pair_sweep
+    from captum_explaind.epk.reconstruct_view import ReconstructView
+
+    model, traj, X, Y, _ = recorded
+    epk = ExactPathKernel(model, traj)
+    batch = epk.prepare_inputs(X[:4])
+    shape = epk.output_shape(batch)
+    one = ReconstructView(epk, batch.n, shape)
+    epk.sweep(batch, one, steps=steps)
+    todo = list(range(1, traj.num_steps + 1)) if steps is None else steps
+    for k in range(len(todo) + 1):
+        log = _SweepLog(todo, batch.n, epk.dtype)
+        parts, done = [], []
+        for front, limit in ((True, k), (False, len(todo) - k)):
+            view = ReconstructView(epk, batch.n, shape)
+            done += pair_sweep(epk, batch, view, todo, front, _ScriptedClaims(limit), False, log, _NoBar())
+            parts.append(view.parts)
+        assert sorted(done) == todo, (k, done)
+        torch.testing.assert_close(parts[0] + parts[1], one.parts, rtol=1e-12, atol=1e-14)
+        assert log.evaluations > 0
+
+
 def _views_in_one_process(model, traj, X, Y):
     """Every view in this process, and how many (step, input) pairs it integrated."""
     calls = []
     original = ExactPathKernel._integrate
 
     def counted(self, seg, chunks, *args):
-        calls.append(sum(ch.n for ch in chunks))
+        calls.append((seg.step, sum(ch.n for ch in chunks)))
         return original(self, seg, chunks, *args)
 
     ExactPathKernel._integrate = counted
@@ -108,7 +164,7 @@ def _views_in_one_process(model, traj, X, Y):
         want = all_views(model, traj, X, Y)
     finally:
         ExactPathKernel._integrate = original
-    return want, sum(calls)
+    return want, step_work(calls)
 
 
 @pytest.fixture(scope="module")
@@ -143,9 +199,10 @@ def bn_recorded(out: Path):
 @pytest.mark.slow
 def test_every_view_under_torchrun_equals_one_process(recorded, launched):
     model, traj, X, Y, path = recorded
-    want, total = _views_in_one_process(model, traj, X, Y)
+    want, step_total = _views_in_one_process(model, traj, X, Y)
+    total = int(step_total.sum())
     tmp_path = launched
-    work, train_work, rows_work = [], [], []
+    work, train_work, rows_work, steps_work = [], [], [], []
     total_train = int(want.pop("data.train_work"))
     from distributed_views import bn_views
 
@@ -154,9 +211,14 @@ def test_every_view_under_torchrun_equals_one_process(recorded, launched):
         got = torch.load(tmp_path / f"out.rank{r}.pt")
         assert int(got.pop("world_size")) == 2
         work.append(int(got.pop("work")))
+        steps_work.append(got.pop("work_steps"))
         train_work.append(int(got.pop("data.train_work")))
         rows_work.append(int(got.pop("rows.data.train_work")))
         rows = {k[len("rows."):]: got.pop(k) for k in list(got) if k.startswith("rows.")}
+        for side in (0, 1):  # one rank integrated both blocks' steps and handed the other's over
+            forced = {k[len(f"side{side}."):]: got.pop(k) for k in list(got) if k.startswith(f"side{side}.")}
+            assert forced and set(forced) <= set(want), sorted(forced)
+            assert_equal_results(forced, {k: want[k] for k in forced})
         assert_equal_results(rows, {k: v for k, v in {**want, **bn_want}.items() if k.split(".")[0] in
                                     {k2.split(".")[0] for k2 in rows}})
         assert int(got.pop("mismatch")) == 1  # different inputs per rank: the named error, on every rank
@@ -174,6 +236,8 @@ def test_every_view_under_torchrun_equals_one_process(recorded, launched):
         assert_equal_results(torch.load(tmp_path / f"out.polyline.rank{r}.pt"), poly_want)
     # each rank integrated its own part: (step, input) pairs add up to one process's, split ~evenly
     assert sum(work) == total and max(work) <= 0.6 * total, (work, total)
+    # step by step (the pairs of ranks meet where their time balances): no step dropped or integrated twice
+    assert torch.equal(steps_work[0] + steps_work[1], step_total), (steps_work, step_total)
     # and its share of every step's training samples: per-sample gradients add up, split ~evenly
     assert sum(train_work) == total_train and max(train_work) <= 0.6 * total_train, (train_work, total_train)
     assert sum(rows_work) == total_train and max(rows_work) <= 0.6 * total_train, (rows_work, total_train)
@@ -222,14 +286,16 @@ def test_ddp_recorder_records_every_rank_and_the_data_view_replays_it(recorded, 
 
 @pytest.mark.slow
 def test_data_view_over_three_ranks_chains_the_carry(recorded, tmp_path):
-    """Three blocks of steps: the carry into the first crosses two later blocks."""
-    from distributed_views import data_views
+    """Three blocks of steps: the carry into the first crosses two later blocks. And the forward
+    sweeps with an odd world: a pair meeting in its part, the last rank alone in its own."""
+    from distributed_views import data_views, forward_views
 
     model, traj, X, Y, path = recorded
     torch.save((X, Y), tmp_path / "data.pt")
     torchrun(HERE / "distributed_views.py", "--data", str(path), str(tmp_path / "data.pt"), str(tmp_path / "d"),
              nproc=3)
     want = data_views(model, traj, X, Y, X[:5], Y[:5])
+    want.update(forward_views(model, traj, X[:5], Y[:5]))
     total = int(want.pop("data.train_work"))
     work = []
     for r in range(3):

@@ -37,6 +37,7 @@ step, whose cost is per direction, is split by the rows of ``T`` instead, with n
 
 from __future__ import annotations
 
+import dataclasses
 from collections import OrderedDict
 from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Tuple, Union
 
@@ -62,6 +63,9 @@ __all__ = ["DataView", "PolylineDataView", "data_view", "STEP_SPLIT_BYTES"]
 #: under ``torchrun``, the most a rank may hold of its block's integrated test gradients to split the
 #: data view by steps (else it is split by test inputs and training samples)
 STEP_SPLIT_BYTES = 2 * 2**30
+
+# coefficient vectors that a block split by steps shares between consecutive kept steps when equal
+_CONSTANT_COEFFS = ("lr", "active", "beta", "h", "e", "z", "sign", "decay_coupled", "decay_decoupled")
 
 
 class DataView(ViewBase):
@@ -168,7 +172,9 @@ class DataView(ViewBase):
         batches are not paid twice."""
         world = distributed.world_size()
         P, size = self.epk.layout.total, torch.finfo(self.epk.dtype).bits // 8
-        per_rank = -(-last // world) * (self.n + 12) * P * size  # η D φ plus a step's parameter-sized vectors
+        # η D φ plus a step's parameter-sized vectors, for up to 1.5 blocks (the ranks of a pair
+        # integrate up to 1.5 of their blocks before handing the other's steps over: PAIR_LIMIT)
+        per_rank = -(-3 * last // (2 * world)) * (self.n + 12) * P * size
         if last < world or per_rank > STEP_SPLIT_BYTES or self.epk.options.max_memory is not None:
             return False
         self._stored = []
@@ -232,10 +238,45 @@ class DataView(ViewBase):
             self.path[self._lo : self._hi] += phi @ seg.delta
         if self._stored is not None:  # split by steps: the test side needs the carry from later ranks
             self._decoupled(seg, phi)
-            self._stored.append((seg, ephi))
+            self._stored.append((self._kept_segment(seg), ephi))
             return
         self._test_side(seg, ephi, beta_next)
         self._decoupled(seg, phi)
+
+    @property
+    def stores_steps(self) -> bool:
+        """Split by steps: whether this view keeps its steps until the carry arrives."""
+        return self._stored is not None
+
+    def keep_received(self, seg: Segment, ephi: torch.Tensor) -> None:
+        """Split by steps: store a step of this rank's block that the other rank of its pair
+        integrated (its ``path`` and decoupled decay are counted there, once)."""
+        assert self._stored is not None  # shard_steps() started the block
+        self._stored.append((self._kept_segment(seg), ephi))
+
+    def take_stored(self, steps: List[int]) -> Dict[int, torch.Tensor]:
+        """Split by steps: remove the stored steps ``steps`` (integrated here, of the other rank's
+        block) and return their ``η D φ`` to hand over."""
+        assert self._stored is not None
+        wanted = set(steps)
+        out = {seg.step: ephi for seg, ephi in self._stored if seg.step in wanted and ephi is not None}
+        self._stored = [(seg, ephi) for seg, ephi in self._stored if seg.step not in wanted]
+        return out
+
+    def _kept_segment(self, seg: Segment) -> Segment:
+        """What a block split by steps keeps of ``seg`` until its carry arrives: no θ_s or Δ_s (the
+        test and training sides read θ_{s−1}, the coefficients and the record), and coefficient
+        vectors equal to the previous kept step's shared with it (constant hyperparameters). The
+        block holds every one of its steps at once, so each P-vector dropped is a P-vector per
+        step of new memory (page faults) saved."""
+        prev = self._stored[-1][0].coeffs if self._stored else None
+        co = seg.coeffs
+        if prev is not None:
+            shared = {f.name: getattr(prev, f.name) for f in dataclasses.fields(co)
+                      if f.name in _CONSTANT_COEFFS and torch.equal(getattr(prev, f.name), getattr(co, f.name))}
+            co = dataclasses.replace(co, **shared)
+        empty = seg.theta0.new_empty(0)  # a use of the dropped end would fail loudly, not silently
+        return dataclasses.replace(seg, theta1=empty, delta=empty, coeffs=co)
 
     def _test_side(self, seg: Segment, ephi: Optional[torch.Tensor], beta_next: Optional[torch.Tensor],
                    keep_all: bool = False) -> None:
@@ -303,6 +344,7 @@ class DataView(ViewBase):
         """
         stored, self._stored = self._stored, None
         assert stored is not None  # shard_steps() started the block
+        stored.sort(key=lambda entry: -entry[0].step)  # descending (a pair's steps arrive in any order)
         keys = list(range(len(self.windows))) if self.indexing == "application" else [0]
         P = self.epk.layout.total
         dev, dt = self.epk.device, self.epk.dtype
@@ -319,7 +361,12 @@ class DataView(ViewBase):
                     local[k] += seg.coeffs.e * ephi
             beta_next = seg.coeffs.beta * torch.ones(P, dtype=dt, device=dev)
         first_beta = beta_next if beta_next is not None else torch.ones(P, dtype=dt, device=dev)
-        parts = distributed.all_gather_objects((bool(stored), local, prod, first_beta))
+        # one tensor all-gather (no pickling of the n × P accumulators): (L, Π β, β_first, has steps)
+        flag = torch.ones(1, dtype=dt, device=dev) * float(bool(stored))
+        packed = distributed.all_gather_equal(torch.cat([local.reshape(-1), prod, first_beta, flag]))
+        size = local.numel()
+        parts = [(bool(t[-1] != 0), t[:size].view_as(local), t[size : size + P], t[size + P : size + 2 * P])
+                 for t in packed]
         carry, carry_beta = self._carry_in(parts)
         self._beta_next = carry_beta
         if carry is not None:
@@ -327,10 +374,13 @@ class DataView(ViewBase):
                 self._acc = {k: carry[k].clone() for k in keys if bool((carry[k] != 0).any())}
             else:
                 self._full = carry[0].clone()
-        for seg, ephi in stored:
+        stored.reverse()
+        while stored:  # descending steps; each step's η D φ freed once used (its memory serves the next)
+            seg, ephi = stored.pop()
             beta = self._beta_next
             self._beta_next = seg.coeffs.beta
             self._test_side(seg, ephi, beta, keep_all=True)
+            del seg, ephi
         self._merge_replicated()
 
     def _carry_in(self, parts: List[Any]) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:

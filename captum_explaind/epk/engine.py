@@ -17,6 +17,7 @@ with their own integrands.
 
 from __future__ import annotations
 
+import math
 import os
 import warnings
 from typing import Any, Iterable, List, Optional, Sequence, Tuple, Union
@@ -31,6 +32,7 @@ from ..errors import TrajectoryError
 from ..recording.format import StepRecord
 from ..recording.trajectory import Trajectory
 from . import checks
+from . import pair_sweep as pair_module
 from .batch import Batch
 from .functional import FunctionalModel
 from .integrator import StepStats, integrate_step
@@ -38,6 +40,7 @@ from .layout import ParamLayout
 from .memory import MemoryPlan, activation_bytes, plan, view_bytes
 from .options import EPKOptions, resolve_options
 from .outputs import OutputFn, resolve_output_fn
+from .pair_sweep import pair_sweep
 from .results import Reconstruction, SweepStats
 from .segment import Chunk, Segment
 from .selection import Selector, resolve_parameters
@@ -150,6 +153,8 @@ class ExactPathKernel:
         self.output_fn = resolve_output_fn(output_fn)
         self.layout = ParamLayout(trajectory.trainable, [trajectory.spec[n].shape for n in trajectory.trainable])
         self._plan: Optional[MemoryPlan] = None  # batch sizes of the sweep under way (max_memory)
+        # (step, batch) -> outputs, within one reconstruct(): the input probe's f(θ_0), f(θ_N) are its ends
+        self._end_outputs: Optional[dict] = None
         self._select_parameters(model, parameters)
         fixed = trajectory.frozen_params(device=self.device, dtype=self.dtype)
         self._initial_buffers = trajectory.buffers(0, device=self.device, dtype=self.dtype)
@@ -280,13 +285,18 @@ class ExactPathKernel:
         return self._forward_all(step, batch)
 
     def _forward_all(self, step: int, batch: Batch) -> torch.Tensor:
+        memo, key = self._end_outputs, (step, id(batch))
+        if memo is not None and key in memo:
+            return memo[key][1]
         theta = self.theta(step)
         self.functional.set_fixed(self.trajectory.buffers(step, device=self.device, dtype=self.dtype))
         try:
-            outs = [self.functional.forward(theta, ch.batch) for ch in self.chunks(batch)]
+            out = torch.cat([self.functional.forward(theta, ch.batch) for ch in self.chunks(batch)])
         finally:
             self.functional.set_fixed(self._initial_buffers)
-        return torch.cat(outs)
+        if memo is not None:
+            memo[key] = (batch, out)  # the batch is held so that its id is not reused meanwhile
+        return out
 
     # ------------------------------------------------------------------ the sweeps
     @property
@@ -365,6 +375,10 @@ class ExactPathKernel:
         self._check_every_step(view)
         self._plan = self._memory_plan(batch, view)
         sharded = self._shardable(batch, view, selected)
+        if sharded and self._pairs_apply(view, need_precond):
+            stats = self._pair_sweep(batch, view, all_todo, need_precond, desc, show_progress)
+            if stats is not None:
+                return stats
         if sharded:
             selected, todo = _shard_steps(view, selected, todo)
             chosen = set(selected)
@@ -441,6 +455,11 @@ class ExactPathKernel:
             rows = distributed.shard(range(batch.n))
             view.shard_rows(range(rows[0], rows[-1] + 1) if rows else range(0, 0))
         log = _SweepLog(sorted(todo), batch.n, self.dtype)
+        if steps_mode and hasattr(view, "keep_received") and not buffer_steps:
+            if distributed.store_available():
+                self._pair_reverse(batch, view, last, sorted(todo), records, scalars, um, log,
+                                   self._bar(last, view, desc, show_progress))
+                return log.finish(self.options.max_depth, self.options.max_evaluations)
         if sharded and (top < bottom or not chunks) and (steps_mode or not getattr(view, "splits_training", False)):
             self._plan = None
             if steps_mode:
@@ -486,6 +505,88 @@ class ExactPathKernel:
         if sharded:
             _reduce_view(view, log)
         return log.finish(self.options.max_depth, self.options.max_evaluations)
+
+    def _pairs_apply(self, view: SweepView, need_precond: bool) -> bool:
+        """Whether a split forward sweep may let pairs of ranks meet where their work balances
+        (:mod:`.pair_sweep`): the view accumulates per step in any order, no buffers move between
+        steps, and ``R_s`` needs no earlier parameters. Else: contiguous blocks (:func:`_shard_steps`)."""
+        if getattr(view, "visit_every_step", False) or self.trajectory.buffer_steps():
+            return False
+        um = UpdateModel(self.trajectory, self.layout, device=self.device, dtype=self.dtype, need_precond=need_precond)
+        return not um.needs_history
+
+    def _pair_sweep(self, batch: Batch, view: SweepView, todo: List[int], need_precond: bool, desc: str,
+                    show_progress: Optional[bool]) -> Optional[SweepStats]:
+        """This rank's part of a forward sweep split over pairs of ranks (:mod:`.pair_sweep`), summed
+        over the ranks; None where the process group's store cannot hold the shared counter."""
+        part, pair, front = distributed.pair_segment(todo)
+        claims = distributed.StepClaims(len(part), pair)
+        if not claims.available:
+            return None
+        log = _SweepLog(todo, batch.n, self.dtype)
+        bar = self._bar(len(part), view, desc, show_progress)
+        try:
+            pair_sweep(self, batch, view, part, front, claims, need_precond, log, bar)
+        finally:
+            bar.close()
+            self.functional.set_fixed(self._initial_buffers)
+            self._plan = None
+        _reduce_view(view, log)  # a collective: both ranks of the pair are done with the counter
+        if front:
+            claims.close()
+        return log.finish(self.options.max_depth, self.options.max_evaluations)
+
+    def _pair_reverse(self, batch: Batch, view: SweepView, last: int, todo: List[int], records: List[StepRecord],
+                      scalars: List[Any], um: UpdateModel, log: _SweepLog, bar: tqdm) -> None:
+        """A reverse sweep split by steps (``shard_steps``), its integration balanced in pairs.
+
+        Each rank owns a contiguous block of ``1..last`` (:func:`distributed.shard`) for the carry
+        exchange and its test and training sides, but the integrations — uneven where steps refine
+        — are taken by the two ranks of a pair from both ends of their blocks (:mod:`.pair_sweep`);
+        a step integrated outside its owner's block hands its ``η D φ`` (inputs × P) to the owner.
+        """
+        me, world = distributed.rank(), distributed.world_size()
+        members = [r for r in (me - me % 2, me - me % 2 + 1) if r < world]
+        blocks = {r: distributed.shard(range(1, last + 1), r, world) for r in members}
+        mine = set(blocks[me])
+        part = sorted(s for s in todo if any(s in blocks[r] for r in members))
+        claims = distributed.StepClaims(len(part), me // 2)
+
+        def segment_of(s: int, theta0: torch.Tensor, theta1: torch.Tensor) -> Segment:
+            rec = records[s - 1]
+            coeffs = self._polyline_regularization(s, um.vectors(scalars[s - 1], rec))
+            return Segment(s, theta0, theta1, theta1 - theta0, coeffs, rec)
+
+        try:
+            limit = math.ceil(pair_module.PAIR_LIMIT * len(part))  # (read at call time: tests force a side)
+            done = pair_sweep(self, batch, view, part, me == members[0], claims, False, log, bar, segment_of, limit)
+            peer = [r for r in members if r != me]
+            dones = distributed.all_gather_objects(done)
+            # a view that stores its steps until the carry (the exact data view; not the polyline one,
+            # whose steps are complete once integrated) hands the other block's steps to their owner
+            stores = bool(getattr(view, "stores_steps", False))
+            send = getattr(view, "take_stored")([s for s in done if s not in mine]) if stores else {}  # noqa: B009
+            receive = [s for s in (dones[peer[0]] if peer else []) if s in mine] if stores else []
+            like = torch.empty(batch.n, self.layout.total, dtype=self.dtype, device=self.device)
+            got = distributed.exchange(send, receive, peer[0], like) if peer else {}
+            del send
+            for s in sorted(mine, reverse=True):  # this block's other steps: integrated by the peer, or not at all
+                if s in got or s not in todo:
+                    theta0 = self.theta(s - 1)
+                    none = theta0.new_empty(0)  # kept without its far end and Δ_s (DataView._kept_segment)
+                    seg = Segment(s, theta0, none, none, um.vectors(scalars[s - 1], records[s - 1]), records[s - 1])
+                    seg.coeffs = self._polyline_regularization(s, seg.coeffs)
+                    if s in got:
+                        getattr(view, "keep_received")(seg, got.pop(s))  # noqa: B009
+                    else:
+                        view.end_step(seg, False)
+        finally:
+            bar.close()
+            self._plan = None
+        getattr(view, "finish_shard")()  # noqa: B009 — the carries between the blocks, then the sides
+        _reduce_view(view, log)
+        if me == members[0]:
+            claims.close()
 
     def _shardable(self, batch: Batch, view: SweepView, steps: List[int]) -> bool:
         """Whether a sweep of ``view`` is split over the ranks: inside a process group (unless
@@ -561,11 +662,17 @@ class ExactPathKernel:
         """
         from .reconstruct_view import ReconstructView
 
-        batch = self.prepare_inputs(inputs, additional_forward_args)
-        initial = self._forward_all(0, batch)
+        # The input probe computes f(θ_0) and f(θ_N) on every input: those are the two ends (a
+        # split sweep's fixed cost on every rank, so computing them once is part of the speed-up).
+        self._end_outputs = {}
+        try:
+            batch = self.prepare_inputs(inputs, additional_forward_args)
+            initial = self._forward_all(0, batch)
+            final = self._forward_all(self.num_steps, batch)
+        finally:
+            self._end_outputs = None
         view = ReconstructView(self, batch.n, initial.shape[1:])
         stats = self.sweep(batch, view, desc="reconstruct")
-        final = self._forward_all(self.num_steps, batch)
         return view.result(initial, final, stats)
 
     def tangents(self, seg: Segment) -> Tuple[torch.Tensor, List[str]]:
@@ -643,8 +750,9 @@ class _ForwardState:
         """Advance over step ``s``: integrate it, only hand it to ``end_step``, or skip it."""
         epk, rec = self.epk, self.epk.trajectory.record(s)
         if not selected and not self.um.needs_history:
-            # Not requested and no state to carry: only the step counters advance.
-            self.um.advance(rec, None)
+            # Not requested and no state to carry: only the step counters advance (no vectors:
+            # a rank of a split sweep steps over every step before its block this way)
+            self.um.scalars(rec)
             self.theta_prev = epk.theta(s) if next_selected else None
             self.f_prev = [None] * len(self.chunks)
             self._buffers_after(s)
