@@ -35,8 +35,8 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m captum_explaind.demo", description=__doc__.splitlines()[0])
     p.add_argument("--config", choices=sorted(CONFIGS), default="small",
                    help="task size: 'small' (default) is a CPU-sized configuration (p = 37, 566 / 100 "
-                        "pairs, d = 32) that memorizes at about step 900 and groks (100 %% test accuracy) at "
-                        "about step 2,000, about a minute of training on 2 cores; 'paper' is the paper's "
+                        "pairs, d = 32) that memorizes at about step 800 and groks (100 %% test accuracy) at "
+                        "about step 2,200, under a minute of training on 2 cores; 'paper' is the paper's "
                         "p = 113 (see benchmarks/grokking.py); 'tiny' is a seconds-long smoke test that does "
                         "not grok")
     p.add_argument("--out", default=None, help="folder for the trajectory, figures and summary.txt "
