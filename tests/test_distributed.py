@@ -234,8 +234,10 @@ def test_every_view_under_torchrun_equals_one_process(recorded, launched):
     poly_want = polyline_views(str(tmp_path / "kept"), X, Y)
     for r in range(2):
         assert_equal_results(torch.load(tmp_path / f"out.polyline.rank{r}.pt"), poly_want)
-    # each rank integrated its own part: (step, input) pairs add up to one process's, split ~evenly
-    assert sum(work) == total and max(work) <= 0.6 * total, (work, total)
+    # each rank integrated its own part: (step, input) pairs add up to one process's. How evenly they
+    # split depends on timing (the pairs meet where their times balance; on a loaded machine one rank
+    # may take most): a benchmark matter (benchmarks/scaling.py), not asserted here.
+    assert sum(work) == total, (work, total)
     # step by step (the pairs of ranks meet where their time balances): no step dropped or integrated twice
     assert torch.equal(steps_work[0] + steps_work[1], step_total), (steps_work, step_total)
     # and its share of every step's training samples: per-sample gradients add up, split ~evenly
