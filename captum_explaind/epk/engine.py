@@ -33,6 +33,7 @@ from ..recording.format import StepRecord
 from ..recording.trajectory import Trajectory
 from . import checks
 from . import pair_sweep as pair_module
+from .allocator import keeps_heap
 from .batch import Batch
 from .functional import FunctionalModel
 from .integrator import StepStats, integrate_step
@@ -339,6 +340,7 @@ class ExactPathKernel:
     def _step_buffers(self, s: int) -> dict:
         return self.trajectory.buffers(s, device=self.device, dtype=self.dtype)
 
+    @keeps_heap
     def sweep(
         self,
         batch: Batch,
@@ -397,6 +399,7 @@ class ExactPathKernel:
             _reduce_view(view, state.log)
         return state.log.finish(self.options.max_depth, self.options.max_evaluations)
 
+    @keeps_heap
     def sweep_reverse(
         self,
         batch: Batch,
