@@ -316,7 +316,7 @@ def rank_worker(args: argparse.Namespace) -> None:
             with open(args.out, "w", encoding="utf-8") as fh:
                 json.dump(result, fh)
     finally:
-        torch.distributed.destroy_process_group()
+        distributed.shutdown()  # not destroy_process_group alone: see its docstring
 
 
 def ranks_rows(workdir: str, P: int, N: int, n_test: int, repeat: int = 5, breakdown: bool = False

@@ -231,7 +231,7 @@ def data_main(argv) -> None:
         got.update(forward_views(TanhMLP().double(), Trajectory.open(traj_path), X[:5], Y[:5]))
         torch.save(got, f"{prefix}.rank{distributed.rank()}.pt")
     finally:
-        torch.distributed.destroy_process_group()
+        distributed.shutdown()  # not destroy_process_group alone: see its docstring
 
 
 def main(argv) -> None:
@@ -313,7 +313,7 @@ def main(argv) -> None:
                     opt.step()
         distributed.barrier()
     finally:
-        torch.distributed.destroy_process_group()
+        distributed.shutdown()  # not destroy_process_group alone: see its docstring
 
 
 if __name__ == "__main__":
