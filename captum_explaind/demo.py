@@ -35,8 +35,10 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m captum_explaind.demo", description=__doc__.splitlines()[0])
     p.add_argument("--config", choices=sorted(CONFIGS), default="small",
                    help="task size: 'small' (default) is a CPU-sized configuration (p = 37, 566 / 100 "
-                        "pairs, d = 32) that memorizes at about step 800 and groks (100 %% test accuracy) at "
-                        "about step 2,200, under a minute of training on 2 cores; 'paper' is the paper's "
+                        "pairs, d = 32) that memorizes at about step 800-1,100 (the float summation order "
+                        "depends on the thread count) and groks (100 %% test accuracy) at about step 2,200, "
+                        "12 s of training and about 2 minutes for the whole demo on 2 free cores; 'paper' is "
+                        "the paper's "
                         "p = 113 (see benchmarks/grokking.py); 'tiny' is a seconds-long smoke test that does "
                         "not grok")
     p.add_argument("--out", default=None, help="folder for the trajectory, figures and summary.txt "
