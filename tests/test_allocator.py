@@ -68,8 +68,9 @@ def _churn(**env):
 def test_heap_kept_stops_page_fault_churn_and_hands_the_memory_back():
     got = _churn()
     # 19 rounds of a ~67 MB working set touch ~310k pages: inside, the first round's are reused
-    # (outside, glibc's adaptive thresholds give anywhere from ~100k to ~450k faults here)
-    assert got["inside"] < 3_000, got
+    # (0–3,125 faults seen: a block placed anew once); outside, glibc's adaptive thresholds gave
+    # 46k–460k here, and so does this block with the setting off
+    assert got["inside"] < 15_000, got
     # on leaving it, the kept free memory (the working set) is handed back to the system
     assert got["held"] - got["after"] > 40 * 2**20, got
 

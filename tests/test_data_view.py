@@ -240,14 +240,14 @@ def test_default_chunking_bounds_per_sample_gradients(case, monkeypatch):
     """By default a step's per-sample gradients come in memory-bounded chunks; same scores."""
     from captum_explaind.epk import training_set as _train_data
 
-    assert _train_data.sample_chunk(None, 10_000, 1_000_000, torch.float64) == _train_data.GRAD_CHUNK_BYTES // 8_000_000
+    assert _train_data.sample_chunk(None, 10_000, 1_000_000, torch.float64) == _train_data.GRAD_CALL_BYTES // 8_000_000
     assert _train_data.sample_chunk(None, 5, 100, torch.float32) == 5
     assert _train_data.sample_chunk(7, 5, 100, torch.float32) == 7
     model, traj, X, Y, x, dense, lf = case
     whole = TrainingDataInfluence(model, traj, TensorDataset(X, Y), loss_fn=lf).attribute(x, target=1)
     calls = []
     real = _train_data.sample_chunk
-    monkeypatch.setattr(_train_data, "GRAD_CHUNK_BYTES", 1)  # one sample per per-sample-gradient call
+    monkeypatch.setattr(_train_data, "GRAD_CALL_BYTES", 1)  # one sample per per-sample-gradient call
 
     def spy(*a):
         calls.append(real(*a))

@@ -90,7 +90,7 @@ class TrainingDataInfluence(EPKAttribution, DataInfluence):
         label_keys (sequence of str, optional): Mapping entries that are labels, not model
             inputs. Default: ``("labels", "label", "label_ids")``
         train_batch_size (int, optional): training samples per per-sample-gradient call (memory
-            control; also an option). Default: chunks of at most ~256 MiB of gradients.
+            control; also an option). Default: calls of at most ~24 MiB of gradients.
         options (EPKOptions or str, optional), output_fn (Callable, optional), **overrides: how to
             compute and what to explain, as for :class:`~captum_explaind.ExactPathKernel`.
 

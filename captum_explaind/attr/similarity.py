@@ -40,7 +40,7 @@ class PredictionSimilarity(EPKAttribution):
             Default: cross-entropy.
         collate_fn, label_keys: as for :class:`TrainingDataInfluence` (Mapping training items).
         train_batch_size (int, optional): training samples per per-sample-gradient call.
-            Default: a whole step's batch, in chunks of at most ~256 MiB of gradients.
+            Default: a whole step's batch, in calls of at most ~24 MiB of gradients.
         options (EPKOptions or str, optional), output_fn (Callable, optional), **overrides: how to
             compute and what to explain, as for :class:`~captum_explaind.ExactPathKernel`.
 

@@ -81,7 +81,7 @@ class DataView(ViewBase):
         indexing (str): ``"application"`` or ``"gradient"``.
         groups (OrderedDict[str, list[str]] or None): parameter groups for a group axis.
         train_batch_size (int or None): training samples per per-sample-gradient call;
-            ``None``: as many as fit in ~256 MiB of per-sample gradients.
+            ``None``: as many as fit in ~24 MiB of per-sample gradients.
         grads (TrainGrads, optional): how per-sample training gradients are computed; default
             :func:`~captum_explaind.epk.train_grads.select_train_grads` (independent per sample,
             or coupled through train-mode batch statistics when the recording shows them).

@@ -69,7 +69,7 @@ class EPKOptions:
         device (torch.device, str or None): where to compute; ``None``: the model's device.
         batch_size (int or None): test inputs per chunk (memory control). Default: all at once
         train_batch_size (int or None): training samples per per-sample-gradient call (data and
-            similarity views); ``None``: chunks of ~256 MiB of gradients.
+            similarity views); ``None``: calls of ~24 MiB of gradients.
         per_sample (str): per-example gradients by ``"vmap"``, by a ``"loop"`` over examples,
             or ``"auto"`` (vmap, falling back to the loop once — with one warning — for models
             vmap cannot handle, e.g. Hugging Face attention masks). Default: "auto"

@@ -175,7 +175,7 @@ class TrainGrads:
         train (TrainingSet): the training samples by dataset index.
         loss_fn (Callable): per-sample loss ``loss_fn(raw_outputs, target) -> [m]``.
         train_batch_size (int, optional): rows of gradients per call (memory control);
-            ``None``: ~256 MiB of gradients.
+            ``None``: ~24 MiB of gradients.
     """
 
     #: the name :func:`select_train_grads` and ``EPKOptions.train_grads`` use
