@@ -38,9 +38,8 @@ def _parser() -> argparse.ArgumentParser:
                         "pairs, d = 32) that memorizes at about step 800-1,100 (the float summation order "
                         "depends on the thread count) and groks (100 %% test accuracy) at about step 2,200, "
                         "12 s of training and about 2 minutes for the whole demo on 2 free cores; 'paper' is "
-                        "the paper's "
-                        "p = 113 (see benchmarks/grokking.py); 'tiny' is a seconds-long smoke test that does "
-                        "not grok")
+                        "the paper's p = 113 (see benchmarks/grokking.py); 'tiny' is a seconds-long smoke test "
+                        "that does not grok")
     p.add_argument("--out", default=None, help="folder for the trajectory, figures and summary.txt "
                                                "(default: a new temporary folder)")
     p.add_argument("--preset", default="fast", choices=["fast", "balanced", "exact"],

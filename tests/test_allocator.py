@@ -83,6 +83,14 @@ def test_heap_setting_can_be_switched_off(monkeypatch):
     assert allocator._enabled()
 
 
+def test_heap_setting_typo_is_a_named_error(monkeypatch):
+    monkeypatch.setenv("CAPTUM_EXPLAIND_HEAP", "off")
+    with pytest.raises(ValueError, match="CAPTUM_EXPLAIND_HEAP must be 'kept' or 'system', got 'off'"):
+        with allocator.heap_kept():
+            pass
+    assert allocator._depth == 0
+
+
 def test_sweeps_give_the_same_numbers_with_either_heap(tmp_path, monkeypatch):
     X, Y = make_data("vector", 40)
     torch.manual_seed(0)

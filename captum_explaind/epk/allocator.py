@@ -62,7 +62,12 @@ def _glibc() -> Optional[Any]:
 
 
 def _enabled() -> bool:
-    return os.environ.get("CAPTUM_EXPLAIND_HEAP", "kept").strip().lower() != "system"
+    """``CAPTUM_EXPLAIND_HEAP``: ``kept`` (default, also unset or empty) or ``system``; anything
+    else is a ``ValueError`` naming the variable (a typo must not silently keep the default)."""
+    value = os.environ.get("CAPTUM_EXPLAIND_HEAP", "").strip().lower()
+    if value not in ("", "kept", "system"):
+        raise ValueError(f"CAPTUM_EXPLAIND_HEAP must be 'kept' or 'system', got {value!r}")
+    return value != "system"
 
 
 @contextlib.contextmanager
