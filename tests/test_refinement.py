@@ -108,6 +108,14 @@ def test_rows_on_a_segment_match_the_generic_path(cls, kind):
             torch.testing.assert_close(jv[i, k], jvk[0, 0], rtol=0, atol=1e-12)
         gi, _ = fm.selected_grads(th, B.row(i), sel, j[i : i + 1])
         torch.testing.assert_close(g[i], gi[0], rtol=0, atol=1e-12)
+    # restricted to some columns (one whole parameter and part of another, as a layer mask makes):
+    # those entries, then the whole directional derivative ∇f · Δ (the step's check)
+    first, last = layout.slice(names[0]), layout.slice(names[-1])
+    cols = torch.cat([torch.arange(first.start, first.stop), torch.arange(last.start, last.stop)[::2]])
+    gc = fm.grads_on_segment(theta0, delta, t, B, sel, j, columns=cols)
+    assert gc.shape == (5, len(cols) + 1)
+    torch.testing.assert_close(gc[:, :-1], g[:, cols], rtol=0, atol=1e-12)
+    torch.testing.assert_close(gc[:, -1], g @ delta, rtol=0, atol=1e-12)
 
 
 def test_relu_model_with_norms_converges_end_to_end(tmp_path):

@@ -38,7 +38,8 @@ class AffineParameters(TorchFunctionMode):
         delta (dict[str, Tensor]): Δ per parameter.
         t (Tensor): the row's position on the segment (a scalar; batched under ``vmap``).
         extra (dict[str, Tensor], optional): an additional term per parameter (differentiated
-            by ``grad``, or a tangent direction); ``None`` for plain forwards.
+            by ``grad``, or a tangent direction); parameters it leaves out get none; ``None`` for
+            plain forwards.
         scale (Tensor, optional): multiplies ``extra`` (a scalar ``ε`` whose ``jvp`` gives the
             directional derivative along ``extra`` without batching any weight per row).
     """
@@ -60,7 +61,7 @@ class AffineParameters(TorchFunctionMode):
         return x if self.scale is None else self.scale * x
 
     def _parts(self, name: str):
-        extra = None if self.extra is None else self.extra[name]
+        extra = None if self.extra is None else self.extra.get(name)  # parameters without one: none
         return self.delta[name], extra
 
     def __torch_function__(

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import copy
 import warnings
-from typing import Any, Callable, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -25,7 +25,7 @@ from .batch import Batch, batched_dims, lift_rows, take_rows
 from .layout import ParamLayout
 from .outputs import OutputFn, default_output_fn, explained_output
 
-__all__ = ["FunctionalModel"]
+__all__ = ["FunctionalModel", "restrict_columns"]
 
 #: (model class, "examples" | "tangents") for which ``vmap`` was found not to work
 #: (``per_sample="auto"``), with the reason: the fallback is decided once per process and said once,
@@ -266,21 +266,28 @@ class FunctionalModel:
 
     def grads_on_segment(self, theta0: torch.Tensor, delta: torch.Tensor, t: torch.Tensor, batch: Batch,
                          scalar: Callable[[Any, Any], torch.Tensor], extra: Any,
-                         purpose: str = "target", project: Optional[torch.Tensor] = None) -> torch.Tensor:
+                         purpose: str = "target", project: Optional[torch.Tensor] = None,
+                         columns: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Per-example gradients at one point per example: → [n, P] (or [n, K] projected).
 
         ``scalar(raw_output_of_one, extra_row)`` is differentiated (see :meth:`selected_grads`).
         ``project`` ([P, K], optional): return ``grads @ project`` instead — on the shared-weight
         path each parameter's gradient is projected as it comes, never concatenated to [n, P].
+        ``columns`` (ascending indices into P, optional; not with ``project``): return the
+        gradients' entries there and, as the last column, ``grads @ delta`` → [n, |columns| + 1]
+        (a view restricted to a few layers holds only those, yet checks the whole step).
         """
         if self.use_vmap(purpose) and self._use_affine(theta0, delta, batch):
             base, dd = self.layout.split(theta0), self.layout.split(delta)
             zeros = {k: torch.zeros_like(v) for k, v in base.items()}
             ed = batched_dims(extra, batch.n)
             proj = None if project is None else dict(zip(self.layout.names, torch.split(project, self.layout.numels)))
+            local = None if columns is None else self._local_columns(columns)
 
             def one(t_r: torch.Tensor, b: Batch, e: Any) -> torch.Tensor:
                 e = lift_rows(e, ed)
+                if local is not None:
+                    return self._columns_one(base, dd, t_r, b, e, scalar, local)
                 g = grad(lambda ex: scalar(self._affine_raw(base, dd, t_r, b, ex), e))(zeros)
                 if proj is not None:
                     return sum(g[k].reshape(-1) @ proj[k] for k in self.layout.names)
@@ -295,7 +302,42 @@ class FunctionalModel:
                 pass  # fall through to the generic per-row path (it owns the loop fallback)
         thetas = theta0.unsqueeze(0) + t.unsqueeze(1) * delta.unsqueeze(0)
         grads = self.selected_grads(thetas, batch, scalar, extra, purpose)[0]
+        if columns is not None:
+            return restrict_columns(grads, columns, delta)
         return grads if project is None else grads @ project
+
+    def _columns_one(self, base: Dict[str, torch.Tensor], dd: Dict[str, torch.Tensor], t_r: torch.Tensor, b: Batch,
+                     e: Any, scalar: Callable[[Any, Any], torch.Tensor],
+                     local: List[Tuple[str, Optional[torch.Tensor]]]) -> torch.Tensor:
+        """One row of :meth:`grads_on_segment` with ``columns``: the gradient of the parameters
+        holding a column, and ``∇f · Δ`` — the rest of it as the derivative along ``ε Δ_k`` on the
+        other parameters, so their (parameter-sized, per-row) gradients are never formed."""
+        sel = {k for k, _ in local}
+        rest = [k for k in self.layout.names if k not in sel]
+
+        def f(ex: Dict[str, torch.Tensor], eps: torch.Tensor) -> torch.Tensor:
+            extra = dict(ex)
+            extra.update({k: eps * dd[k] for k in rest})
+            return scalar(self._affine_raw(base, dd, t_r, b, extra), e)
+
+        eps0 = torch.zeros((), dtype=t_r.dtype, device=t_r.device)
+        g, g_eps = grad(f, argnums=(0, 1))({k: torch.zeros_like(base[k]) for k in sel}, eps0)
+        check = g_eps + sum((g[k] * dd[k]).sum() for k in sel)
+        kept = [g[k].reshape(-1) if c is None else g[k].reshape(-1)[c] for k, c in local]
+        return torch.cat(kept + [check.reshape(1)])
+
+    def _local_columns(self, columns: torch.Tensor) -> List[Tuple[str, Optional[torch.Tensor]]]:
+        """``columns`` (ascending, into P) per parameter: (name, local indices, or None for all of
+        it), parameters without a selected entry left out — in the layout's (ascending) order."""
+        out: List[Tuple[str, Optional[torch.Tensor]]] = []
+        for k in self.layout.names:
+            sl = self.layout.slice(k)
+            inside = columns[(columns >= sl.start) & (columns < sl.stop)] - sl.start
+            if inside.numel() == sl.stop - sl.start:
+                out.append((k, None))
+            elif inside.numel():
+                out.append((k, inside))
+        return out
 
     def selected_grads(
         self,
@@ -350,6 +392,11 @@ class FunctionalModel:
             grads.append(torch.zeros_like(th) if gi is None else gi)
             vals.append(val.detach())
         return torch.stack(grads), torch.stack(vals)
+
+
+def restrict_columns(grads: torch.Tensor, columns: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    """Gradients [n, P] → their entries at ``columns`` and, last, ``grads @ delta``: [n, |columns| + 1]."""
+    return torch.cat([grads.index_select(1, columns), (grads @ delta).unsqueeze(1)], dim=1)
 
 
 class _AffineUnsupported(RuntimeError):

@@ -19,7 +19,7 @@ from typing import Any, Callable, Optional, Tuple, Union
 import torch
 
 from .batch import Batch
-from .functional import FunctionalModel
+from .functional import FunctionalModel, restrict_columns
 from .kinks import capture_preactivations
 from .segment import Chunk, Segment
 from .target import Target
@@ -36,15 +36,20 @@ def _forward(fm: FunctionalModel, seg: Segment, t: Union[float, torch.Tensor], b
 
 
 def _target_grads(fm: FunctionalModel, seg: Segment, t: Union[float, torch.Tensor], b: Batch,
-                  target: Target, idx: torch.Tensor, project: Optional[torch.Tensor] = None) -> torch.Tensor:
+                  target: Target, idx: torch.Tensor, project: Optional[torch.Tensor] = None,
+                  columns: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Per-example gradients of the selected explained output [m, P] (``idx``: flat indices [m]),
-    or their projections ``grads @ project`` [m, K]."""
+    their projections ``grads @ project`` [m, K], or their entries at ``columns`` followed by
+    ``grads @ Δ_s`` [m, |columns| + 1]."""
     def scalar(raw: Any, i: torch.Tensor) -> torch.Tensor:
         return target.scalar(fm.explain(raw, 1), i)
 
     if isinstance(t, torch.Tensor):
-        return fm.grads_on_segment(seg.theta0, seg.delta, t.to(seg.delta.dtype), b, scalar, idx, project=project)
+        return fm.grads_on_segment(seg.theta0, seg.delta, t.to(seg.delta.dtype), b, scalar, idx, project=project,
+                                   columns=columns)
     grads = fm.selected_grads(seg.point(t), b, scalar, idx)[0]
+    if columns is not None:
+        return restrict_columns(grads, columns, seg.delta)
     return grads if project is None else grads @ project
 
 
@@ -151,17 +156,28 @@ class VjpIntegrand(_Capturing):
 
 
 class JacobianIntegrand(_Capturing):
-    """Jacobian rows of outputs ``outputs[row, j]``; payload [m, J, P], checked: those outputs [m, J]."""
+    """Jacobian rows of outputs ``outputs[row, j]``; payload [m, J, P], checked: those outputs [m, J].
 
-    def __init__(self, fm: FunctionalModel, seg: Segment, chunk: Chunk, outputs: torch.Tensor, sink: Sink) -> None:
+    With ``columns`` (ascending indices into P) the payload holds only those Jacobian columns,
+    [m, J, |columns|]: a similarity restricted to one layer never holds, weights or sums the
+    rest, which at refinement levels of thousands of (input, interval) pairs is most of the work.
+    The check still differentiates along the whole step (``grads @ Δ_s``).
+    """
+
+    def __init__(self, fm: FunctionalModel, seg: Segment, chunk: Chunk, outputs: torch.Tensor, sink: Sink,
+                 columns: Optional[torch.Tensor] = None) -> None:
         self.fm, self.seg, self.chunk, self.outputs, self.sink = fm, seg, chunk, outputs, sink
+        self.columns = columns
 
     def evaluate(self, t: Union[float, torch.Tensor], rows: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         b = self.chunk.take(rows)
         outs = self.outputs[(self.chunk.offset + rows).to(self.outputs.device)]  # [m, J]
         pick = Target(torch.zeros(0, dtype=torch.int64), 0)  # a flat index per row, given per call
-        rows_j = [_target_grads(self.fm, self.seg, t, b, pick, outs[:, j]) for j in range(outs.shape[1])]
+        rows_j = [_target_grads(self.fm, self.seg, t, b, pick, outs[:, j], columns=self.columns)
+                  for j in range(outs.shape[1])]
         payload = torch.stack(rows_j, dim=1)
+        if self.columns is not None:  # the last column is the check, grads @ Δ_s
+            return payload[..., :-1], payload[..., -1]
         return payload, payload @ self.seg.delta
 
     def checked(self, t: Union[float, torch.Tensor], rows: torch.Tensor) -> torch.Tensor:

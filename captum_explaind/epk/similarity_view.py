@@ -90,7 +90,7 @@ class SimilarityView(ViewBase):
         self._decay_at: Dict[int, float] = {}  # window start -> that weight when the window began
         W, J = len(self.windows), outputs.shape[1]
         self.gram = torch.zeros(W, n, n, dtype=dt, device=dev)
-        self._phi: Optional[torch.Tensor] = None  # [n, J, P]
+        self._phi: Optional[torch.Tensor] = None  # [n, J, |Θ|]
         self.exact = torch.zeros(W, n, J, dtype=dt, device=dev)
         self.buffer_change = torch.zeros_like(self.exact)  # output jumps of buffers (BatchNorm statistics)
 
@@ -111,23 +111,22 @@ class SimilarityView(ViewBase):
     def integrand(self, seg: Segment, chunk: Chunk) -> JacobianIntegrand:
         if self._phi is None:
             J = self.outputs.shape[1]
-            self._phi = torch.zeros(self.n, J, self.epk.layout.total, dtype=self.epk.dtype, device=self.epk.device)
+            width = self.epk.layout.total if self.coords is None else len(self.coords)  # Θ's columns only
+            self._phi = torch.zeros(self.n, J, width, dtype=self.epk.dtype, device=self.epk.device)
 
         def sink(rows: torch.Tensor, payload: torch.Tensor) -> None:
             phi = self._phi
             assert phi is not None  # set above for this step; end_step() clears it
             phi.index_add_(0, rows, payload)
 
-        return JacobianIntegrand(self.epk.functional, seg, chunk, self.outputs, sink)
+        return JacobianIntegrand(self.epk.functional, seg, chunk, self.outputs, sink, columns=self.coords)
 
     def end_step(self, seg: Segment, integrated: bool) -> None:
         D = self._train_statistic(seg)  # [|Θ|]
         if integrated:
-            phi = self._phi  # [n, J, P]
+            phi = self._phi  # [n, J, |Θ|] (the integrand kept Θ's columns only)
             assert phi is not None  # integrand() created it for this integrated step
             self._phi = None
-            if self.coords is not None:
-                phi = phi.index_select(2, self.coords)
             flat = (phi * D.sqrt()).reshape(self.n, -1)
             g = flat @ flat.T
             for w in self.windows_of.get(seg.step, ()):
