@@ -18,7 +18,7 @@ guards against silent differences).
 
 from __future__ import annotations
 
-from typing import Any, Dict, Optional, Sequence
+from typing import AbstractSet, Any, Dict, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -40,25 +40,31 @@ class AffineParameters(TorchFunctionMode):
         extra (dict[str, Tensor], optional): an additional term per parameter (differentiated
             by ``grad``, or a tangent direction); parameters it leaves out get none; ``None`` for
             plain forwards.
-        scale (Tensor, optional): multiplies ``extra`` (a scalar ``ε`` whose ``jvp`` gives the
-            directional derivative along ``extra`` without batching any weight per row).
+        scale (Tensor, optional): multiplies ``extra`` (a scalar ``ε`` whose ``jvp`` or ``grad``
+            gives the directional derivative along ``extra`` without batching any weight per row).
+        scaled (set[str], optional): the parameters whose ``extra`` ``scale`` multiplies; ``None``:
+            all. (Gradients by the others' extras, the derivative along the rest by ``ε``.)
     """
 
     def __init__(self, base: Dict[str, torch.Tensor], delta: Dict[str, torch.Tensor], t: torch.Tensor,
-                 extra: Optional[Dict[str, torch.Tensor]] = None, scale: Optional[torch.Tensor] = None) -> None:
+                 extra: Optional[Dict[str, torch.Tensor]] = None, scale: Optional[torch.Tensor] = None,
+                 scaled: Optional[AbstractSet[str]] = None) -> None:
         super().__init__()
         self.names = {id(v): k for k, v in base.items()}
         self.delta = delta
         self.t = t
         self.extra = extra
         self.scale = scale
+        self.scaled = scaled
         self.unsupported: Optional[str] = None
 
     def _name(self, x: Any) -> Optional[str]:
         return self.names.get(id(x)) if isinstance(x, torch.Tensor) else None
 
-    def _scaled(self, x: torch.Tensor) -> torch.Tensor:
-        return x if self.scale is None else self.scale * x
+    def _scaled(self, x: torch.Tensor, name: str) -> torch.Tensor:
+        if self.scale is None or (self.scaled is not None and name not in self.scaled):
+            return x
+        return self.scale * x
 
     def _parts(self, name: str):
         extra = None if self.extra is None else self.extra.get(name)  # parameters without one: none
@@ -82,7 +88,7 @@ class AffineParameters(TorchFunctionMode):
                 out = out + self.t * func(*rest_args, **kwargs)
                 if e is not None:
                     rest_args[1] = e
-                    out = out + self._scaled(func(*rest_args, **kwargs))
+                    out = out + self._scaled(func(*rest_args, **kwargs), name)
                 return out
         if func in _NORMS:
             return self._norm(func, args, kwargs)
@@ -105,7 +111,7 @@ class AffineParameters(TorchFunctionMode):
             d, e = self._parts(wn)
             out = out + self.t * func(x, d, None, *tail, **rest)
             if e is not None:
-                out = out + self._scaled(func(x, e, None, *tail, **rest))
+                out = out + self._scaled(func(x, e, None, *tail, **rest), wn)
         if bn is not None:
             d, e = self._parts(bn)
             shape = [1] * out.dim()
@@ -113,7 +119,7 @@ class AffineParameters(TorchFunctionMode):
             shape[ch] = -1
             out = out + self.t * d.reshape(shape)
             if e is not None:
-                out = out + self._scaled(e.reshape(shape))
+                out = out + self._scaled(e.reshape(shape), bn)
         return out
 
     def _norm(self, func: Any, args: list, kwargs: dict) -> torch.Tensor:
@@ -138,7 +144,7 @@ class AffineParameters(TorchFunctionMode):
                 return p
             d, e = self._parts(name)
             out = p + self.t * d
-            return out if e is None else out + self._scaled(e)
+            return out if e is None else out + self._scaled(e, name)
 
         we, be = eff(w, wn), eff(b, bn)
         if func is F.group_norm:

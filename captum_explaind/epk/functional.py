@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import copy
 import warnings
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import AbstractSet, Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -188,10 +188,10 @@ class FunctionalModel:
     # ------------------------------------------------------------------ rows on one segment
     def _affine_raw(self, base: Dict[str, torch.Tensor], delta: Dict[str, torch.Tensor], t: torch.Tensor,
                     batch: Batch, extra: Optional[Dict[str, torch.Tensor]] = None,
-                    scale: Optional[torch.Tensor] = None) -> Any:
+                    scale: Optional[torch.Tensor] = None, scaled: Optional[AbstractSet[str]] = None) -> Any:
         params = dict(base)
         params.update(self.fixed)
-        with AffineParameters(base, delta, t, extra, scale) as mode:
+        with AffineParameters(base, delta, t, extra, scale, scaled) as mode:
             out = batch.call(self.module, params)
         if mode.unsupported is not None:
             raise _AffineUnsupported(mode.unsupported)
@@ -316,9 +316,11 @@ class FunctionalModel:
         rest = [k for k in self.layout.names if k not in sel]
 
         def f(ex: Dict[str, torch.Tensor], eps: torch.Tensor) -> torch.Tensor:
+            # ε scales the rest's Δ-terms after their operation (ε · linear(x, Δ_k)), so its
+            # gradient is a sum over activations, never a per-row weight gradient
             extra = dict(ex)
-            extra.update({k: eps * dd[k] for k in rest})
-            return scalar(self._affine_raw(base, dd, t_r, b, extra), e)
+            extra.update({k: dd[k] for k in rest})
+            return scalar(self._affine_raw(base, dd, t_r, b, extra, eps, set(rest)), e)
 
         eps0 = torch.zeros((), dtype=t_r.dtype, device=t_r.device)
         g, g_eps = grad(f, argnums=(0, 1))({k: torch.zeros_like(base[k]) for k in sel}, eps0)
