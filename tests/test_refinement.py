@@ -116,6 +116,11 @@ def test_rows_on_a_segment_match_the_generic_path(cls, kind):
     assert gc.shape == (5, len(cols) + 1)
     torch.testing.assert_close(gc[:, :-1], g[:, cols], rtol=0, atol=1e-12)
     torch.testing.assert_close(gc[:, -1], g @ delta, rtol=0, atol=1e-12)
+    # projected on a few directions, one zero on the first parameter (as masked tangents are)
+    proj = torch.randn(theta0.numel(), 3, dtype=torch.float64)
+    proj[first, 1] = 0
+    gp = fm.grads_on_segment(theta0, delta, t, B, sel, j, project=proj)
+    torch.testing.assert_close(gp, g @ proj, rtol=0, atol=1e-12)
 
 
 def test_relu_model_with_norms_converges_end_to_end(tmp_path):

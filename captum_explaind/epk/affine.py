@@ -18,16 +18,36 @@ guards against silent differences).
 
 from __future__ import annotations
 
-from typing import AbstractSet, Any, Dict, Optional, Sequence
+from typing import Any, Dict, NamedTuple, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
-__all__ = ["AffineParameters"]
+__all__ = ["AffineParameters", "Combo"]
 
 _LINEAR_WEIGHT = {F.linear: 1, F.conv1d: 1, F.conv2d: 1, F.conv3d: 1}
 _NORMS = {F.layer_norm: (2, 3), F.group_norm: (2, 3)}
+
+
+class Combo(NamedTuple):
+    """An extra term ``Σ_j coef_j · dirs_j`` applied one direction at a time.
+
+    ``op(x, Σ_j c_j D_j) = Σ_j c_j op(x, D_j)`` for the linear operations: the directions are
+    shared weights, and the derivative by ``coef`` (``grad`` or ``jvp``) is a sum over
+    activations — never a per-row weight gradient. So the projections of a row's gradient on a
+    few directions, or its derivative along one, cost a few shared-weight operations.
+
+    Attributes:
+        coef (Tensor): [K] the coefficients (the differentiated variable).
+        dirs (Tensor): [K, *parameter shape] the directions.
+    """
+
+    coef: torch.Tensor
+    dirs: torch.Tensor
+
+
+Extra = Union[torch.Tensor, Combo]
 
 
 class AffineParameters(TorchFunctionMode):
@@ -37,38 +57,46 @@ class AffineParameters(TorchFunctionMode):
         base (dict[str, Tensor]): the tensors ``functional_call`` passes as parameters (θ_0).
         delta (dict[str, Tensor]): Δ per parameter.
         t (Tensor): the row's position on the segment (a scalar; batched under ``vmap``).
-        extra (dict[str, Tensor], optional): an additional term per parameter (differentiated
-            by ``grad``, or a tangent direction); parameters it leaves out get none; ``None`` for
-            plain forwards.
-        scale (Tensor, optional): multiplies ``extra`` (a scalar ``ε`` whose ``jvp`` or ``grad``
-            gives the directional derivative along ``extra`` without batching any weight per row).
-        scaled (set[str], optional): the parameters whose ``extra`` ``scale`` multiplies; ``None``:
-            all. (Gradients by the others' extras, the derivative along the rest by ``ε``.)
+        extra (dict[str, Tensor or Combo], optional): an additional term per parameter: a tensor
+            (differentiated by ``grad``: the row's gradient) or a :class:`Combo` (its
+            coefficients differentiated: directional derivatives); parameters it leaves out get
+            none; ``None`` for plain forwards.
     """
 
     def __init__(self, base: Dict[str, torch.Tensor], delta: Dict[str, torch.Tensor], t: torch.Tensor,
-                 extra: Optional[Dict[str, torch.Tensor]] = None, scale: Optional[torch.Tensor] = None,
-                 scaled: Optional[AbstractSet[str]] = None) -> None:
+                 extra: Optional[Dict[str, Extra]] = None) -> None:
         super().__init__()
         self.names = {id(v): k for k, v in base.items()}
         self.delta = delta
         self.t = t
         self.extra = extra
-        self.scale = scale
-        self.scaled = scaled
         self.unsupported: Optional[str] = None
 
     def _name(self, x: Any) -> Optional[str]:
         return self.names.get(id(x)) if isinstance(x, torch.Tensor) else None
 
-    def _scaled(self, x: torch.Tensor, name: str) -> torch.Tensor:
-        if self.scale is None or (self.scaled is not None and name not in self.scaled):
-            return x
-        return self.scale * x
-
     def _parts(self, name: str):
         extra = None if self.extra is None else self.extra.get(name)  # parameters without one: none
         return self.delta[name], extra
+
+    @staticmethod
+    def _through(op: Any, e: Extra) -> torch.Tensor:
+        """``op(e)`` for an operation linear in ``e``: one direction at a time for a :class:`Combo`."""
+        if isinstance(e, Combo):
+            out = None
+            for j in range(e.dirs.shape[0]):
+                term = e.coef[j] * op(e.dirs[j])
+                out = term if out is None else out + term
+            assert out is not None  # a Combo holds at least one direction
+            return out
+        return op(e)
+
+    @staticmethod
+    def _dense(e: Extra) -> torch.Tensor:
+        """The extra term as one tensor (small parameters: biases, norm weights)."""
+        if isinstance(e, Combo):
+            return torch.tensordot(e.coef, e.dirs, dims=1)
+        return e
 
     def __torch_function__(
         self, func: Any, types: Any, args: Sequence[Any] = (), kwargs: Optional[Dict[str, Any]] = None
@@ -87,8 +115,11 @@ class AffineParameters(TorchFunctionMode):
                 rest_args[1] = d
                 out = out + self.t * func(*rest_args, **kwargs)
                 if e is not None:
-                    rest_args[1] = e
-                    out = out + self._scaled(func(*rest_args, **kwargs), name)
+                    def emb(weight: torch.Tensor) -> torch.Tensor:
+                        rest_args[1] = weight
+                        return func(*rest_args, **kwargs)
+
+                    out = out + self._through(emb, e)
                 return out
         if func in _NORMS:
             return self._norm(func, args, kwargs)
@@ -111,7 +142,7 @@ class AffineParameters(TorchFunctionMode):
             d, e = self._parts(wn)
             out = out + self.t * func(x, d, None, *tail, **rest)
             if e is not None:
-                out = out + self._scaled(func(x, e, None, *tail, **rest), wn)
+                out = out + self._through(lambda weight: func(x, weight, None, *tail, **rest), e)
         if bn is not None:
             d, e = self._parts(bn)
             shape = [1] * out.dim()
@@ -119,7 +150,7 @@ class AffineParameters(TorchFunctionMode):
             shape[ch] = -1
             out = out + self.t * d.reshape(shape)
             if e is not None:
-                out = out + self._scaled(e.reshape(shape), bn)
+                out = out + self._dense(e).reshape(shape)
         return out
 
     def _norm(self, func: Any, args: list, kwargs: dict) -> torch.Tensor:
@@ -144,7 +175,7 @@ class AffineParameters(TorchFunctionMode):
                 return p
             d, e = self._parts(name)
             out = p + self.t * d
-            return out if e is None else out + self._scaled(e, name)
+            return out if e is None else out + self._dense(e)
 
         we, be = eff(w, wn), eff(b, bn)
         if func is F.group_norm:

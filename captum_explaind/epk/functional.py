@@ -13,14 +13,14 @@ from __future__ import annotations
 
 import copy
 import warnings
-from typing import AbstractSet, Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
 from torch.func import grad, jvp, vmap
 
 from .._compat import functorch_friendly
-from .affine import AffineParameters
+from .affine import AffineParameters, Combo, Extra
 from .batch import Batch, batched_dims, lift_rows, take_rows
 from .layout import ParamLayout
 from .outputs import OutputFn, default_output_fn, explained_output
@@ -187,20 +187,18 @@ class FunctionalModel:
 
     # ------------------------------------------------------------------ rows on one segment
     def _affine_raw(self, base: Dict[str, torch.Tensor], delta: Dict[str, torch.Tensor], t: torch.Tensor,
-                    batch: Batch, extra: Optional[Dict[str, torch.Tensor]] = None,
-                    scale: Optional[torch.Tensor] = None, scaled: Optional[AbstractSet[str]] = None) -> Any:
+                    batch: Batch, extra: Optional[Dict[str, Extra]] = None) -> Any:
         params = dict(base)
         params.update(self.fixed)
-        with AffineParameters(base, delta, t, extra, scale, scaled) as mode:
+        with AffineParameters(base, delta, t, extra) as mode:
             out = batch.call(self.module, params)
         if mode.unsupported is not None:
             raise _AffineUnsupported(mode.unsupported)
         return out
 
     def _affine_call(self, base: Dict[str, torch.Tensor], delta: Dict[str, torch.Tensor], t: torch.Tensor,
-                     batch: Batch, extra: Optional[Dict[str, torch.Tensor]] = None,
-                     scale: Optional[torch.Tensor] = None) -> torch.Tensor:
-        return self.explain(self._affine_raw(base, delta, t, batch, extra, scale), batch.n)
+                     batch: Batch, extra: Optional[Dict[str, Extra]] = None) -> torch.Tensor:
+        return self.explain(self._affine_raw(base, delta, t, batch, extra), batch.n)
 
     def _rows_affine(self, one: Callable[..., torch.Tensor], t: torch.Tensor, batch: Batch,
                      extra_in: Tuple[Any, ...] = (), extra_dims: Tuple[Any, ...] = ()) -> torch.Tensor:
@@ -255,7 +253,11 @@ class FunctionalModel:
         def along(v: Dict[str, torch.Tensor]) -> torch.Tensor:
             # d/dε f(θ_0 + tΔ + εv): the direction is shared by all rows, only ε is dual
             def rows_fn(t_r: torch.Tensor, b: Batch) -> torch.Tensor:
-                return jvp(lambda eps: self._affine_call(base, dd, t_r, b, v, eps)[0], (eps0,), (one_,))[1]
+                def f(eps: torch.Tensor) -> torch.Tensor:
+                    extra: Dict[str, Extra] = {k: Combo(eps.reshape(1), vk.unsqueeze(0)) for k, vk in v.items()}
+                    return self._affine_call(base, dd, t_r, b, extra)[0]
+
+                return jvp(f, (eps0,), (one_,))[1]
 
             return self._rows_affine(rows_fn, t, batch)
 
@@ -281,16 +283,16 @@ class FunctionalModel:
             base, dd = self.layout.split(theta0), self.layout.split(delta)
             zeros = {k: torch.zeros_like(v) for k, v in base.items()}
             ed = batched_dims(extra, batch.n)
-            proj = None if project is None else dict(zip(self.layout.names, torch.split(project, self.layout.numels)))
+            dirs = None if project is None else self._directions(project)
             local = None if columns is None else self._local_columns(columns)
 
             def one(t_r: torch.Tensor, b: Batch, e: Any) -> torch.Tensor:
                 e = lift_rows(e, ed)
                 if local is not None:
                     return self._columns_one(base, dd, t_r, b, e, scalar, local)
+                if dirs is not None:
+                    return self._projected_one(base, dd, t_r, b, e, scalar, dirs, project.shape[1])
                 g = grad(lambda ex: scalar(self._affine_raw(base, dd, t_r, b, ex), e))(zeros)
-                if proj is not None:
-                    return sum(g[k].reshape(-1) @ proj[k] for k in self.layout.names)
                 return torch.cat([g[k].reshape(-1) for k in self.layout.names])
 
             try:
@@ -318,15 +320,38 @@ class FunctionalModel:
         def f(ex: Dict[str, torch.Tensor], eps: torch.Tensor) -> torch.Tensor:
             # ε scales the rest's Δ-terms after their operation (ε · linear(x, Δ_k)), so its
             # gradient is a sum over activations, never a per-row weight gradient
-            extra = dict(ex)
-            extra.update({k: dd[k] for k in rest})
-            return scalar(self._affine_raw(base, dd, t_r, b, extra, eps, set(rest)), e)
+            extra: Dict[str, Extra] = dict(ex)
+            extra.update({k: Combo(eps.reshape(1), dd[k].unsqueeze(0)) for k in rest})
+            return scalar(self._affine_raw(base, dd, t_r, b, extra), e)
 
         eps0 = torch.zeros((), dtype=t_r.dtype, device=t_r.device)
         g, g_eps = grad(f, argnums=(0, 1))({k: torch.zeros_like(base[k]) for k in sel}, eps0)
         check = g_eps + sum((g[k] * dd[k]).sum() for k in sel)
         kept = [g[k].reshape(-1) if c is None else g[k].reshape(-1)[c] for k, c in local]
         return torch.cat(kept + [check.reshape(1)])
+
+    def _directions(self, project: torch.Tensor) -> Dict[str, Tuple[torch.Tensor, torch.Tensor]]:
+        """``project`` [P, K] per parameter: (which of the K columns touch it, those columns as
+        directions [k, *shape]); parameters no column touches are left out."""
+        out: Dict[str, Tuple[torch.Tensor, torch.Tensor]] = {}
+        for k, shape in zip(self.layout.names, self.layout.shapes):
+            block = project[self.layout.slice(k)].T  # [K, numel]
+            nz = (block != 0).any(dim=1).nonzero().reshape(-1)
+            if nz.numel():
+                out[k] = (nz, block.index_select(0, nz).reshape(len(nz), *shape))
+        return out
+
+    def _projected_one(self, base: Dict[str, torch.Tensor], dd: Dict[str, torch.Tensor], t_r: torch.Tensor,
+                       b: Batch, e: Any, scalar: Callable[[Any, Any], torch.Tensor],
+                       dirs: Dict[str, Tuple[torch.Tensor, torch.Tensor]], K: int) -> torch.Tensor:
+        """One row of :meth:`grads_on_segment` with ``project``: ``∇f · project`` [K] as the
+        gradient by ε of ``f(θ(t) + Σ_j ε_j project[:, j])`` — each direction applied through the
+        operations as a shared weight, so no per-row parameter-sized gradient is formed."""
+        def f(eps: torch.Tensor) -> torch.Tensor:
+            extra: Dict[str, Extra] = {k: Combo(eps.index_select(0, nz), d) for k, (nz, d) in dirs.items()}
+            return scalar(self._affine_raw(base, dd, t_r, b, extra), e)
+
+        return grad(f)(torch.zeros(K, dtype=t_r.dtype, device=t_r.device))
 
     def _local_columns(self, columns: torch.Tensor) -> List[Tuple[str, Optional[torch.Tensor]]]:
         """``columns`` (ascending, into P) per parameter: (name, local indices, or None for all of
