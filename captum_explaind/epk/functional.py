@@ -284,6 +284,7 @@ class FunctionalModel:
             zeros = {k: torch.zeros_like(v) for k, v in base.items()}
             ed = batched_dims(extra, batch.n)
             dirs = None if project is None else self._directions(project)
+            n_proj = 0 if project is None else project.shape[1]
             local = None if columns is None else self._local_columns(columns)
 
             def one(t_r: torch.Tensor, b: Batch, e: Any) -> torch.Tensor:
@@ -291,7 +292,7 @@ class FunctionalModel:
                 if local is not None:
                     return self._columns_one(base, dd, t_r, b, e, scalar, local)
                 if dirs is not None:
-                    return self._projected_one(base, dd, t_r, b, e, scalar, dirs, project.shape[1])
+                    return self._projected_one(base, dd, t_r, b, e, scalar, dirs, n_proj)
                 g = grad(lambda ex: scalar(self._affine_raw(base, dd, t_r, b, ex), e))(zeros)
                 return torch.cat([g[k].reshape(-1) for k in self.layout.names])
 
