@@ -44,6 +44,11 @@ def _target_grads(fm: FunctionalModel, seg: Segment, t: Union[float, torch.Tenso
     def scalar(raw: Any, i: torch.Tensor) -> torch.Tensor:
         return target.scalar(fm.explain(raw, 1), i)
 
+    if not isinstance(t, torch.Tensor) and (project is not None or columns is not None):
+        # a shared point too: projections and column subsets are cheaper on the segment path,
+        # which never forms a row's whole gradient (Fig. 3a at p = 113: most of a late step's
+        # time was its base pass of whole per-row gradients)
+        t = torch.full((b.n,), float(t), dtype=seg.delta.dtype, device=seg.delta.device)
     if isinstance(t, torch.Tensor):
         return fm.grads_on_segment(seg.theta0, seg.delta, t.to(seg.delta.dtype), b, scalar, idx, project=project,
                                    columns=columns)
