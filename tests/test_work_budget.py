@@ -67,3 +67,44 @@ def test_budget_changes_nothing_where_refinement_converges(tmp_path):
     assert bounded.unconverged == free.unconverged == 0
     torch.testing.assert_close(bounded.kernel, free.kernel, rtol=0, atol=0)
     assert bounded.max_abs_delta() < 1e-9
+
+
+class _OffsetIntegrand:
+    """Row 0's integrand misses its exact change by 1e-3 per unit of t (it can never converge);
+    the others integrate ``f(t) = t²`` exactly. Counts the integrand rows evaluated per input."""
+
+    def __init__(self, m: int) -> None:
+        self.rows_of = torch.zeros(m, dtype=torch.int64)
+
+    def evaluate(self, t, rows):
+        t = torch.full((len(rows),), float(t), dtype=torch.float64) if not isinstance(t, torch.Tensor) else t
+        self.rows_of += torch.bincount(rows, minlength=len(self.rows_of))
+        g = (2 * t + 1e-3 * (rows == 0)).unsqueeze(1)
+        return g, g
+
+    def checked(self, t, rows):
+        t = torch.full((len(rows),), float(t), dtype=torch.float64) if not isinstance(t, torch.Tensor) else t
+        return (t * t).unsqueeze(1)
+
+    def accumulate(self, rows, payload):
+        pass
+
+
+def _row0_work(m: int, budget: int) -> int:
+    from captum_explaind.epk.integrator import integrate_step
+
+    integrand = _OffsetIntegrand(m)
+    f0, f1 = torch.zeros(m, 1, dtype=torch.float64), torch.ones(m, 1, dtype=torch.float64)
+    stats = integrate_step(integrand, f0, f1, rule="gauss", nodes=4, tol=torch.full((m,), 1e-10, dtype=torch.float64),
+                           noise=torch.zeros(m, dtype=torch.float64), control=True, max_depth=40, max_points=budget)
+    assert stats.unconverged == 1 and stats.unconverged_rows.tolist() == [0]  # only the input that cannot converge
+    assert (integrand.rows_of[1:] == 4).all()  # the others: the base rule, nothing more
+    return int(integrand.rows_of[0])
+
+
+def test_budget_is_per_input_not_pooled():
+    # An input that cannot converge stops at its own budget, whatever shares its chunk: pooled, it
+    # took the budget of every input beside it (a p = 113 Grokking step: 15 minutes).
+    alone, among = _row0_work(1, 64), _row0_work(8, 64)
+    assert alone == among
+    assert 64 <= alone <= 3 * 64  # stopped within about one level of its budget

@@ -323,15 +323,11 @@ class ExactPathKernel:
                 stats: StepStats = integrate_step(
                     view.integrand(seg, ch), c0, c1, rule=o.quadrature, nodes=o.nodes, tol=tol, noise=noise,
                     control=o.refine, max_depth=o.max_depth, max_rows=self._refine_rows,
-                    max_points=self._budget(ch.n),
+                    max_points=self.options.max_evaluations,
                 )
             except checks.IntegrandNonFinite as err:
                 raise checks.integrand_error(err, seg.step, ch.offset) from None
             log.add(seg.step, ch, stats)
-
-    def _budget(self, n: int) -> Optional[int]:
-        """The work budget of one step for a chunk of ``n`` inputs (integrand rows), or None."""
-        return None if self.options.max_evaluations is None else self.options.max_evaluations * n
 
     def _bar(self, total: int, view: SweepView, desc: str, show_progress: Optional[bool]) -> tqdm:
         show = self.options.show_progress if show_progress is None else show_progress

@@ -60,7 +60,7 @@ class EPKOptions:
         atol (float): absolute per-step tolerance added to it. Default: 0
         max_depth (int): maximum refinement levels of one step. Default: 40
         max_evaluations (int or None): work budget: integrand evaluations per input and step
-            (pooled over the inputs of a chunk) beyond which refinement stops; the error left is
+            beyond which that input's refinement stops (the others go on); the error left is
             in the delta and the pairs above tolerance are counted (``stats.unconverged``) and
             warned about. ``None``: unbounded (up to ``max_depth`` levels, each of which can
             double the work).
