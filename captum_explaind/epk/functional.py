@@ -303,7 +303,9 @@ class FunctionalModel:
                 raise
             except Exception:
                 pass  # fall through to the generic per-row path (it owns the loop fallback)
-        thetas = theta0.unsqueeze(0) + t.unsqueeze(1) * delta.unsqueeze(0)
+        # one shared point (the rule's nodes): one θ, not one parameter vector per row
+        shared = len(t) > 0 and bool((t == t[0]).all())
+        thetas = theta0 + t[0] * delta if shared else theta0.unsqueeze(0) + t.unsqueeze(1) * delta.unsqueeze(0)
         grads = self.selected_grads(thetas, batch, scalar, extra, purpose)[0]
         if columns is not None:
             return restrict_columns(grads, columns, delta)

@@ -325,12 +325,11 @@ def _payload_kept(integrand: StepIntegrand, pairs: _Pairs, keep: torch.Tensor,
     return calls
 
 
-def _accepted(err: torch.Tensor, pairs: _Pairs, acc_err: torch.Tensor, tol: torch.Tensor, noise: torch.Tensor,
-              final: bool) -> torch.Tensor:
-    """Which pairs are final [p]: all at the last level; else those within their share of the
-    tolerance, and all pairs of an input whose errors (accepted and this level's) sum within it."""
-    if final:
-        return torch.ones_like(err, dtype=torch.bool)
+def _accepted(err: torch.Tensor, pairs: _Pairs, acc_err: torch.Tensor, tol: torch.Tensor,
+              noise: torch.Tensor) -> torch.Tensor:
+    """Which pairs converged [p]: those within their share of the tolerance, and all pairs of an
+    input whose errors (accepted and this level's) sum within it. (Pairs stopped by ``max_depth``
+    or the work budget are kept by the caller, as unconverged.)"""
     rows = pairs.rows
     level_err = torch.zeros_like(acc_err).index_add_(0, rows, err)
     done = (acc_err + level_err) <= tol + noise
@@ -519,7 +518,7 @@ def integrate_step(
     while True:
         err = (total - (pairs.fb - pairs.fa)).abs().amax(dim=1)
         final = (not control) or depth >= max_depth
-        keep = _accepted(err, pairs, acc_err, tol, noise, False)
+        keep = _accepted(err, pairs, acc_err, tol, noise)
         spent = (points >= max_points)[pairs.rows] if max_points is not None else torch.zeros_like(keep)
         forced = ~keep & (spent | final)
         if control:
