@@ -78,9 +78,13 @@ def data_views(model: nn.Module, traj, X: torch.Tensor, Y: torch.Tensor, x: torc
     out["data_one.grad_scale"] = torch.tensor(list(one.grad_scale.values()))
     # application windows (momentum carries credit across them: the sweep runs past the first),
     # parameter groups, and the forward-mode training side (split by test rows, not samples)
-    da = tdi.explain(x, target=y, steps=[range(2, 4), range(6, traj.num_steps + 1)], layers=["fc1", "fc2"])
+    # (overlapping: step 3 lies in two windows, one sweep serves both)
+    da = tdi.explain(x, target=y, steps=[range(2, 4), range(3, 5), range(6, traj.num_steps + 1)], layers=["fc1", "fc2"])
     for k in ("scores", "regularization", "residual"):
         out[f"data_app.{k}"] = getattr(da, k)
+    assert da.per_window is not None
+    # (the per-window residuals and deltas are round-off here: no relative comparison)
+    out.update({f"data_app.window_{k}": da.per_window[k] for k in ("regularization", "change")})
     # a group leaving fc1 out: per-sample gradients of fc2 only, fc1's share in `other`
     dp = tdi.explain(x, target=y, steps=[range(2, 4), range(6, traj.num_steps + 1)], layers={"dec": "fc2"})
     for k in ("scores", "other", "residual"):
@@ -97,8 +101,11 @@ def data_pair_views(model: nn.Module, traj, X: torch.Tensor, Y: torch.Tensor, x:
     tdi = TrainingDataInfluence(model, traj, TensorDataset(X, Y), nll)
     d = tdi.explain(x, target=y)
     out = {f"data.{k}": getattr(d, k) for k in ("scores", "regularization", "residual", "change", "delta")}
-    da = tdi.explain(x, target=y, steps=[range(2, 4), range(6, traj.num_steps + 1)], layers=["fc1", "fc2"])
+    da = tdi.explain(x, target=y, steps=[range(2, 4), range(3, 5), range(6, traj.num_steps + 1)], layers=["fc1", "fc2"])
     out.update({f"data_app.{k}": getattr(da, k) for k in ("scores", "regularization", "residual")})
+    assert da.per_window is not None
+    # (the per-window residuals and deltas are round-off here: no relative comparison)
+    out.update({f"data_app.window_{k}": da.per_window[k] for k in ("regularization", "change")})
     return out
 
 
@@ -175,7 +182,7 @@ def polyline_views(traj_path: str, X: torch.Tensor, Y: torch.Tensor) -> Dict[str
     warnings.filterwarnings("ignore", message=".*residual")  # the approximation, reported in the residual
     traj = Trajectory.open(traj_path)
     d = TrainingDataInfluence(TanhMLP().double(), traj, TensorDataset(X, Y), nll, polyline=True).explain(
-        X[:3], target=Y[:3], steps=[range(1, 3), range(3, traj.num_steps + 1)], layers=["fc1", "fc2"])
+        X[:3], target=Y[:3], steps=[range(1, 3), range(2, 4), range(3, traj.num_steps + 1)], layers=["fc1", "fc2"])
     out = {f"polyline.{k}": getattr(d, k) for k in ("scores", "regularization", "residual", "change")}
     part = TrainingDataInfluence(TanhMLP().double(), traj, TensorDataset(X, Y), nll, polyline=True).explain(
         X[:3], target=Y[:3], steps=[range(1, 3), range(3, traj.num_steps + 1)], layers=["fc2"])

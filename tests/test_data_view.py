@@ -114,6 +114,37 @@ def test_windows_in_both_indexings_equal_their_definitions(case):
     torch.testing.assert_close(late, bf.window_per_sample(dense, 5, 7)[q, :, target], rtol=0, atol=ATOL)
 
 
+def test_overlapping_windows_share_one_sweep(case):
+    # application indexing: a step in two windows credits both; each window of the list decomposes
+    # its own change exactly as a call for that window alone (and as the brute-force reference)
+    model, traj, X, Y, x, dense, lf = case
+    tdi = TrainingDataInfluence(model, traj, TensorDataset(X, Y), loss_fn=lf)
+    windows = [range(2, 5), range(4, 8), range(1, 8), range(6, 7)]
+    q = torch.arange(4)
+    target = torch.tensor([2, 0, 1, 1])
+    both = tdi.explain(x, target=target, steps=windows, layers=["fc1"])
+    assert both.per_window is not None and both.scores.shape == (4, len(X), 4, 1)
+    change = (dense["fN"] - dense["f0"])[q, target]
+    for w, r in enumerate(windows):
+        one = tdi.explain(x, target=target, steps=r, layers=["fc1"])
+        part = both.window(w)
+        assert part.windows == [r] and part.scores.shape == one.scores.shape
+        for name in ("scores", "other", "regularization", "residual", "change", "delta", "buffers"):
+            torch.testing.assert_close(getattr(part, name), getattr(one, name), rtol=0, atol=ATOL, msg=name)
+        full = tdi.attribute(x, target=target, steps=r)
+        ref = bf.window_per_sample(dense, r.start, r.stop - 1)[q, :, target]
+        torch.testing.assert_close(full, ref, rtol=0, atol=ATOL)
+        total = part.scores.sum((1, 2)) + part.other + part.regularization + part.residual + part.buffers
+        torch.testing.assert_close(total + part.delta, part.change, rtol=0, atol=1e-13)
+    # the whole run's window reaches the true change; totals are the sums over the windows
+    torch.testing.assert_close(both.window(2).change, change, rtol=0, atol=1e-13)
+    torch.testing.assert_close(both.change, both.per_window["change"].sum(1), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="per-window"):
+        tdi.explain(x, target=target, steps=range(1, 8)).window(0)
+    with pytest.raises(IndexError, match="out of range"):
+        both.window(4)
+
+
 def test_layers_split_the_scores(case):
     model, traj, X, Y, x, dense, lf = case
     tdi = TrainingDataInfluence(model, traj, TensorDataset(X, Y), loss_fn=lf)

@@ -177,7 +177,9 @@ class TrainingDataInfluence(EPKAttribution, DataInfluence):
                 replayed batch gradient — with independent samples only the grouped parameters'
                 per-sample gradients are formed, so a small group, e.g. the last layer, is cheap).
             steps (int, range, slice or list, optional): restrict to a window of steps, or give
-                several windows (a window axis after the training axis). Default: all steps
+                several windows (a window axis after the training axis; with application indexing
+                they may overlap, one sweep serves them all, and ``result.window(k)`` is window k's
+                own decomposition). Default: all steps
             indexing (str, optional): ``"application"`` (default; the paper's): a window holds
                 the updates *applied* in it, including momentum-carried gradients of earlier
                 steps; ``"gradient"``: a window holds the gradients *computed* in it, credited for

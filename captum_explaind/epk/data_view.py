@@ -17,7 +17,9 @@ step i. One backward sweep over the steps keeps one accumulator ``A`` per test i
 Windows of *application* steps (the paper's indexing) use one accumulator per window,
 ``A^W_i = [i ∈ W] e_i η_i D_i φ_i + β_{i+1} A^W_{i+1}`` (MATH.md §9): gradients computed before
 a window still receive credit inside it through momentum, so the sweep runs past the window until
-the accumulator has decayed below round-off. Windows of *gradient* steps route each step's
+the accumulator has decayed below round-off. Such windows may overlap: a step in two windows
+feeds both accumulators, and every visited step's per-sample gradients serve all windows at
+once (each window's parts are kept apart, so it decomposes its own change). Windows of *gradient* steps route each step's
 scores, computed with the full accumulator, to the window holding that step.
 
 The global gradient scale ``c_i`` (clipping, loss scaling, accumulation) is measured at replay:
@@ -117,12 +119,14 @@ class DataView(ViewBase):
         self.windows, self.indexing = windows, indexing
         self.train_batch_size = train_batch_size
         dev, dt = epk.device, epk.dtype
-        self.window_of: Dict[int, int] = {}
+        # application indexing: windows may overlap (a step in two windows credits both; one sweep
+        # serves them all); gradient indexing: they partition the steps
+        self.windows_of: Dict[int, List[int]] = {}
         for w, r in enumerate(windows):
             for s in r:
-                if s in self.window_of:
-                    raise ValueError(f"step windows overlap at step {s}")
-                self.window_of[s] = w
+                if s in self.windows_of and indexing != "application":
+                    raise ValueError(f"step windows overlap at step {s} (indexing={indexing!r} needs disjoint windows)")
+                self.windows_of.setdefault(s, []).append(w)
         layout = epk.layout
         if groups is None:
             self.group_slices = [[slice(0, layout.total)]]
@@ -142,9 +146,10 @@ class DataView(ViewBase):
             inner if (self.uncovered and type(inner) is IndependentGrads and epk.options.train_jvp is not True)
             else None)
         self.regularization = torch.zeros(n, W, dtype=dt, device=dev)
-        self.path = torch.zeros(n, dtype=dt, device=dev)  # Σ_s φ_s·Δ_s over integrated steps
-        self.exact = torch.zeros(n, dtype=dt, device=dev)  # Σ_s f(θ_s) − f(θ_{s−1}) over them
-        self.buffers = torch.zeros(n, dtype=dt, device=dev)  # output jumps of buffers moved after them
+        # per window (a step counts in each window holding it):
+        self.path = torch.zeros(n, W, dtype=dt, device=dev)  # Σ_s φ_s·Δ_s over integrated steps
+        self.exact = torch.zeros(n, W, dtype=dt, device=dev)  # Σ_s f(θ_s) − f(θ_{s−1}) over them
+        self.buffers = torch.zeros(n, W, dtype=dt, device=dev)  # output jumps of buffers moved after them
         self.grad_scale: Dict[int, float] = {}
         self.first_window_step = min(r.start for r in windows)
         self.last = max(r.stop - 1 for r in windows) if indexing == "application" else epk.num_steps
@@ -196,7 +201,7 @@ class DataView(ViewBase):
     @property
     def integrate_steps(self) -> List[int]:
         if self.indexing == "application":
-            return sorted(self.window_of)
+            return sorted(self.windows_of)
         return list(range(self.first_window_step, self.epk.num_steps + 1))
 
     # ------------------------------------------------------------------ sweep protocol
@@ -204,11 +209,21 @@ class DataView(ViewBase):
         return self.target.select(out, chunk.offset + rows).unsqueeze(1)
 
     def step_change(self, step: int, chunk: Chunk, c0: torch.Tensor, c1: torch.Tensor) -> None:
-        self.exact[chunk.offset : chunk.offset + chunk.n] += (c1 - c0)[:, 0]
+        self._to_windows(self.exact, step, slice(chunk.offset, chunk.offset + chunk.n), (c1 - c0)[:, 0])
 
     def buffer_jump(self, step: int, chunk: Chunk, jump: torch.Tensor) -> None:
         rows = torch.arange(chunk.n, device=jump.device)
-        self.buffers[chunk.offset : chunk.offset + chunk.n] += self.target.select(jump, chunk.offset + rows)
+        self._to_windows(self.buffers, step, slice(chunk.offset, chunk.offset + chunk.n),
+                         self.target.select(jump, chunk.offset + rows))
+
+    def _to_windows(self, acc: torch.Tensor, step: int, rows: slice, value: torch.Tensor) -> None:
+        """Add ``value`` (per input of ``rows``) to ``acc[rows, w]`` for every window ``w`` holding ``step``
+        (every integrated step is in one: application indexing integrates the windows' steps, gradient
+        indexing the steps from the first window's on, which the windows partition)."""
+        ws = self.windows_of.get(step)
+        assert ws, f"step {step} was integrated but lies in no window"
+        for w in ws:
+            acc[rows, w] += value
 
     def integrand(self, seg: Segment, chunk: Chunk) -> VjpIntegrand:
         if self._phi is None:
@@ -235,7 +250,7 @@ class DataView(ViewBase):
             self._phi = None
             pre = co.precond if co.precond is not None else 1.0
             ephi = co.lr * pre * phi  # η_s D_s φ_s
-            self.path[self._lo : self._hi] += phi @ seg.delta
+            self._to_windows(self.path, seg.step, slice(self._lo, self._hi), phi @ seg.delta)
         if self._stored is not None:  # split by steps: the test side needs the carry from later ranks
             self._decoupled(seg, phi)
             self._stored.append((self._kept_segment(seg), ephi))
@@ -289,23 +304,25 @@ class DataView(ViewBase):
             for w in list(self._acc):
                 assert beta_next is not None  # accumulators exist only after a (later) step set _beta_next
                 self._acc[w] = self._acc[w] * beta_next
-            w0 = self.window_of.get(s)
-            z_term: Union[torch.Tensor, float] = 0.0  # z_s η_s D_s φ_s, in T of the step's own window only
-            if w0 is not None:
+            own = self.windows_of.get(s, [])  # the windows holding step s (several where they overlap)
+            z_term: Union[torch.Tensor, float] = 0.0  # z_s η_s D_s φ_s, in T of the step's own windows only
+            if own:
                 assert ephi is not None  # application indexing integrates every step of the windows
                 fresh = co.e * ephi
-                self._acc[w0] = fresh if w0 not in self._acc else self._acc[w0] + fresh
+                for w0 in own:  # out-of-place updates only: the windows may share `fresh`
+                    self._acc[w0] = fresh if w0 not in self._acc else self._acc[w0] + fresh
                 z_term = co.z * ephi
             sizes = self._acc_sizes()
             for w, acc in list(self._acc.items()):
                 peak = max(self._peak.get(w, 0.0), sizes[w])
                 self._peak[w] = peak
-                if keep_all and w != w0 and sizes[w] == 0.0:
+                mine = w in own
+                if keep_all and not mine and sizes[w] == 0.0:
                     continue  # nothing carried into this window yet (no momentum): no credit
-                if not keep_all and w != w0 and s < self.windows[w].start and sizes[w] <= self._tiny * peak:
+                if not keep_all and not mine and s < self.windows[w].start and sizes[w] <= self._tiny * peak:
                     del self._acc[w]  # decayed below round-off: nothing earlier can reach it
                     continue
-                T[w] = co.h * acc + (z_term if w == w0 else 0.0)
+                T[w] = co.h * acc + (z_term if mine else 0.0)
         else:
             # gradient indexing: the windows partition 1..N, so every visited step is integrated
             assert ephi is not None
@@ -315,8 +332,7 @@ class DataView(ViewBase):
             else:
                 assert beta_next is not None  # _full was started by a (later) step, which set _beta_next
                 self._full = fresh + beta_next * self._full
-            w0 = self.window_of.get(s)
-            if w0 is not None:
+            for w0 in self.windows_of.get(s, []):  # one: the windows partition the steps
                 T[w0] = co.h * self._full + co.z * ephi
         # --- regularization: coupled decay rides the accumulators (decoupled decay: _decoupled)
         if bool((co.decay_coupled != 0).any()):
@@ -327,11 +343,11 @@ class DataView(ViewBase):
             self._score_batch(seg, T)
 
     def _decoupled(self, seg: Segment, phi: Optional[torch.Tensor]) -> None:
-        """Decoupled decay enters directly: ``−η_s φ_s·(λ θ_{s−1})`` in the step's own window."""
+        """Decoupled decay enters directly: ``−η_s φ_s·(λ θ_{s−1})`` in the step's own window(s)."""
         co = seg.coeffs
-        w_app = self.window_of.get(seg.step)
-        if phi is not None and w_app is not None and bool((co.decay_decoupled != 0).any()):
-            self.regularization[self._lo : self._hi, w_app] -= (co.lr * phi) @ (co.decay_decoupled * seg.theta0)
+        if phi is not None and seg.step in self.windows_of and bool((co.decay_decoupled != 0).any()):
+            self._to_windows(self.regularization, seg.step, slice(self._lo, self._hi),
+                             -((co.lr * phi) @ (co.decay_decoupled * seg.theta0)))
 
     def finish_shard(self) -> None:
         """Split by steps: exchange the reverse-time carries between the ranks' blocks, then run
@@ -356,8 +372,7 @@ class DataView(ViewBase):
                 local *= beta_next
                 prod *= beta_next
             if ephi is not None:
-                k = self.window_of.get(seg.step) if self.indexing == "application" else 0
-                if k is not None:
+                for k in (self.windows_of.get(seg.step, []) if self.indexing == "application" else [0]):
                     local[k] += seg.coeffs.e * ephi
             beta_next = seg.coeffs.beta * torch.ones(P, dtype=dt, device=dev)
         first_beta = beta_next if beta_next is not None else torch.ones(P, dtype=dt, device=dev)
@@ -432,15 +447,23 @@ class DataView(ViewBase):
     def result(self, stats: SweepStats, multi: bool) -> DataDecomposition:
         """Scores (window axis kept for a window list, group axis for ``layers``) and the parts beside them."""
         scores, other = self.scores, self.other
-        reg = self.regularization.sum(dim=1)
-        residual = self.path - scores.sum(dim=(1, 2, 3)) - other.sum(dim=1) - reg
+        # every part per window ([n, W]; a step in two overlapping windows counts in both), the
+        # totals their sums over the windows
+        parts = {"regularization": self.regularization,
+                 "residual": self.path - scores.sum(dim=(1, 3)) - other - self.regularization,
+                 "change": self.exact + self.buffers, "delta": self.exact - self.path, "buffers": self.buffers}
+        # per window only where a window's scores decompose its own change: application indexing
+        # (gradient indexing credits a window's gradients for updates applied in later windows)
+        per_window = parts if multi and self.indexing == "application" else None
         if not multi:
             scores, other = scores[:, :, 0], other[:, 0]
         if self.group_names is None:
             scores = scores[..., 0]
+        totals = {k: v.sum(dim=1) for k, v in parts.items()}
         out = DataDecomposition(
-            scores=scores, other=other, regularization=reg, residual=residual, change=self.exact + self.buffers,
-            delta=self.exact - self.path, buffers=self.buffers, train_grads=self.grads.name,
+            scores=scores, other=other, regularization=totals["regularization"], residual=totals["residual"],
+            change=totals["change"], delta=totals["delta"], buffers=totals["buffers"], per_window=per_window,
+            train_grads=self.grads.name,
             grad_scale=dict(sorted(self.grad_scale.items())), windows=list(self.windows), indexing=self.indexing,
             groups=self.group_names, train_indices=torch.arange(self.train.n), stats=stats,
             options=self.epk.options.to_dict(),
@@ -543,7 +566,7 @@ class PolylineDataView(DataView):
         return 3  # φ, its copy for the training side, the test direction
 
     def run(self, batch: Batch, show_progress: Optional[bool] = None) -> SweepStats:
-        return self.epk.sweep_reverse(batch, self, last=self.last, integrate=sorted(self.window_of),
+        return self.epk.sweep_reverse(batch, self, last=self.last, integrate=sorted(self.windows_of),
                                       need_precond=False, desc="training data (polyline)",
                                       show_progress=show_progress)
 
@@ -558,27 +581,27 @@ class PolylineDataView(DataView):
         return None
 
     def end_step(self, seg: Segment, integrated: bool) -> None:
-        w = self.window_of.get(seg.step)
-        if not integrated or w is None:
+        if not integrated or seg.step not in self.windows_of:
             return
         phi = self._phi if self._phi is not None else self._zeros_rows()  # a rank without test inputs: zeros
         self._phi = None
         rows = slice(self._lo, self._hi)
-        self.path[rows] += phi @ seg.delta
+        self._to_windows(self.path, seg.step, rows, phi @ seg.delta)
         reg = seg.coeffs.reg  # the recorded regularization sum of the macro-step (or None: no decay)
         kernel = seg.delta if reg is None else seg.delta - reg
         if reg is not None:
-            self.regularization[rows, w] += phi @ reg
+            self._to_windows(self.regularization, seg.step, rows, phi @ reg)
         idx, dots, drows, g_rep = self._project(seg.record, seg.theta0, phi.unsqueeze(0), self._tensor_slices)
         if not bool(torch.isfinite(g_rep).all()):
             checks.note_replay(self, seg.record, g_rep, 1.0)  # NaN/inf training gradients: the named error
         a = self._fit(kernel, g_rep)
         self.fit_scale[seg.step] = a
         contrib = -(dots[0] * a) @ self._member  # [rows, m, G]
-        self.scores[drows, :, w, :].index_add_(1, idx.to(self.scores.device), contrib)
-        if self.uncovered:  # the tensors in no group: their share of the fit, summed over the samples
-            outside = 1.0 - self._member.amax(dim=1)
-            self.other[drows, w] += (-(dots[0] * a) @ outside).sum(dim=1)
+        outside = 1.0 - self._member.amax(dim=1)
+        for w in self.windows_of[seg.step]:
+            self.scores[drows, :, w, :].index_add_(1, idx.to(self.scores.device), contrib)
+            if self.uncovered:  # the tensors in no group: their share of the fit, summed over the samples
+                self.other[drows, w] += (-(dots[0] * a) @ outside).sum(dim=1)
 
     def _fit(self, kernel: torch.Tensor, g_rep: torch.Tensor) -> torch.Tensor:
         """``a_p = −K|_p·g|_p / |g|_p|²`` per parameter tensor (0 where the replayed gradient is 0)."""

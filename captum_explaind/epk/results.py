@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from typing import Any, Dict, List, Mapping, Optional, Type, TypeVar, Union
 
 import torch
@@ -345,6 +345,11 @@ class DataDecomposition(ResultMixin):
         groups (list[str] or None): names of the group axis (``layers=``), if any.
         train_indices (Tensor): ``[n_train]`` the dataset index of each score column.
         stats (SweepStats, optional), options (dict): what the sweep measured, the options used.
+        per_window (dict[str, Tensor] or None): for a list of windows with ``indexing="application"``,
+            ``regularization``, ``residual``, ``change``, ``delta`` and ``buffers`` per window
+            (``[n_inputs, W]``), so that each window decomposes its own change (:meth:`window`). Windows
+            may overlap there (a step in two windows credits both, and one sweep serves them all); the
+            totals above are the sums over the windows, so a shared step counts once per window.
     """
 
     scores: torch.Tensor
@@ -362,6 +367,29 @@ class DataDecomposition(ResultMixin):
     buffers: Optional[torch.Tensor] = None
     train_grads: str = "independent"
     other: Optional[torch.Tensor] = None
+    per_window: Optional[Dict[str, torch.Tensor]] = None
+
+    def window(self, k: int) -> "DataDecomposition":
+        """The decomposition of window ``k`` alone (scores ``[n_inputs, n_train]`` plus any group
+        axis), as a call with ``steps=windows[k]`` would return it.
+
+        Args:
+            k (int): index into :attr:`windows`.
+
+        Returns:
+            *DataDecomposition*
+        """
+        if self.per_window is None:
+            raise ValueError("window() needs a result of a list of windows with indexing='application' "
+                             "(this one has no per-window parts)")
+        if not -len(self.windows) <= k < len(self.windows):
+            raise IndexError(f"window {k} out of range for {len(self.windows)} windows")
+        pw = {name: t[:, k] for name, t in self.per_window.items()}
+        return replace(
+            self, scores=self.scores[:, :, k], other=None if self.other is None else self.other[:, k],
+            regularization=pw["regularization"], residual=pw["residual"], change=pw["change"],
+            delta=pw["delta"], buffers=pw["buffers"], windows=[self.windows[k]], per_window=None,
+            grad_scale=dict(self.grad_scale))
 
     def top(self, k: int, proponents: bool = True) -> "tuple[torch.Tensor, torch.Tensor]":
         """The ``k`` most positive (or negative) training samples per input: ``(indices, scores)``."""

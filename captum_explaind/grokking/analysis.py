@@ -395,9 +395,12 @@ def sample_influences(run: GrokRun, sets: Dict[str, "tuple[torch.Tensor, torch.T
     x = torch.cat([xy[0] for xy in sets.values()])
     y = torch.cat([xy[1] for xy in sets.values()])
     parts: Dict[str, List[torch.Tensor]] = {k: [] for k in ("scores", "other", "reg", "resid", "change", "delta")}
-    for st in stages:  # one reverse sweep per stage: memory n × n_train per stage
-        # per-sample gradients of `layer` only; the other layers' share from the replayed batch gradient
-        res = tdi.explain(x, target=y, layers={layer: LAYERS[layer]}, steps=st.steps)
+    # One reverse sweep for all stages (windows may overlap): a step that several stages reach
+    # through momentum has its per-sample gradients computed once. Per-sample gradients of `layer`
+    # only; the other layers' share comes from the replayed batch gradient.
+    whole = tdi.explain(x, target=y, layers={layer: LAYERS[layer]}, steps=[st.steps for st in stages])
+    for w in range(len(stages)):
+        res = whole.window(w)
         assert res.other is not None  # the data view always reports it
         for k, v in (("scores", res.scores[..., 0]), ("other", res.other),
                      ("reg", res.regularization), ("resid", res.residual), ("change", res.change),
