@@ -120,7 +120,7 @@ def report(study: Study, args: argparse.Namespace, wall: float) -> str:
         "Fig. 3a left": f"Ψ vs Ψ^reg, {study.settings.n_inputs} test predictions, windows of {study.settings.window}",
         "Fig. 3a right": f"6 layers' Ψ_s, D_s on {study.settings.d_inputs} predictions",
         "Fig. 4": f"decoder-layer sample influence, {study.settings.n_influence} test and "
-                  f"{study.settings.n_influence} training predictions, {len(study.stages)} stages (one sweep each)",
+                  f"{study.settings.n_influence} training predictions, {len(study.stages)} stages (one sweep for all)",
         "Fig. 5": f"decoder-layer similarity of {study.settings.n_similarity} test predictions, "
                   f"{len(study.stages)} stage(s)",
         "Table 2": "Lasso on the grokked stage's similarity",

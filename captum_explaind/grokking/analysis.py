@@ -375,9 +375,10 @@ def sample_influences(run: GrokRun, sets: Dict[str, "tuple[torch.Tensor, torch.T
                       **overrides: Any) -> Dict[str, SampleInfluence]:
     """:func:`sample_influence` for several sets of predictions (e.g. test and training pairs) at once.
 
-    The sets share every stage's reverse sweep: the per-sample training gradients of a step,
-    the sweep's main cost, are computed once for all of them (a set's numbers are the same as
-    from its own call: the data view's accumulators are per input).
+    The sets and the stages share one reverse sweep: the per-sample training gradients of a
+    step, the sweep's main cost, are computed once for every set and every stage that step
+    reaches (a set's or a stage's numbers are the same as from its own call: the data view's
+    accumulators are per input and per window).
 
     Args:
         run (GrokRun): the recorded run. sets (dict): name → ``(x, y)``.
