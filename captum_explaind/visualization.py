@@ -19,7 +19,7 @@ draws on ``ax`` when one is given.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -253,34 +253,54 @@ def plot_stage_grid(
     cmap: str = "coolwarm",
     ncols: Optional[int] = None,
     axes: Any = None,
+    per_stage: bool = False,
+    quantile: Optional[float] = None,
 ) -> Tuple[Any, Any]:
-    """A row (or grid) of heatmaps, one per stage of training, with a shared colour scale.
+    """A row (or grid) of heatmaps, one per stage of training, with a shared colour scale (or one per stage).
 
     Args:
         matrices (Tensor or list[Tensor]): ``[n_stages, n, m]`` or a list of ``[n, m]`` matrices.
         titles (list[str], optional): one per stage.
         xlabel, ylabel (str, optional): axis labels of every panel.
         symmetric (bool, optional): colour scale centred at 0 (``±vmax``). Default: True
-        vmax (float, optional): colour limit; ``None``: the largest |value| over all stages.
+        vmax (float, optional): colour limit; ``None``: from the values (see ``quantile``).
         cmap (str, optional): matplotlib colour map. Default: "coolwarm"
         ncols (int, optional): panels per row. Default: all in one row
         axes (array of Axes, optional): axes to draw on (one per stage).
+        per_stage (bool, optional): each panel its own colour scale and colour bar — for stages
+            whose magnitudes differ by orders (influence early vs. late in training). Default: False
+        quantile (float, optional): the colour limit at this quantile of ``|values|`` instead of the
+            largest, so that a few outliers do not wash out the structure (values beyond it are shown
+            at the end colours). Default: None (the largest |value|)
 
     Returns:
         *tuple[Figure, ndarray of Axes]*
     """
+    import numpy as np
+
     mats = [_np(m) for m in (list(matrices) if not isinstance(matrices, torch.Tensor) else matrices.unbind(0))]
     if not mats:
         raise ValueError("plot_stage_grid needs at least one matrix")
+    if quantile is not None and not 0.0 < quantile <= 1.0:
+        raise ValueError(f"quantile must be in (0, 1], got {quantile!r}")
     fig, arr = _grid(len(mats), ncols, 3.2, axes)
-    import numpy as np
 
-    top = vmax if vmax is not None else max(float(np.abs(m).max()) for m in mats) or 1.0
-    lo = -top if symmetric else min(float(m.min()) for m in mats)
+    def limit(group: List[Any]) -> float:
+        if vmax is not None:
+            return vmax
+        vals = np.abs(np.concatenate([m.reshape(-1) for m in group]))
+        top = float(vals.max() if quantile is None else np.quantile(vals, quantile)) if vals.size else 0.0
+        return top or 1.0
+
+    shared = None if per_stage else limit(mats)
     im = None
     for k, m in enumerate(mats):
         ax = arr[k]
+        top = shared if shared is not None else limit([m])
+        lo = -top if symmetric else float(m.min())
         im = ax.imshow(m, cmap=cmap, vmin=lo, vmax=top, aspect="auto", interpolation="nearest")
+        if per_stage:
+            fig.colorbar(im, ax=ax, shrink=0.8)
         if titles is not None:
             ax.set_title(titles[k], fontsize="small")
         ax.set_xlabel(xlabel, fontsize="small")
@@ -288,7 +308,8 @@ def plot_stage_grid(
         ax.tick_params(labelsize="x-small")
     for ax in arr[len(mats) :]:
         ax.axis("off")
-    fig.colorbar(im, ax=list(arr[: len(mats)]), shrink=0.8)
+    if not per_stage:
+        fig.colorbar(im, ax=list(arr[: len(mats)]), shrink=0.8)
     return fig, arr
 
 

@@ -45,3 +45,13 @@ def test_case_study_plots():
     assert [t.get_text() for t in ax.get_yticklabels()] == ["cos 7", "cos 5"]
     with pytest.raises(ValueError, match="at least one"):
         viz.plot_stage_grid([])
+    # per-stage scales at a quantile: a large stage does not wash out a small one, an outlier not its stage
+    small, big = torch.linspace(-1, 1, 100).reshape(10, 10), 1000 * torch.linspace(-1, 1, 100).reshape(10, 10)
+    big[0, 0] = 1e6
+    fig, axes = viz.plot_stage_grid([small, big], per_stage=True, quantile=0.9)
+    lims = [ax.images[0].get_clim() for ax in axes]
+    assert abs(lims[0][1] - 0.9) < 0.05 and abs(lims[1][1] - 900) < 50 and lims[1][0] == -lims[1][1]
+    fig, axes = viz.plot_stage_grid([small, big])
+    assert axes[0].images[0].get_clim() == (-1e6, 1e6)  # the default: one scale, the largest |value|
+    with pytest.raises(ValueError, match="quantile"):
+        viz.plot_stage_grid([small], quantile=0.0)

@@ -19,8 +19,9 @@ Windows of *application* steps (the paper's indexing) use one accumulator per wi
 a window still receive credit inside it through momentum, so the sweep runs past the window until
 the accumulator has decayed below round-off. Such windows may overlap: a step in two windows
 feeds both accumulators, and every visited step's per-sample gradients serve all windows at
-once (each window's parts are kept apart, so it decomposes its own change). Windows of *gradient* steps route each step's
-scores, computed with the full accumulator, to the window holding that step.
+once (each window's parts are kept apart, so it decomposes its own change). Windows of
+*gradient* steps route each step's scores, computed with the full accumulator, to the window
+holding that step.
 
 The global gradient scale ``c_i`` (clipping, loss scaling, accumulation) is measured at replay:
 the replayed batch gradient ``Σ_k a_{i,k} G_{i,k}`` against the recorded norm of the gradient

@@ -55,11 +55,16 @@ def plot_layer_balance(result: Any, axes: Any = None) -> Tuple[Any, Any]:
 
 
 def plot_sample_influence(result: Any, by: str = "sum", axes: Any = None) -> Tuple[Any, Any]:
-    """Fig. 4: the influence matrices of the stages, rows and columns sorted by a+b or (a+b) mod p."""
+    """Fig. 4: the influence matrices of the stages, rows and columns sorted by a+b or (a+b) mod p.
+
+    Each stage has its own colour scale (influence differs by orders between stages), limited at
+    the 99th percentile of |score| so that a few large scores do not wash out the pattern.
+    """
     key = "a + b" if by == "sum" else f"(a + b) mod {result.p}"
-    mats = [result.ordered(k, by) for k in range(len(result.stages))]
-    return viz.plot_stage_grid(mats, titles=[str(s) for s in result.stages], xlabel=f"training pairs by {key}",
-                               ylabel=f"predictions by {key}", axes=axes)
+    order = sorted(range(len(result.stages)), key=lambda k: result.stages[k].steps.start)  # in training order
+    mats = [result.ordered(k, by) for k in order]
+    return viz.plot_stage_grid(mats, titles=[str(result.stages[k]) for k in order], xlabel=f"training pairs by {key}",
+                               ylabel=f"predictions by {key}", axes=axes, per_stage=True, quantile=0.99)
 
 
 def plot_similarity_stages(result: Any, by: str = "sum", axes: Any = None) -> Tuple[Any, Any]:
