@@ -309,8 +309,11 @@ def shutdown() -> None:
         return
     import gc
 
+    from .epk import allocator
+
     gc.collect()
     if dist.get_world_size() > 1 and sys.exc_info()[0] is None:
         dist.barrier()
     dist.destroy_process_group()
+    allocator.release()  # the heap kept between sweeps under the group (epk/allocator.py)
 

@@ -105,3 +105,47 @@ def test_sweeps_give_the_same_numbers_with_either_heap(tmp_path, monkeypatch):
         runs.append(ExactPathKernel(fresh, Trajectory.open(tmp_path / "traj")).reconstruct(X[:3]).kernel)
     assert torch.equal(runs[0], runs[1])
     assert allocator._depth == 0  # every sweep left the setting
+
+
+# under an initialized process group the kept heap outlives the sweep (a rank's next call reuses it)
+# and distributed.shutdown() hands it back
+RETAINED = textwrap.dedent("""
+    import json, os, sys, tempfile, torch
+    import torch.distributed as dist
+    from captum_explaind import distributed
+    from captum_explaind.epk.allocator import heap_kept
+
+    def rss():
+        for line in open("/proc/self/status"):
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+
+    def work():
+        held = [torch.ones(16, 100_000, dtype=torch.float64) * 2 for _ in range(6)]
+        del held
+
+    init = "file://" + os.path.join(tempfile.mkdtemp(), "pg")
+    dist.init_process_group("gloo", init_method=init, rank=0, world_size=1)
+    base = rss()
+    with heap_kept():
+        work()
+    kept = rss()
+    with heap_kept():  # the next call reuses the kept memory
+        work()
+    again = rss()
+    distributed.shutdown()
+    after = rss()
+    print(json.dumps(dict(base=base, kept=kept, again=again, after=after)))
+""")
+
+
+@glibc
+def test_heap_is_retained_between_sweeps_under_a_process_group_until_shutdown():
+    run = subprocess.run([sys.executable, "-c", RETAINED], capture_output=True, text=True, check=True,
+                         env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    import json
+
+    got = json.loads(run.stdout.strip().splitlines()[-1])
+    assert got["kept"] - got["base"] > 40 * 2**20, got  # ~77 MB working set still held after the sweep
+    assert got["again"] - got["kept"] < 16 * 2**20, got  # reused, not mapped anew
+    assert got["kept"] - got["after"] > 40 * 2**20, got  # handed back at shutdown
