@@ -264,8 +264,9 @@ def unconverged_message(pairs: Dict[int, List[int]], errors: Dict[int, torch.Ten
     msg = (
         f"{n_pairs} (step, input) pair(s) did not reach the tolerance within max_depth={max_depth} refinements / "
         f"max_evaluations={max_evaluations} per input and step — {'; '.join(listed)}{more}; the remaining "
-        "error is in the convergence delta (raise max_evaluations, or for a quicker look at ReLU networks "
-        "with many kinks use options='balanced' or 'fast')"
+        "error is in the convergence delta (raise max_evaluations; for a quicker look at ReLU networks with "
+        "many kinks, a looser rtol — options='balanced' is 1e-6 — or 'fast'; an error at the round-off of the "
+        "model's internals, e.g. of a log-probability near 0, cannot be refined away)"
     )
     return msg, ConvergenceWarning
 
