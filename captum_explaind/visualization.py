@@ -293,11 +293,12 @@ def plot_stage_grid(
         return top or 1.0
 
     shared = None if per_stage else limit(mats)
+    shared_lo = None if per_stage or symmetric else min(float(m.min()) for m in mats)
     im = None
     for k, m in enumerate(mats):
         ax = arr[k]
         top = shared if shared is not None else limit([m])
-        lo = -top if symmetric else float(m.min())
+        lo = -top if symmetric else (shared_lo if shared_lo is not None else float(m.min()))
         im = ax.imshow(m, cmap=cmap, vmin=lo, vmax=top, aspect="auto", interpolation="nearest")
         if per_stage:
             fig.colorbar(im, ax=ax, shrink=0.8)

@@ -598,11 +598,12 @@ class PolylineDataView(DataView):
         a = self._fit(kernel, g_rep)
         self.fit_scale[seg.step] = a
         contrib = -(dots[0] * a) @ self._member  # [rows, m, G]
-        outside = 1.0 - self._member.amax(dim=1)
-        for w in self.windows_of[seg.step]:
+        # the tensors in no group: their share of the fit, summed over the samples
+        rest = (-(dots[0] * a) @ (1.0 - self._member.amax(dim=1))).sum(dim=1) if self.uncovered else None
+        for w in self.windows_of[seg.step]:  # a step in overlapping windows credits each
             self.scores[drows, :, w, :].index_add_(1, idx.to(self.scores.device), contrib)
-            if self.uncovered:  # the tensors in no group: their share of the fit, summed over the samples
-                self.other[drows, w] += (-(dots[0] * a) @ outside).sum(dim=1)
+            if rest is not None:
+                self.other[drows, w] += rest
 
     def _fit(self, kernel: torch.Tensor, g_rep: torch.Tensor) -> torch.Tensor:
         """``a_p = −K|_p·g|_p / |g|_p|²`` per parameter tensor (0 where the replayed gradient is 0)."""
