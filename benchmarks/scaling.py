@@ -138,6 +138,13 @@ class Row:
     foreign: Optional[float]
     note: str = ""
     info: str = ""
+    #: peak GPU memory allocated during the call beyond what was allocated before it (CUDA rows)
+    gpu_peak: Optional[int] = None
+
+
+def mem_of(r: Row) -> Optional[int]:
+    """The memory a row is judged by: GPU memory on a GPU row, else the RSS increase."""
+    return r.gpu_peak if r.gpu_peak is not None else r.peak
 
 
 def measure_rows(sweep: str, jobs: Sequence[str], s: Setting, device: str, workdir: str, note: str = "",
@@ -145,19 +152,30 @@ def measure_rows(sweep: str, jobs: Sequence[str], s: Setting, device: str, workd
     """Record the setting's run once, then time each job on it (after a one-input warm-up)."""
     path = os.path.join(workdir, "traj")
     model, traj, X, Y, x, y = record(s, path)
+    # everything on the device, the training set included (no host round trips inside the timing)
     model = model.to(device)
-    x, y = x.to(device), y.to(device)
+    X, Y, x, y = X.to(device), Y.to(device), x.to(device), y.to(device)
+    on_gpu = torch.device(device).type == "cuda"
     real_P = sum(p.numel() for p in model.parameters())
     rows = []
     for job in jobs:
         run_job(job, model, traj, X, Y, x[:1], y[:1], device, **extra)  # warm-up (imports, vmap decisions)
+        if on_gpu:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            before = torch.cuda.memory_allocated()
         with measure() as u:
             delta, info = run_job(job, model, traj, X, Y, x, y, device, **extra)
+            if on_gpu:  # the clock stops when the GPU's work is done, not when it is queued
+                torch.cuda.synchronize()
+        gpu_peak = torch.cuda.max_memory_allocated() - before if on_gpu else None
         rows.append(Row(sweep, job, real_P, s.N, s.n_train, s.batch, s.n_test, u.seconds, u.peak_rss_bytes, delta,
-                        u.foreign_cpu, note, info))
+                        u.foreign_cpu, note, info, gpu_peak))
         print(f"  {sweep:>8} {job:<14} P={real_P:>10,} N={s.N:<3} n_train={s.n_train:<5} batch={s.batch:<4} "
-              f"n_test={s.n_test:<3} {u.seconds:8.2f} s  {fmt_mem(u.peak_rss_bytes):>9}  |delta| {delta:.1e}  "
-              f"others' CPU {0 if u.foreign_cpu is None else 100 * u.foreign_cpu:.0f}% {info}", flush=True)
+              f"n_test={s.n_test:<3} {u.seconds:8.2f} s  {fmt_mem(u.peak_rss_bytes):>9}"
+              + (f"  GPU {fmt_mem(gpu_peak):>9}" if on_gpu else "")
+              + f"  |delta| {delta:.1e}  others' CPU {0 if u.foreign_cpu is None else 100 * u.foreign_cpu:.0f}% {info}",
+              flush=True)
     return rows
 
 
@@ -204,7 +222,7 @@ def exponents(rows: List[Row]) -> List[Dict[str, Any]]:
         xs = [float(getattr(r, sweep)) for r in rs]
         out.append({"sweep": sweep, "job": job + (f" ({note})" if note else ""),
                     "time": slope(xs, [r.seconds for r in rs]),
-                    "memory": slope(xs, [None if r.peak is None else float(r.peak) for r in rs])})
+                    "memory": slope(xs, [None if (m := mem_of(r)) is None else float(m) for r in rs])})
     return out
 
 
@@ -365,12 +383,13 @@ def plot(rows: List[Row], path: str) -> None:
             xs = [getattr(r, sweep) for r in rs]
             label = job + (f" ({note})" if note else "")
             axes[0][c].loglog(xs, [r.seconds for r in rs], "o-", label=label)
-            axes[1][c].loglog(xs, [max(r.peak or 1, 1) / 2**20 for r in rs], "o-", label=label)
+            axes[1][c].loglog(xs, [max(mem_of(r) or 1, 1) / 2**20 for r in rs], "o-", label=label)
         axes[0][c].legend(fontsize=6)
         axes[0][c].set_title(f"vs {sweep}")
         axes[1][c].set_xlabel(sweep)
         axes[0][c].set_ylabel("time (s)") if c == 0 else None
-        axes[1][c].set_ylabel("peak RSS increase (MiB)") if c == 0 else None
+        gpu = any(r.gpu_peak is not None for r in rows)
+        axes[1][c].set_ylabel(f"peak {'GPU memory' if gpu else 'RSS increase'} (MiB)") if c == 0 else None
         axes[0][c].grid(True, which="both", alpha=0.3)
         axes[1][c].grid(True, which="both", alpha=0.3)
     fig.tight_layout()
@@ -381,21 +400,25 @@ def write_report(rows: List[Row], big: Optional[Row], ranks: Dict[str, Any], arg
                  path: str, load_note: str) -> None:
     lines = ["# Scaling benchmark", "", f"Command: `python benchmarks/scaling.py {' '.join(sys.argv[1:])}`".rstrip(),
              "", "## Environment", ""] + [f"- {e}" for e in environment()] + [f"- {load_note}", ""]
+    gpu = any(r.gpu_peak is not None for r in rows + ([big] if big else []))
     lines += ["## Time and peak memory", "",
               "Tanh MLP 32 → h → h → 10, SGD (momentum 0.9), float64, GL-4 with error control (the 'exact' preset; "
               "explicit options on every row). Base setting: "
               + ", ".join(f"{k}={v}" for k, v in BASE.items()) + " (the P sweep: N=4, n_test=2). Peak = peak RSS "
               "increase during the call. Last column: CPU other processes used meanwhile (this machine is shared; "
-              "above ~10% the time is inflated).", "",
-              "| sweep | job | options | P | N | n_train | batch | n_test | time (s) | peak mem | max\\|delta\\| | "
-              "others' CPU |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+              "above ~10% the time is inflated)."
+              + (" Peak GPU mem = `torch.cuda.max_memory_allocated()` during the call less what was allocated "
+                 "before it (the model and data); the clock stops after `torch.cuda.synchronize()`; growth "
+                 "exponents and the plot use it." if gpu else ""), "",
+              "| sweep | job | options | P | N | n_train | batch | n_test | time (s) | peak mem | "
+              + ("peak GPU mem | " if gpu else "") + "max\\|delta\\| | others' CPU |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|" + ("---|" if gpu else "")]
     for r in rows:
         opts = ", ".join(v for v in (r.note or "defaults", r.info) if v)
         lines.append(f"| {r.sweep} | {r.job} | {opts} | {r.P:,} | {r.N} | {r.n_train} | {r.batch} | "
                      f"{r.n_test} | "
-                     f"{r.seconds:.2f} | {fmt_mem(r.peak)} | {r.delta:.1e} | "
-                     f"{'n/a' if r.foreign is None else f'{100 * r.foreign:.0f}%'} |")
+                     f"{r.seconds:.2f} | {fmt_mem(r.peak)} | " + (f"{fmt_mem(r.gpu_peak)} | " if gpu else "")
+                     + f"{r.delta:.1e} | {'n/a' if r.foreign is None else f'{100 * r.foreign:.0f}%'} |")
     lines += ["", "### Fitted growth exponents (slope of log y against log x)", "",
               "| sweep | job | time exponent | memory exponent |", "|---|---|---|---|"]
     for e in exponents(rows):
@@ -403,11 +426,13 @@ def write_report(rows: List[Row], big: Optional[Row], ranks: Dict[str, Any], arg
             return "–" if v is None else f"{v:.2f}"
 
         lines.append(f"| {e['sweep']} | {e['job']} | {f(e['time'])} | {f(e['memory'])} |")
-    lines += ["", "![scaling](scaling.png)", ""]
+    lines += ["", f"![scaling]({Path(path).with_suffix('.png').name})", ""]
     if big is not None:
         lines += ["## ≥ 10M parameters: the data view under `max_memory=\"4GiB\"`", "",
                   f"P = {big.P:,}, N = {big.N}, n_train = {big.n_train}, batch = {big.batch}, n_test = {big.n_test}: "
-                  f"{big.seconds:.1f} s, peak RSS increase {fmt_mem(big.peak)} (budget 4096 MiB), max|delta| "
+                  f"{big.seconds:.1f} s, peak RSS increase {fmt_mem(big.peak)}"
+                  + (f", peak GPU memory {fmt_mem(big.gpu_peak)}" if big.gpu_peak is not None else "")
+                  + f" (budget 4096 MiB), max|delta| "
                   f"{big.delta:.1e}; {big.info}. Options: {big.note}.", ""]
     if ranks and "data view one wall" in ranks:
         lines += ["## 1 vs 2 ranks (torchrun, gloo, one thread per rank, same job)", "",
@@ -454,7 +479,8 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--only", choices=["sweeps", "big", "ranks"], action="append")
-    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "scaling.md"))
+    ap.add_argument("--out", default=None,
+                    help="report path (default benchmarks/results/scaling.md; scaling_cuda.md with --device cuda)")
     ap.add_argument("--sweep", action="append", help="run only these sweeps (P, N, n_train, batch, n_test)")
     ap.add_argument("--merge", help="rows (and the big row) from an earlier run's JSON, e.g. to re-time the ranks")
     ap.add_argument("--rank-worker", action="store_true", help=argparse.SUPPRESS)
@@ -469,6 +495,10 @@ def main() -> None:
     if args.rank_worker:
         rank_worker(args)
         return
+    if args.out is None:
+        kind = torch.device(args.device).type
+        name = "scaling.md" if kind == "cpu" else f"scaling_{kind}.md"
+        args.out = str(ROOT / "benchmarks" / "results" / name)
     torch.set_num_threads(1)
     parts = set(args.only or ["sweeps", "big", "ranks"])
     load = foreign_load(2.0)
