@@ -101,14 +101,22 @@ def true_change(run: GrokRun, x: torch.Tensor, y: torch.Tensor, steps: range) ->
     traj = run.recorded
     model = run.model
 
-    def f(step: int) -> torch.Tensor:
-        params = {k: v.double() for k, v in traj.params(step).items()}
-        with torch.no_grad():
-            out = torch.func.functional_call(model.double(), params, (x,))
-        model.float()
-        return out.gather(1, y.reshape(-1, 1)).squeeze(1)
+    dev = next(model.parameters()).device  # where the model (and its buffers) live
 
-    return f(steps.stop - 1) - f(steps.start - 1)
+    def f(step: int) -> torch.Tensor:
+        params = {k: v.to(dev, torch.float64) for k, v in traj.params(step).items()}
+        with torch.no_grad():
+            out = torch.func.functional_call(model.double(), params, (x.to(dev),))
+        model.float()
+        return out.gather(1, y.to(dev).reshape(-1, 1)).squeeze(1)
+
+    return _host(f(steps.stop - 1) - f(steps.start - 1))
+
+
+def _host(t: torch.Tensor) -> torch.Tensor:
+    """The study's records live on the CPU (reports, plots, the lasso), wherever the views computed:
+    a run trained on a GPU gives view results there, while its data and the recording are on the CPU."""
+    return t.detach().cpu()
 
 
 def _windows(n_steps: int, window: int) -> List[range]:
@@ -165,7 +173,7 @@ def training_balance(run: GrokRun, x: torch.Tensor, y: torch.Tensor, window: int
     """
     si = StepInfluence(run.model, run.recorded, options, **overrides)
     res = si.explain(x, target=y, window=window, component=["kernel", "regularization"])
-    k, r = res.scores["kernel"][..., 0], res.scores["regularization"][..., 0]
+    k, r = _host(res.scores["kernel"][..., 0]), _host(res.scores["regularization"][..., 0])
     change = true_change(run, x, y, range(1, run.recorded.num_steps + 1))
     return TrainingBalance(
         windows=list(res.windows), kernel=k, regularization=r, importance=k.abs().sum(0),
@@ -230,7 +238,7 @@ def layer_balance(run: GrokRun, x: torch.Tensor, y: torch.Tensor, window: int = 
     layers = dict(LAYERS if layers is None else layers)
     si = StepInfluence(run.model, run.recorded, options, **overrides)
     res = si.explain(x, target=y, window=window, layers=layers)
-    scores = res.scores["total"]
+    scores = _host(res.scores["total"])
     change = true_change(run, x, y, range(1, run.recorded.num_steps + 1))
     reg = _reg_influence(run, x, y, list(res.windows), layers, d_inputs, options, **overrides)
     return LayerBalance(windows=list(res.windows), layers=list(layers), scores=scores,
@@ -258,7 +266,7 @@ def balances(run: GrokRun, x: torch.Tensor, y: torch.Tensor, window: int = 50, d
     covered = sum(int(v.numel()) for n, v in run.model.named_parameters() if n.split(".")[0] in _layer_params(run))
     if covered != sum(int(v.numel()) for v in run.model.parameters()):
         raise ValueError("the six layers of LAYERS do not hold every parameter of this model; use training_balance()")
-    k3, r3 = res.scores["kernel"], res.scores["regularization"]  # [n, W, 6]
+    k3, r3 = _host(res.scores["kernel"]), _host(res.scores["regularization"])  # [n, W, 6]
     k, r = k3.sum(-1), r3.sum(-1)
     change = true_change(run, x, y, range(1, run.recorded.num_steps + 1))
     bal = TrainingBalance(
@@ -292,7 +300,7 @@ def _reg_influence(run: GrokRun, x: torch.Tensor, y: torch.Tensor, windows: List
     for start in range(0, len(windows), 8):
         chunk = windows[start : start + 8]
         d = pi.regularization_influence(x[:n_d], target=y[:n_d], steps=chunk, layers=layers)
-        reg_list.append(torch.stack([d[k] for k in layers], dim=-1).reshape(len(chunk), len(layers)))
+        reg_list.append(_host(torch.stack([d[k] for k in layers], dim=-1).reshape(len(chunk), len(layers))))
     return torch.cat(reg_list)
 
 
@@ -407,7 +415,7 @@ def sample_influences(run: GrokRun, sets: Dict[str, "tuple[torch.Tensor, torch.T
                      ("reg", res.regularization), ("resid", res.residual), ("change", res.change),
                      ("delta", res.delta)):
             parts[k].append(v)
-    stacked = {k: torch.stack(v) for k, v in parts.items()}  # [n_stages, n_all, ...]
+    stacked = {k: _host(torch.stack(v)) for k, v in parts.items()}  # [n_stages, n_all, ...]
     ta, tb = run.data.operands("train")
     out: Dict[str, SampleInfluence] = {}
     offset = 0
@@ -417,7 +425,8 @@ def sample_influences(run: GrokRun, sets: Dict[str, "tuple[torch.Tensor, torch.T
         out[name] = SampleInfluence(
             stages=list(stages), layer=layer, scores=stacked["scores"][:, sl], other=stacked["other"][:, sl],
             regularization=stacked["reg"][:, sl], residual=stacked["resid"][:, sl], change=stacked["change"][:, sl],
-            delta=stacked["delta"][:, sl], input_sums=xs[:, 0] + xs[:, 2], train_sums=ta + tb, p=run.data.p)
+            delta=stacked["delta"][:, sl], input_sums=_host(xs[:, 0] + xs[:, 2]), train_sums=_host(ta + tb),
+            p=run.data.p)
     return out
 
 
@@ -496,11 +505,12 @@ def similarity_stages(run: GrokRun, x: torch.Tensor, y: torch.Tensor, stages: Se
     results = [by_stage[i] for i in range(len(stages))]
     sims, errs = [], []
     for st, res in zip(stages, results):
-        sims.append(res.similarity)
+        sims.append(_host(res.similarity))
         err = torch.zeros(0)
         if res.stats is not None and res.stats.step_error.numel():
             rows = [i for i, s in enumerate(res.stats.steps) if s in st.steps]  # this stage's steps
             err = res.stats.step_error[rows]
         errs.append(float(err.max()) if err.numel() else 0.0)
-    return SimilarityStages(stages=list(stages), layer=layer, similarity=torch.stack(sims), sums=x[:, 0] + x[:, 2],
+    return SimilarityStages(stages=list(stages), layer=layer, similarity=torch.stack(sims),
+                            sums=_host(x[:, 0] + x[:, 2]),
                             p=run.data.p, max_step_error=errs, truncation=[float(r.truncation) for r in results])

@@ -58,9 +58,10 @@ class SwapResult:
 
 
 def _accuracy(model: nn.Module, params: Dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor) -> float:
+    dev = next(model.parameters()).device  # a run trained on a GPU: the model there, the recording on the CPU
     with torch.no_grad():
-        out = torch.func.functional_call(model, params, (x,))
-    return float((out.argmax(-1) == y).double().mean())
+        out = torch.func.functional_call(model, {k: v.to(dev) for k, v in params.items()}, (x.to(dev),))
+    return float((out.argmax(-1) == y.to(dev)).double().mean())
 
 
 def swap_layers(run: GrokRun, steps: Optional[Sequence[int]] = None, layers: Optional[Sequence[str]] = None,
