@@ -41,7 +41,7 @@ step, whose cost is per direction, is split by the rows of ``T`` instead, with n
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Tuple, Union
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 
@@ -260,20 +260,29 @@ class DataView(StepSplit, ViewBase):
         """Accumulators, T_s, coupled decay and scores of step ``seg`` (``ephi`` = η_s D_s φ_s or None).
         ``keep_all``: never drop a decayed window (a block of a split sweep: no global view of it)."""
         s, co = seg.step, seg.coeffs
-        # --- test side: accumulators and T_s for every window that can still receive credit
-        T: Dict[int, torch.Tensor] = {}
+        # --- test side: accumulators and σ T_s for every window that can still receive credit.
+        # Each is one fused pass over [rows, P] (these arrays are what a step of this side streams
+        # through memory): A·β + e η D φ by addcmul, σ T = (σ h)·A (+ (σ z) η D φ in the step's own
+        # windows) written straight into the stacked [Wa, rows, P] the projection reads.
+        sh = co.h * co.sign  # σ enters every per-sample term: folded into T once (σ = ±1)
+        windows: List[int] = []
+        accs: List[torch.Tensor] = []
+        own: List[int] = []
+        zs_ephi: Optional[torch.Tensor] = None  # σ z_s η_s D_s φ_s, in T of the step's own windows only
         if self.indexing == "application":
-            for w in list(self._acc):
-                assert beta_next is not None  # accumulators exist only after a (later) step set _beta_next
-                self._acc[w] = self._acc[w] * beta_next
             own = self.windows_of.get(s, [])  # the windows holding step s (several where they overlap)
-            z_term: Union[torch.Tensor, float] = 0.0  # z_s η_s D_s φ_s, in T of the step's own windows only
+            fresh = torch.empty(0)  # e_s η_s D_s φ_s, shared by the step's own windows
             if own:
                 assert ephi is not None  # application indexing integrates every step of the windows
                 fresh = co.e * ephi
-                for w0 in own:  # out-of-place updates only: the windows may share `fresh`
-                    self._acc[w0] = fresh if w0 not in self._acc else self._acc[w0] + fresh
-                z_term = co.z * ephi
+                zs_ephi = (co.z * co.sign) * ephi
+            for w in list(self._acc):  # out-of-place updates only: the windows may share `fresh`
+                assert beta_next is not None  # accumulators exist only after a (later) step set _beta_next
+                acc = self._acc[w]
+                self._acc[w] = torch.addcmul(fresh, acc, beta_next) if w in own else acc * beta_next
+            for w0 in own:
+                if w0 not in self._acc:
+                    self._acc[w0] = fresh
             sizes = self._acc_sizes()
             for w, acc in list(self._acc.items()):
                 peak = max(self._peak.get(w, 0.0), sizes[w])
@@ -284,25 +293,34 @@ class DataView(StepSplit, ViewBase):
                 if not keep_all and not mine and s < self.windows[w].start and sizes[w] <= self._tiny * peak:
                     del self._acc[w]  # decayed below round-off: nothing earlier can reach it
                     continue
-                T[w] = co.h * acc + (z_term if mine else 0.0)
+                windows.append(w)
+                accs.append(acc)
         else:
             # gradient indexing: the windows partition 1..N, so every visited step is integrated
             assert ephi is not None
-            fresh = co.e * ephi
             if self._full is None:
-                self._full = fresh
+                self._full = co.e * ephi
             else:
                 assert beta_next is not None  # _full was started by a (later) step, which set _beta_next
-                self._full = fresh + beta_next * self._full
-            for w0 in self.windows_of.get(s, []):  # one: the windows partition the steps
-                T[w0] = co.h * self._full + co.z * ephi
+                self._full = torch.addcmul(co.e * ephi, self._full, beta_next)
+            own = self.windows_of.get(s, [])  # one: the windows partition the steps
+            zs_ephi = (co.z * co.sign) * ephi if own else None
+            windows, accs = list(own), [self._full] * len(own)
+        if not windows:
+            return
+        Ts = torch.empty(len(windows), *accs[0].shape, dtype=accs[0].dtype, device=accs[0].device)
+        for k, (w, acc) in enumerate(zip(windows, accs)):
+            if w in own:
+                assert zs_ephi is not None
+                torch.addcmul(zs_ephi, sh, acc, out=Ts[k])
+            else:
+                torch.mul(sh, acc, out=Ts[k])
         # --- regularization: coupled decay rides the accumulators (decoupled decay: _decoupled)
         if bool((co.decay_coupled != 0).any()):
-            lt = co.decay_coupled * seg.theta0
-            for w, t in T.items():
-                self.regularization[self._lo : self._hi, w] -= t @ lt
-        if T:
-            self._score_batch(seg, T)
+            lt = co.sign * co.decay_coupled * seg.theta0  # T·(λ θ) = (σ T)·(σ λ θ), σ = ±1
+            for k, w in enumerate(windows):
+                self.regularization[self._lo : self._hi, w] -= Ts[k] @ lt
+        self._score_batch(seg, windows, Ts)
 
     def _decoupled(self, seg: Segment, phi: Optional[torch.Tensor]) -> None:
         """Decoupled decay enters directly: ``−η_s φ_s·(λ θ_{s−1})`` in the step's own window(s)."""
@@ -316,7 +334,9 @@ class DataView(StepSplit, ViewBase):
         that all ranks drop a decayed window, and stop, at the same step)."""
         if not self._acc:
             return {}
-        sizes = torch.stack([acc.abs().amax() if acc.numel() else acc.new_zeros(()) for acc in self._acc.values()])
+        # max |A| by a reduction (no |A| array): one read of each accumulator
+        sizes = torch.stack([torch.linalg.vector_norm(acc, float("inf")) if acc.numel() else acc.new_zeros(())
+                             for acc in self._acc.values()])
         if self._split:
             distributed.all_reduce_max_(sizes)
         return dict(zip(self._acc, sizes.tolist()))
@@ -359,11 +379,9 @@ class DataView(StepSplit, ViewBase):
         return self.indexing == "application" and step <= self.first_window_step and not self._acc
 
     # ------------------------------------------------------------------ training side
-    def _score_batch(self, seg: Segment, T: Dict[int, torch.Tensor]) -> None:
+    def _score_batch(self, seg: Segment, windows: List[int], Ts: torch.Tensor) -> None:
+        """Step ``seg``'s training side: ``Ts`` ``[Wa, rows lo..hi, P]`` holds σ T_s of ``windows``."""
         rec, s = seg.record, seg.step
-        windows = list(T)
-        # σ enters every per-sample term: fold it into T once.
-        Ts = torch.stack([T[w] * seg.coeffs.sign for w in windows])  # [Wa, rows lo..hi, P]
         idx, dots, rows, g_rep = self._project(rec, seg.theta0, Ts)  # at θ_{s−1}
         c = measured_grad_scale(rec, g_rep, seg.coeffs.active)
         checks.note_replay(self, rec, g_rep * seg.coeffs.active, c)
