@@ -265,6 +265,9 @@ class DataView(StepSplit, ViewBase):
         # through memory): A·β + e η D φ by addcmul, σ T = (σ h)·A (+ (σ z) η D φ in the step's own
         # windows) written straight into the stacked [Wa, rows, P] the projection reads.
         sh = co.h * co.sign  # σ enters every per-sample term: folded into T once (σ = ±1)
+        # e = 1 (SGD) and z = 0 (all but Nesterov) are common: each saves a pass over [rows, P]
+        unit_e = bool((co.e == 1).all())
+        with_z = bool((co.z != 0).any())
         windows: List[int] = []
         accs: List[torch.Tensor] = []
         own: List[int] = []
@@ -274,8 +277,8 @@ class DataView(StepSplit, ViewBase):
             fresh = torch.empty(0)  # e_s η_s D_s φ_s, shared by the step's own windows
             if own:
                 assert ephi is not None  # application indexing integrates every step of the windows
-                fresh = co.e * ephi
-                zs_ephi = (co.z * co.sign) * ephi
+                fresh = ephi if unit_e else co.e * ephi  # (never changed in place: may be shared)
+                zs_ephi = (co.z * co.sign) * ephi if with_z else None
             for w in list(self._acc):  # out-of-place updates only: the windows may share `fresh`
                 assert beta_next is not None  # accumulators exist only after a (later) step set _beta_next
                 acc = self._acc[w]
@@ -298,20 +301,20 @@ class DataView(StepSplit, ViewBase):
         else:
             # gradient indexing: the windows partition 1..N, so every visited step is integrated
             assert ephi is not None
+            fresh = ephi if unit_e else co.e * ephi  # (never changed in place)
             if self._full is None:
-                self._full = co.e * ephi
+                self._full = fresh
             else:
                 assert beta_next is not None  # _full was started by a (later) step, which set _beta_next
-                self._full = torch.addcmul(co.e * ephi, self._full, beta_next)
+                self._full = torch.addcmul(fresh, self._full, beta_next)
             own = self.windows_of.get(s, [])  # one: the windows partition the steps
-            zs_ephi = (co.z * co.sign) * ephi if own else None
+            zs_ephi = (co.z * co.sign) * ephi if own and with_z else None
             windows, accs = list(own), [self._full] * len(own)
         if not windows:
             return
         Ts = torch.empty(len(windows), *accs[0].shape, dtype=accs[0].dtype, device=accs[0].device)
         for k, (w, acc) in enumerate(zip(windows, accs)):
-            if w in own:
-                assert zs_ephi is not None
+            if w in own and zs_ephi is not None:
                 torch.addcmul(zs_ephi, sh, acc, out=Ts[k])
             else:
                 torch.mul(sh, acc, out=Ts[k])
