@@ -97,13 +97,17 @@ class StepSplit:
         local = torch.zeros(len(keys), self.n, P, dtype=dt, device=dev)
         prod = torch.ones(P, dtype=dt, device=dev)  # Π β over the block's steps after its first
         beta_next: Optional[torch.Tensor] = None
-        for seg, ephi in stored:  # descending steps
+        # Only the blocks below read this block's (L, Π β, β_first): the lowest block skips the pass
+        # over its stored steps (a pass over [windows, inputs, P] per step) and sends zeros.
+        needed = distributed.rank() > 0
+        for seg, ephi in stored if needed else []:  # descending steps
             if beta_next is not None:
-                local *= beta_next
-                prod *= beta_next
+                local.mul_(beta_next)
+                prod.mul_(beta_next)
             if ephi is not None:
+                e = seg.coeffs.e
                 for k in (self.windows_of.get(seg.step, []) if self.indexing == "application" else [0]):
-                    local[k] += seg.coeffs.e * ephi
+                    local[k].addcmul_(e, ephi)
             beta_next = seg.coeffs.beta * torch.ones(P, dtype=dt, device=dev)
         first_beta = beta_next if beta_next is not None else torch.ones(P, dtype=dt, device=dev)
         # one tensor all-gather (no pickling of the n × P accumulators): (L, Π β, β_first, has steps)
