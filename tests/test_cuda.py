@@ -258,8 +258,9 @@ def test_trainer_on_cuda_records_and_every_view_runs_there(tmp_path):
     """A transformers.Trainer run on the GPU (the callback records there); reconstruction and the data
     view on the GPU are complete and equal the CPU's on the same recording."""
     pytest.importorskip("transformers")
-    import hf_models as hf
     from captum_explaind.adapters.huggingface import TrajectoryCallback
+
+    import hf_models as hf
 
     tok = hf.make_tokenizer()
     rows = hf.classification_rows(tok, hf.sentences(8, seed=5))
