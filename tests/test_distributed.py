@@ -129,9 +129,9 @@ def test_pair_sweep_meeting_anywhere_integrates_every_step_once(recorded, steps)
     """The two ranks of a pair meet wherever their times balance: for every meeting point, the
     front rank's steps and the back rank's add up to one process's sweep — a step dropped or
     integrated on both sides, or a wrong shared end point (θ, outputs), fails here."""
-    from captum_explaind.epk.engine import _SweepLog
     from captum_explaind.epk.pair_sweep import pair_sweep
     from captum_explaind.epk.reconstruct_view import ReconstructView
+    from captum_explaind.epk.sweep_split import SweepLog
 
     model, traj, X, Y, _ = recorded
     epk = ExactPathKernel(model, traj)
@@ -141,7 +141,7 @@ def test_pair_sweep_meeting_anywhere_integrates_every_step_once(recorded, steps)
     epk.sweep(batch, one, steps=steps)
     todo = list(range(1, traj.num_steps + 1)) if steps is None else steps
     for k in range(len(todo) + 1):
-        log = _SweepLog(todo, batch.n, epk.dtype)
+        log = SweepLog(todo, batch.n, epk.dtype)
         parts, done = [], []
         for front, limit in ((True, k), (False, len(todo) - k)):
             view = ReconstructView(epk, batch.n, shape)

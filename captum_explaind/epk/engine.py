@@ -12,27 +12,25 @@ segment gives, exactly,
 node, all inputs and outputs at once, never a Jacobian), splits each update into its kernel and
 regularization parts (:mod:`.updates`) and refines every step whose integrated total misses the
 exact change ``f(θ_s) − f(θ_{s−1})`` (:mod:`.integrator`). The attribution views reuse its sweep
-with their own integrands.
+with their own integrands. Inside a ``torch.distributed`` process group the sweeps are split over
+the ranks and summed back by :mod:`.sweep_split`.
 """
 
 from __future__ import annotations
 
-import math
 import os
 import warnings
 from typing import Any, Iterable, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
-from torch.utils._pytree import tree_flatten
 from tqdm.auto import tqdm
 
 from .. import distributed
 from ..errors import TrajectoryError
 from ..recording.format import StepRecord
 from ..recording.trajectory import Trajectory
-from . import checks
-from . import pair_sweep as pair_module
+from . import checks, sweep_split
 from .allocator import keeps_heap
 from .batch import Batch
 from .functional import FunctionalModel
@@ -41,52 +39,14 @@ from .layout import ParamLayout
 from .memory import MemoryPlan, activation_bytes, plan, view_bytes
 from .options import EPKOptions, resolve_options
 from .outputs import OutputFn, resolve_output_fn
-from .pair_sweep import pair_sweep
 from .results import Reconstruction, SweepStats
 from .segment import Chunk, Segment
 from .selection import Selector, resolve_parameters
+from .sweep_split import SweepLog
 from .updates import UpdateModel
 from .views import SweepView
 
 __all__ = ["ExactPathKernel", "Segment", "Chunk", "SweepStats"]
-
-
-class _SweepLog:
-    """Collects per-step errors and work counters of a sweep."""
-
-    def __init__(self, steps: List[int], n: int, dtype: torch.dtype) -> None:
-        self.steps = steps
-        self.errors = {s: torch.zeros(n, dtype=dtype) for s in steps}
-        self.evaluations = self.unconverged = self.depth = 0
-        self.unconverged_rows: dict = {}  # step -> inputs left above tolerance
-
-    def add(self, step: int, chunk: Chunk, stats: StepStats) -> None:
-        self.errors[step][chunk.offset : chunk.offset + chunk.n] = stats.error.detach().cpu()
-        self.evaluations += stats.evaluations
-        self.unconverged += stats.unconverged
-        if stats.unconverged_rows is not None and stats.unconverged_rows.numel():
-            rows = (stats.unconverged_rows.cpu() + chunk.offset).tolist()
-            self.unconverged_rows.setdefault(step, []).extend(rows)
-        self.depth = max(self.depth, stats.depth)
-
-    def reduce(self) -> None:
-        """Combine the logs of all ranks (each (step, input) pair was integrated by one rank)."""
-        if not distributed.active():
-            return
-        errs = [self.errors[s] for s in self.steps]
-        counts = torch.tensor([self.evaluations, self.unconverged], dtype=torch.int64)
-        distributed.all_reduce_sum_(errs + [counts])
-        self.evaluations, self.unconverged = int(counts[0]), int(counts[1])
-        self.depth = distributed.all_reduce_max(self.depth)
-
-    def finish(self, max_depth: int, max_evaluations: Optional[int] = None) -> SweepStats:
-        n = next(iter(self.errors.values())).shape[0] if self.errors else 0
-        err = torch.stack([self.errors[s] for s in self.steps]) if self.steps else torch.zeros(0, n)
-        if self.unconverged:
-            msg, category = checks.unconverged_message(self.unconverged_rows, self.errors, self.unconverged,
-                                                       max_depth, max_evaluations)
-            checks.warn(msg, category)
-        return SweepStats(list(self.steps), err, self.evaluations, self.unconverged, self.depth)
 
 
 class ExactPathKernel:
@@ -310,7 +270,7 @@ class ExactPathKernel:
         return max(8, min(1024, (256 * 2**20) // max(per_row, 1)))
 
     def _integrate(self, seg: Segment, chunks: List[Chunk], f0s: List[torch.Tensor], f1s: List[torch.Tensor],
-                   view: SweepView, log: _SweepLog) -> None:
+                   view: SweepView, log: SweepLog) -> None:
         """Integrate one segment for every chunk of inputs (error control per input)."""
         o = self.options
         for ci, ch in enumerate(chunks):
@@ -372,13 +332,13 @@ class ExactPathKernel:
         all_todo = sorted(todo)
         self._check_every_step(view)
         self._plan = self._memory_plan(batch, view)
-        sharded = self._shardable(batch, view, selected)
-        if sharded and self._pairs_apply(view, need_precond):
-            stats = self._pair_sweep(batch, view, all_todo, need_precond, desc, show_progress)
+        sharded = sweep_split.shardable(self, batch, view, selected)
+        if sharded and sweep_split.pairs_apply(self, view, need_precond):
+            stats = sweep_split.pair_forward(self, batch, view, all_todo, need_precond, desc, show_progress)
             if stats is not None:
                 return stats
         if sharded:
-            selected, todo = _shard_steps(view, selected, todo)
+            selected, todo = sweep_split.shard_steps(view, selected, todo)
             chosen = set(selected)
         state = _ForwardState(self, batch, view, need_precond, all_todo)
         bar = self._bar(len(selected), view, desc, show_progress)
@@ -392,7 +352,7 @@ class ExactPathKernel:
             self.functional.set_fixed(self._initial_buffers)
             self._plan = None
         if sharded:
-            _reduce_view(view, state.log)
+            sweep_split.reduce_view(view, state.log)
         return state.log.finish(self.options.max_depth, self.options.max_evaluations)
 
     @keeps_heap
@@ -438,7 +398,7 @@ class ExactPathKernel:
         scalars = [um.scalars(rec) for rec in records]
         buffer_steps = set(traj.buffer_steps())
         self._plan = self._memory_plan(batch, view)
-        sharded = self._shardable(batch, view, sorted(todo))
+        sharded = sweep_split.shardable(self, batch, view, sorted(todo))
         # In a process group each rank takes either a contiguous block of the steps, all inputs
         # (a view that can carry its reverse-time state between blocks: ``shard_steps``), or a
         # contiguous block of the inputs: the accumulators are per input, so the blocks never
@@ -449,21 +409,21 @@ class ExactPathKernel:
         if steps_mode:
             mine = distributed.shard(range(1, last + 1))
             top, bottom = (mine[-1], mine[0]) if mine else (0, 1)
-        chunks = self._rank_chunks(batch) if sharded and not steps_mode else self.chunks(batch)
+        chunks = sweep_split.rank_chunks(self, batch) if sharded and not steps_mode else self.chunks(batch)
         if sharded and not steps_mode and hasattr(view, "shard_rows"):
             rows = distributed.shard(range(batch.n))
             view.shard_rows(range(rows[0], rows[-1] + 1) if rows else range(0, 0))
-        log = _SweepLog(sorted(todo), batch.n, self.dtype)
+        log = SweepLog(sorted(todo), batch.n, self.dtype)
         if steps_mode and hasattr(view, "keep_received") and not buffer_steps:
             if distributed.store_available():
-                self._pair_reverse(batch, view, last, sorted(todo), records, scalars, um, log,
+                sweep_split.pair_reverse(self, batch, view, last, sorted(todo), records, scalars, um, log,
                                    self._bar(last, view, desc, show_progress))
                 return log.finish(self.options.max_depth, self.options.max_evaluations)
         if sharded and (top < bottom or not chunks) and (steps_mode or not getattr(view, "splits_training", False)):
             self._plan = None
             if steps_mode:
                 getattr(view, "finish_shard")()  # noqa: B009 — a hook only views with shard_steps have
-            _reduce_view(view, log)
+            sweep_split.reduce_view(view, log)
             return log.finish(self.options.max_depth, self.options.max_evaluations)
         theta_next = self.theta(top)
         f_next: List[Optional[torch.Tensor]] = [None] * len(chunks)
@@ -502,99 +462,8 @@ class ExactPathKernel:
         if steps_mode:  # the carries between the ranks' blocks, then the rest of the view's work
             getattr(view, "finish_shard")()  # noqa: B009 — a hook only views with shard_steps have
         if sharded:
-            _reduce_view(view, log)
+            sweep_split.reduce_view(view, log)
         return log.finish(self.options.max_depth, self.options.max_evaluations)
-
-    def _pairs_apply(self, view: SweepView, need_precond: bool) -> bool:
-        """Whether a split forward sweep may let pairs of ranks meet where their work balances
-        (:mod:`.pair_sweep`): the view accumulates per step in any order, no buffers move between
-        steps, and ``R_s`` needs no earlier parameters. Else: contiguous blocks (:func:`_shard_steps`)."""
-        if getattr(view, "visit_every_step", False) or self.trajectory.buffer_steps():
-            return False
-        um = UpdateModel(self.trajectory, self.layout, device=self.device, dtype=self.dtype, need_precond=need_precond)
-        return not um.needs_history
-
-    def _pair_sweep(self, batch: Batch, view: SweepView, todo: List[int], need_precond: bool, desc: str,
-                    show_progress: Optional[bool]) -> Optional[SweepStats]:
-        """This rank's part of a forward sweep split over pairs of ranks (:mod:`.pair_sweep`), summed
-        over the ranks; None where the process group's store cannot hold the shared counter."""
-        part, pair, front = distributed.pair_segment(todo)
-        claims = distributed.StepClaims(len(part), pair)
-        if not claims.available:
-            return None
-        log = _SweepLog(todo, batch.n, self.dtype)
-        bar = self._bar(len(part), view, desc, show_progress)
-        try:
-            pair_sweep(self, batch, view, part, front, claims, need_precond, log, bar)
-        finally:
-            bar.close()
-            self.functional.set_fixed(self._initial_buffers)
-            self._plan = None
-        _reduce_view(view, log)  # a collective: both ranks of the pair are done with the counter
-        if front:
-            claims.close()
-        return log.finish(self.options.max_depth, self.options.max_evaluations)
-
-    def _pair_reverse(self, batch: Batch, view: SweepView, last: int, todo: List[int], records: List[StepRecord],
-                      scalars: List[Any], um: UpdateModel, log: _SweepLog, bar: tqdm) -> None:
-        """A reverse sweep split by steps (``shard_steps``), its integration balanced in pairs.
-
-        Each rank owns a contiguous block of ``1..last`` (:func:`distributed.shard`) for the carry
-        exchange and its test and training sides, but the integrations — uneven where steps refine
-        — are taken by the two ranks of a pair from both ends of their blocks (:mod:`.pair_sweep`);
-        a step integrated outside its owner's block hands its ``η D φ`` (inputs × P) to the owner.
-        """
-        me, world = distributed.rank(), distributed.world_size()
-        members = [r for r in (me - me % 2, me - me % 2 + 1) if r < world]
-        blocks = {r: distributed.shard(range(1, last + 1), r, world) for r in members}
-        mine = set(blocks[me])
-        part = sorted(s for s in todo if any(s in blocks[r] for r in members))
-        claims = distributed.StepClaims(len(part), me // 2)
-
-        def segment_of(s: int, theta0: torch.Tensor, theta1: torch.Tensor) -> Segment:
-            rec = records[s - 1]
-            coeffs = self._polyline_regularization(s, um.vectors(scalars[s - 1], rec))
-            return Segment(s, theta0, theta1, theta1 - theta0, coeffs, rec)
-
-        try:
-            limit = math.ceil(pair_module.PAIR_LIMIT * len(part))  # (read at call time: tests force a side)
-            done = pair_sweep(self, batch, view, part, me == members[0], claims, False, log, bar, segment_of, limit)
-            peer = [r for r in members if r != me]
-            dones = distributed.all_gather_objects(done)
-            # a view that stores its steps until the carry (the exact data view; not the polyline one,
-            # whose steps are complete once integrated) hands the other block's steps to their owner
-            stores = bool(getattr(view, "stores_steps", False))
-            send = getattr(view, "take_stored")([s for s in done if s not in mine]) if stores else {}  # noqa: B009
-            receive = [s for s in (dones[peer[0]] if peer else []) if s in mine] if stores else []
-            like = torch.empty(batch.n, self.layout.total, dtype=self.dtype, device=self.device)
-            got = distributed.exchange(send, receive, peer[0], like) if peer else {}
-            del send
-            for s in sorted(mine, reverse=True):  # this block's other steps: integrated by the peer, or not at all
-                if s in got or s not in todo:
-                    theta0 = self.theta(s - 1)
-                    none = theta0.new_empty(0)  # kept without its far end and Δ_s (DataView._kept_segment)
-                    seg = Segment(s, theta0, none, none, um.vectors(scalars[s - 1], records[s - 1]), records[s - 1])
-                    seg.coeffs = self._polyline_regularization(s, seg.coeffs)
-                    if s in got:
-                        getattr(view, "keep_received")(seg, got.pop(s))  # noqa: B009
-                    else:
-                        view.end_step(seg, False)
-        finally:
-            bar.close()
-            self._plan = None
-        getattr(view, "finish_shard")()  # noqa: B009 — the carries between the blocks, then the sides
-        _reduce_view(view, log)
-        if me == members[0]:
-            claims.close()
-
-    def _shardable(self, batch: Batch, view: SweepView, steps: List[int]) -> bool:
-        """Whether a sweep of ``view`` is split over the ranks: inside a process group (unless
-        ``options.distributed`` is off), for views that name the accumulators to sum
-        (``shard_sum``); the others run whole on every rank. The ranks' requests must agree."""
-        if not (self.options.distributed and distributed.active() and bool(getattr(view, "shard_sum", None))):
-            return False
-        distributed.check_same(_fingerprint(batch, view, steps), "inputs, target and steps")
-        return True
 
     def _polyline_regularization(self, step: int, coeffs: Any) -> Any:
         """keep_every: a stored step is a macro-step, whose regularization part is the recorded sum
@@ -621,14 +490,6 @@ class ExactPathKernel:
                 f"{label} replays each optimizer step's training samples and needs every step; the "
                 f"reconstruction, model and training views are exact on it (along the kept checkpoints){hint}"
             )
-
-    def _rank_chunks(self, batch: Batch) -> List[Chunk]:
-        """This rank's contiguous block of the inputs, cut into chunks of ``options.batch_size``."""
-        rows = distributed.shard(range(batch.n))
-        if not rows:
-            return []
-        lo, hi = rows[0], rows[-1] + 1
-        return [Chunk(lo + off, b.n, b) for off, b in batch.slice(lo, hi).chunks(self.chunk_size)]
 
     def _buffer_jumps_after(self, s: int, theta: torch.Tensor, chunks: List[Chunk], before: List[torch.Tensor],
                             after: List[Optional[torch.Tensor]], view: SweepView) -> None:
@@ -689,41 +550,6 @@ class ExactPathKernel:
         return torch.stack(rows), names
 
 
-def _fingerprint(batch: Batch, view: SweepView, steps: List[int]) -> Tuple[Any, ...]:
-    """What must be equal on every rank for a split sweep: the inputs, the view and its target, the steps."""
-    def leaf(v: Any) -> Any:
-        if isinstance(v, torch.Tensor):
-            t = v.detach().double() if v.is_floating_point() or v.dtype == torch.bool else v.detach().long()
-            return (tuple(v.shape), str(v.dtype), float(t.sum()), float(t.abs().sum()))
-        return repr(v)[:200]
-
-    target = getattr(getattr(view, "target", None), "index", None)
-    leaves = tree_flatten((batch.args, batch.kwargs, target))[0]
-    return (type(view).__name__, batch.n, tuple(steps), tuple(leaf(v) for v in leaves))
-
-
-def _shard_steps(view: SweepView, selected: List[int], todo: set) -> Tuple[List[int], set]:
-    """This rank's part of a forward sweep: a contiguous block of the integrated steps.
-
-    Only this rank's steps are visited, unless the view does work at every visited step
-    (``visit_every_step``: the similarity view's per-sample momentum buffers); the sweep then
-    stops at this rank's last step.
-    """
-    own = set(distributed.shard(sorted(todo)))
-    if getattr(view, "visit_every_step", False):
-        last = max(own) if own else 0
-        return [s for s in selected if s <= last], own
-    return [s for s in selected if s in own], own
-
-
-def _reduce_view(view: SweepView, log: _SweepLog) -> None:
-    """Sum the view's accumulators and the sweep log over the ranks; copy rank 0's replicated state."""
-    distributed.all_reduce_sum_([getattr(view, name) for name in getattr(view, "shard_sum", ())])
-    for name in getattr(view, "shard_copy", ()):
-        setattr(view, name, distributed.broadcast_object(getattr(view, name)))
-    log.reduce()
-
-
 class _ForwardState:
     """What a forward sweep carries from one step to the next (θ, outputs, optimizer state)."""
 
@@ -734,7 +560,7 @@ class _ForwardState:
                               need_precond=need_precond)
         self.buffer_steps = set(epk.trajectory.buffer_steps())
         self.chunks = epk.chunks(batch)
-        self.log = _SweepLog(todo, batch.n, epk.dtype)
+        self.log = SweepLog(todo, batch.n, epk.dtype)
         self.theta_prev: Optional[torch.Tensor] = None
         self.f_prev: List[Optional[torch.Tensor]] = [None] * len(self.chunks)
         epk.functional.set_fixed(epk._initial_buffers)

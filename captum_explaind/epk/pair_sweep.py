@@ -15,7 +15,7 @@ history: the engine uses this only where ``R_s`` depends on ``θ_{s−1}`` alone
 accumulates per step in any order (``visit_every_step`` is False). The data view split by steps
 (:meth:`ExactPathKernel.sweep_reverse`) balances its integrations the same way, with the
 coefficients precomputed in time order, and then hands each step's ``η D φ`` to the rank whose
-block holds it (``ExactPathKernel._pair_reverse``).
+block holds it (:func:`~captum_explaind.epk.sweep_split.pair_reverse`).
 """
 
 from __future__ import annotations
@@ -31,7 +31,8 @@ from .updates import StepScalars, UpdateModel
 
 if TYPE_CHECKING:
     from .batch import Batch
-    from .engine import ExactPathKernel, _SweepLog
+    from .engine import ExactPathKernel
+    from .sweep_split import SweepLog
     from .views import SweepView
 
 __all__ = ["pair_sweep", "PAIR_LIMIT"]
@@ -85,7 +86,7 @@ class _Ends:
 
 
 def pair_sweep(epk: "ExactPathKernel", batch: "Batch", view: "SweepView", part: List[int], front: bool,
-               claims: distributed.StepClaims, need_precond: bool, log: "_SweepLog", bar: Any,
+               claims: distributed.StepClaims, need_precond: bool, log: "SweepLog", bar: Any,
                segment_of: Optional[Callable[[int, torch.Tensor, torch.Tensor], Segment]] = None,
                limit: Optional[int] = None) -> List[int]:
     """Integrate this rank's share of its pair's ``part`` of the steps (ascending) for every input,
