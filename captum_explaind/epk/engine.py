@@ -417,7 +417,7 @@ class ExactPathKernel:
         if steps_mode and hasattr(view, "keep_received") and not buffer_steps:
             if distributed.store_available():
                 sweep_split.pair_reverse(self, batch, view, last, sorted(todo), records, scalars, um, log,
-                                   self._bar(last, view, desc, show_progress))
+                                         self._bar(last, view, desc, show_progress))
                 return log.finish(self.options.max_depth, self.options.max_evaluations)
         if sharded and (top < bottom or not chunks) and (steps_mode or not getattr(view, "splits_training", False)):
             self._plan = None

@@ -23,14 +23,14 @@ import warnings
 import weakref
 from typing import Any, Dict, List, Optional, Tuple, Union
 
-import numpy as np
 import torch
 from torch import nn
 
 from .. import distributed
 from ..errors import TrajectoryError, TrajectoryWriteError
-from . import directory
+from . import arguments, directory
 from . import format as fmt
+from .ddp import FollowerLock, FollowerWriter, gathered
 from .indexing import TrackedDataLoader
 from .lock import DirectoryLock
 from .optim_spec import group_hyperparameters, optimizer_family, unwrap_optimizer
@@ -130,83 +130,6 @@ def _library_version() -> str:
         return __version__
     except Exception:  # pragma: no cover
         return "unknown"
-
-
-def _as_indices(indices: Any) -> torch.Tensor:
-    """``log_batch``'s indices as an int64 vector, or a TypeError/ValueError that names them."""
-    try:
-        arr = np.asarray(indices.detach().cpu() if isinstance(indices, torch.Tensor) else indices)
-        if arr.dtype == object or arr.dtype.kind in "USV":
-            raise TypeError(f"got {type(indices).__name__} of {arr.dtype}")
-        idx = torch.as_tensor(arr)
-    except (TypeError, ValueError, OverflowError, RuntimeError) as err:
-        raise TypeError(
-            f"batch indices must be a tensor, array or flat sequence of non-negative ints (dataset indices); "
-            f"got {indices!r:.80} ({err})"
-        ) from None
-    idx = idx.reshape(-1)
-    if idx.numel() and (idx.is_floating_point() or idx.is_complex() or idx.dtype == torch.bool):
-        raise TypeError(f"batch indices must be integers, got dtype {idx.dtype}")
-    idx = idx.to(torch.int64)
-    if idx.numel() and int(idx.min()) < 0:
-        raise ValueError("batch indices must be non-negative dataset indices")
-    return idx.clone()
-
-
-def _as_weights(weights: Any, n: int) -> torch.Tensor:
-    """``log_batch``'s weights as a finite float64 vector of ``n`` entries."""
-    try:
-        w = torch.as_tensor(np.asarray(weights.detach().cpu() if isinstance(weights, torch.Tensor) else weights,
-                                       dtype=np.float64)).reshape(-1)
-    except (TypeError, ValueError) as err:
-        raise TypeError(f"batch weights must be a sequence of numbers, got {weights!r:.80} ({err})") from None
-    if w.numel() != n:
-        raise ValueError(f"got {w.numel()} weights for {n} indices")
-    if not torch.isfinite(w).all():
-        raise ValueError("batch weights must be finite")
-    return w.clone()
-
-
-def _as_rng_state(state: Any, name: str) -> torch.Tensor:
-    if not isinstance(state, torch.Tensor) or state.dtype != torch.uint8 or state.dim() != 1:
-        raise TypeError(f"{name} must be a 1-D uint8 tensor as returned by torch.get_rng_state(), got {state!r:.80}")
-    return state.detach().to("cpu", copy=True)
-
-
-def _check_options(model: Any, path: Any, *, reduction: Any, store_dtype: Any, record_rng: Any, resume: Any,
-                   overwrite: Any, background: Any, check_finite: Any, record_optimizer_state: Any,
-                   max_pending: Any) -> None:
-    """The recorder's arguments, each refused by name when it is not what it must be."""
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    _check_values(path, reduction=reduction, store_dtype=store_dtype, record_rng=record_rng, resume=resume,
-                  overwrite=overwrite, background=background, check_finite=check_finite,
-                  record_optimizer_state=record_optimizer_state, max_pending=max_pending)
-
-
-def _check_values(path: Any, *, reduction: Any, store_dtype: Any, record_rng: Any, resume: Any,
-                  overwrite: Any, background: Any, check_finite: Any, record_optimizer_state: Any,
-                  max_pending: Any) -> None:
-    """The checks of :func:`_check_options` that need no model (shared with ``check_options``)."""
-    if reduction not in ("mean", "sum"):
-        raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
-    if store_dtype is not None and not (isinstance(store_dtype, torch.dtype) and store_dtype.is_floating_point):
-        raise ValueError(f"store_dtype must be a floating torch.dtype or None, got {store_dtype!r}")
-    if record_rng not in ("auto", True, False):
-        raise ValueError(f"record_rng must be 'auto', True or False, got {record_rng!r}")
-    for flag, value in (("overwrite", overwrite), ("background", background), ("check_finite", check_finite),
-                        ("record_optimizer_state", record_optimizer_state)):
-        if not isinstance(value, bool):
-            raise TypeError(f"{flag} must be True or False, got {value!r}")
-    if isinstance(max_pending, bool) or not isinstance(max_pending, int) or max_pending < 1:
-        raise ValueError(f"max_pending must be an int >= 1 (steps held in memory for the background writer), "
-                         f"got {max_pending!r}")
-    if not isinstance(path, (str, os.PathLike)):
-        raise TypeError(f"path must be a str or os.PathLike (the trajectory directory), got {type(path).__name__}")
-    if not isinstance(resume, (bool, int)) or (not isinstance(resume, bool) and resume < 0):
-        raise ValueError(f"resume must be True, False or a step number >= 0, got {resume!r}")
-    if overwrite and resume is not False:
-        raise ValueError("pass overwrite=True (replace the recording) or resume=True (continue it), not both")
 
 
 class TrajectoryRecorder:
@@ -315,7 +238,7 @@ class TrajectoryRecorder:
         values = {n: options.get(n, params[n].default) for n in
                   ("reduction", "store_dtype", "record_rng", "resume", "overwrite", "background",
                    "check_finite", "record_optimizer_state", "max_pending")}
-        _check_values(path, **values)
+        arguments.check_values(path, **values)
 
     def __init__(
         self,
@@ -336,7 +259,7 @@ class TrajectoryRecorder:
         ddp: Optional[bool] = None,
         keep_every: int = 1,
     ) -> None:
-        _check_options(model, path, reduction=reduction, store_dtype=store_dtype, record_rng=record_rng,
+        arguments.check_options(model, path, reduction=reduction, store_dtype=store_dtype, record_rng=record_rng,
                        resume=resume, overwrite=overwrite, background=background, check_finite=check_finite,
                        record_optimizer_state=record_optimizer_state, max_pending=max_pending)
         self.model = model
@@ -371,15 +294,15 @@ class TrajectoryRecorder:
         self._failure: Optional[Tuple[int, str]] = None  # (step, message) of the first failed write
         self._refused = 0  # optimizer steps refused after the failure
         self._unbatched: List[int] = []  # steps recorded without a logged batch
-        self._writer: Union[StepWriter, _FollowerWriter] = StepWriter(background, max_pending)
+        self._writer: Union[StepWriter, FollowerWriter] = StepWriter(background, max_pending)
         self._failure_reported = False
         self._closed_versions: Dict[str, int] = {}
         self._steps_after_close = 0
 
-        self._lock: Union[DirectoryLock, _FollowerLock] = DirectoryLock(self.path)
+        self._lock: Union[DirectoryLock, FollowerLock] = DirectoryLock(self.path)
         # Under DDP (torchrun) rank 0 writes; the other ranks only hand it their micro-batches.
         self._ddp = distributed.active() if ddp is None else bool(ddp) and distributed.active()
-        self._keep = _check_keep_every(keep_every, self.optimizer, self.family)
+        self._keep = arguments.check_keep_every(keep_every, self.optimizer, self.family)
         self._inner = 0  # optimizer steps folded into the macro-step being collected
         self._macro_reg: Dict[str, torch.Tensor] = {}  # summed regularization part R of those steps
         self._held_pre: Optional[Dict[str, Any]] = None
@@ -388,7 +311,7 @@ class TrajectoryRecorder:
         self._follower = self._ddp and not distributed.is_writer()
         if self._follower:
             self._writer.close()
-            self._writer, self._lock = _FollowerWriter(), _FollowerLock()
+            self._writer, self._lock = FollowerWriter(), FollowerLock()
         created = False if self._follower else self._open_directory(overwrite, resume is not False)
         try:
             if self._follower:
@@ -708,16 +631,17 @@ class TrajectoryRecorder:
         """
         if self._closed:
             raise RuntimeError(f"this recorder of {self.path!r} is closed")
-        idx = _as_indices(indices)
+        idx = arguments.as_indices(indices)
         if weights is None:
             w = torch.full((idx.numel(),), 1.0 / max(idx.numel(), 1) if self.reduction == "mean" else 1.0,
                            dtype=torch.float64)
         else:
-            w = _as_weights(weights, idx.numel())
+            w = arguments.as_weights(weights, idx.numel())
         mb = fmt.MicroBatch(indices=idx.clone(), weights=w.clone())
         if rng_state is not None or cuda_rng_state is not None:
-            mb.rng_state = None if rng_state is None else _as_rng_state(rng_state, "rng_state")
-            mb.cuda_rng_state = None if cuda_rng_state is None else _as_rng_state(cuda_rng_state, "cuda_rng_state")
+            mb.rng_state = None if rng_state is None else arguments.as_rng_state(rng_state, "rng_state")
+            mb.cuda_rng_state = (None if cuda_rng_state is None
+                                 else arguments.as_rng_state(cuda_rng_state, "cuda_rng_state"))
         elif self.record_rng and self._unclaimed_rng is not None:
             # its forward already ran (log_batch called after backward): that forward's state
             mb.rng_state, mb.cuda_rng_state = self._unclaimed_rng
@@ -913,7 +837,7 @@ class TrajectoryRecorder:
             return
         step = self._step + 1
         if self._ddp:
-            self._pending = _gathered(self._pending)
+            self._pending = gathered(self._pending)
         if not self._pending:
             self._warn_unbatched(step)
         path = os.path.join(self.path, fmt.STEPS_DIR, fmt.step_filename(step))
@@ -1198,78 +1122,3 @@ class TrajectoryRecorder:
                 self._lock.release()
         except Exception:
             pass
-
-
-# ---------------------------------------------------------------------- DDP (torchrun)
-def _gathered(pending: List[fmt.MicroBatch]) -> List[fmt.MicroBatch]:
-    """Every rank's micro-batches of this step, in rank order (DDP averages the ranks' gradients,
-    so each sample's weight is its rank's weight ÷ world size; RNG states travel with them)."""
-    world = distributed.world_size()
-    mine = [(mb.indices, mb.weights, getattr(mb, "rng_state", None), getattr(mb, "cuda_rng_state", None))
-            for mb in pending]
-    out = []
-    for part in distributed.all_gather_objects(mine):
-        for idx, w, rng, cuda_rng in part:
-            mb = fmt.MicroBatch(indices=idx, weights=w / world)
-            if rng is not None or cuda_rng is not None:
-                mb.rng_state, mb.cuda_rng_state = rng, cuda_rng
-            out.append(mb)
-    return out
-
-
-class _FollowerWriter:
-    """A non-writing rank's stand-in for the step writer: a step counts once handed over."""
-
-    error: Optional[BaseException] = None
-    failed_path: Optional[str] = None
-    background = False
-    cpu_seconds = 0.0
-
-    def snapshot(self) -> None:
-        return None
-
-    def release(self, snap: Any) -> None:
-        return None
-
-    def submit(self, path: str, tensors: Any, metadata: Any, done: Any, snap: Any = None) -> None:
-        done()
-
-    def flush(self) -> None:
-        return None
-
-    def close(self) -> None:
-        return None
-
-
-class _FollowerLock:
-    """A non-writing rank holds no lock (rank 0 holds the directory's)."""
-
-    stale: Optional[Dict[str, Any]] = None
-
-    def acquire(self) -> None:
-        return None
-
-    def release(self, *, keep_stale: bool = False) -> None:
-        return None
-
-    def check(self) -> None:
-        return None
-
-
-# ---------------------------------------------------------------------- keep_every (macro-steps)
-def _check_keep_every(k: Any, optimizer: Any, family: str) -> int:
-    """``keep_every`` validated against what can be summed exactly over a macro-step."""
-    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-        raise ValueError(f"keep_every must be an int >= 1, got {k!r}")
-    if k == 1:
-        return k
-    for g in optimizer.param_groups:
-        wd = float(g.get("weight_decay", 0.0) or 0.0)
-        if wd and (family == "adam" or (family == "sgd" and float(g.get("momentum", 0.0) or 0.0))):
-            raise ValueError(
-                f"keep_every={k} with {type(optimizer).__name__}(weight_decay={wd}"
-                + (f", momentum={g.get('momentum')}" if family == "sgd" else "")
-                + "): this decay rides the momentum buffer, so its share of a macro-step cannot be summed from the "
-                "kept checkpoints; use AdamW-style decoupled decay, no momentum, or keep_every=1"
-            )
-    return k
