@@ -295,7 +295,7 @@ def rank_worker(args: argparse.Namespace) -> None:
         traj = Trajectory.open(args.traj)
         torch.manual_seed(0)
         model = MLP(hidden_for(s.P)).double()
-        X, Y, x, y = torch.load(os.path.join(args.traj, "..", "data.pt"))
+        X, Y, x, y = torch.load(os.path.join(args.traj, "..", "data.pt"), weights_only=True)
         result: Dict[str, Any] = {}
         acc = _install_timers() if args.rank_breakdown else {}
         for job in ("reconstruct", "training view", "data view"):
