@@ -235,6 +235,8 @@ def _series(rows: List[Row]) -> List[Any]:
 
 
 # ----------------------------------------------------------------------------- ranks
+#: the jobs timed 1 vs 2 ranks (``--rank-job`` picks some)
+RANK_JOBS = ("reconstruct", "training view", "data view")
 #: what ``--rank-breakdown`` times (inclusive main-thread CPU seconds per call site, summed per run)
 BREAKDOWN = [
     ("captum_explaind.epk.engine", "ExactPathKernel", "__init__"),
@@ -298,7 +300,7 @@ def rank_worker(args: argparse.Namespace) -> None:
         X, Y, x, y = torch.load(os.path.join(args.traj, "..", "data.pt"), weights_only=True)
         result: Dict[str, Any] = {}
         acc = _install_timers() if args.rank_breakdown else {}
-        for job in ("reconstruct", "training view", "data view"):
+        for job in args.rank_jobs or RANK_JOBS:
             best: Dict[str, Any] = {}
             times: Dict[str, List[List[float]]] = {"one": [[], []], "two": [[], []]}
             # The first pair is the warm-up, the whole job both ways (lazy imports, and the heap grown
@@ -329,6 +331,7 @@ def rank_worker(args: argparse.Namespace) -> None:
             if best:
                 result[f"{job} breakdown"] = best
             for mode in ("one", "two"):
+                result[f"{job} {mode} walls"] = times[mode][0]  # every timed pair, in order
                 result[f"{job} {mode} wall"] = min(times[mode][0])
                 result[f"{job} {mode} cpu"] = min(times[mode][1])
             result[f"{job} pair wall ratios"] = [a / b for a, b in zip(times["one"][0], times["two"][0])]
@@ -340,8 +343,8 @@ def rank_worker(args: argparse.Namespace) -> None:
         distributed.shutdown()  # not destroy_process_group alone: see its docstring
 
 
-def ranks_rows(workdir: str, P: int, N: int, n_test: int, repeat: int = 5, breakdown: bool = False
-               ) -> Dict[str, Any]:
+def ranks_rows(workdir: str, P: int, N: int, n_test: int, repeat: int = 5, breakdown: bool = False,
+               jobs: Optional[List[str]] = None) -> Dict[str, Any]:
     """Record the job's run, then one 2-rank launch measuring it both ways (see :func:`rank_worker`)."""
     import socket
 
@@ -360,10 +363,11 @@ def ranks_rows(workdir: str, P: int, N: int, n_test: int, repeat: int = 5, break
                     "--master_addr=127.0.0.1", f"--master_port={port}", __file__, "--rank-worker",
                     "--traj", path, "--out", out, "--rank-P", str(P), "--rank-N", str(N),
                     "--rank-n-test", str(n_test), "--rank-repeat", str(repeat)]
-                   + (["--rank-breakdown"] if breakdown else []), env=env, check=True)
+                   + (["--rank-breakdown"] if breakdown else [])
+                   + [a for j in jobs or [] for a in ("--rank-job", j)], env=env, check=True)
     result = json.load(open(out, encoding="utf-8"))
     result["load_before"] = load0
-    for job in ("reconstruct", "training view", "data view"):
+    for job in jobs or RANK_JOBS:
         print(f"  {job}: one process {result[f'{job} one wall']:.2f} s wall / {result[f'{job} one cpu']:.2f} s CPU, "
               f"2 ranks {result[f'{job} two wall']:.2f} / {result[f'{job} two cpu']:.2f}", flush=True)
     return result
@@ -442,7 +446,7 @@ def write_report(rows: List[Row], big: Optional[Row], ranks: Dict[str, Any], arg
                   + (f", peak GPU memory {fmt_mem(big.gpu_peak)}" if big.gpu_peak is not None else "")
                   + f" (budget 4096 MiB), max|delta| "
                   f"{big.delta:.1e}; {big.info}. Options: {big.note}.", ""]
-    if ranks and "data view one wall" in ranks:
+    if ranks and any(f"{job} one wall" in ranks for job in RANK_JOBS):
         lines += ["## 1 vs 2 ranks (torchrun, gloo, one thread per rank, same job)", "",
                   f"P = {args.rank_P:,}, N = {args.rank_N}, n_test = {args.rank_n_test}, n_train = 256, batch 16. "
                   "One 2-rank launch alternates the job run by one process (rank 0 alone, `distributed=False`) and "
@@ -453,7 +457,7 @@ def write_report(rows: List[Row], big: Optional[Row], ranks: Dict[str, Any], arg
                   "| job | 1 process wall (s) | 2 ranks wall (s) | wall speed-up (best / median pair) "
                   "| 1 process CPU (s) | busiest rank CPU (s) | CPU speed-up (best / median pair) | first pair |",
                   "|---|---|---|---|---|---|---|---|"]
-        for job in ("reconstruct", "training view", "data view"):
+        for job in (j for j in RANK_JOBS if f"{j} one wall" in ranks):
             r = ranks
             w1, w2, c1, c2 = (r[f"{job} one wall"], r[f"{job} two wall"], r[f"{job} one cpu"], r[f"{job} two cpu"])
             mw, mc = statistics.median(r[f"{job} pair wall ratios"]), statistics.median(r[f"{job} pair cpu ratios"])
@@ -470,7 +474,7 @@ def breakdown_lines(ranks: Dict[str, Any]) -> List[str]:
     """``--rank-breakdown``: per job, inclusive main-thread CPU seconds (calls) of the engine's parts
     in the best run of one process and of each of the 2 ranks."""
     lines: List[str] = []
-    for job in ("reconstruct", "training view", "data view"):
+    for job in RANK_JOBS:
         b = ranks.get(f"{job} breakdown")
         if not b or "one" not in b or "two" not in b:
             continue
@@ -500,6 +504,8 @@ def main() -> None:
     ap.add_argument("--rank-N", type=int, default=16, help="steps of the 1 vs 2 ranks job")
     ap.add_argument("--rank-n-test", type=int, default=8, help="test inputs of the 1 vs 2 ranks job")
     ap.add_argument("--rank-repeat", type=int, default=5, help="interleaved timed pairs per job (1 process, 2 ranks)")
+    ap.add_argument("--rank-job", dest="rank_jobs", action="append", choices=RANK_JOBS,
+                    help="1 vs 2 ranks: time only these jobs (default: all three)")
     ap.add_argument("--rank-breakdown", action="store_true",
                     help="1 vs 2 ranks: also time the engine's parts on each rank (inclusive CPU seconds, best run)")
     args = ap.parse_args()
@@ -544,7 +550,7 @@ def main() -> None:
                                note="max_memory='4GiB', max_evaluations=16, train_jvp left automatic")[0]
         if "ranks" in parts:
             ranks = ranks_rows(tmp, args.rank_P, args.rank_N, args.rank_n_test, args.rank_repeat,
-                               args.rank_breakdown)
+                               args.rank_breakdown, args.rank_jobs)
     if rows:
         plot(rows, str(Path(args.out).with_suffix(".png")))
     write_report(rows, big, ranks, args, args.out, load_note)

@@ -68,3 +68,26 @@ def test_refinement_payload_is_bounded_by_max_rows_and_the_result_is_unchanged(r
     total = narrow.scores.sum(1) + narrow.regularization + narrow.residual + narrow.buffers + narrow.delta
     torch.testing.assert_close(total, narrow.change, rtol=0, atol=1e-12)
     assert float(narrow.delta.abs().max()) < 1e-9 * float(narrow.change.abs().max())
+
+
+def test_a_rule_at_once_gives_the_node_by_node_result(relu_run, monkeypatch):
+    """The integrator's rule-at-once path (one parameter-sized payload per row and rule, not per
+    node) on base passes, held refinement levels and recomputed ones (max_rows=2): the same
+    decomposition and the same count of node evaluations as node by node."""
+    model, traj, X, Y = relu_run
+    calls = []
+    rule = integrands.VjpIntegrand.evaluate_rule
+
+    def spy(self, t, w, rows):
+        calls.append(t.shape)
+        return rule(self, t, w, rows)
+
+    monkeypatch.setattr(integrands.VjpIntegrand, "evaluate_rule", spy)
+    fused, _, _ = _data_view(model, traj, X, Y, 2, monkeypatch)
+    assert any(shape[1] == 4 for shape in calls) and any(shape[1] == 2 for shape in calls), calls  # base, levels
+    monkeypatch.setattr(integrands.VjpIntegrand, "evaluate_rule", lambda self, t, w, rows: None)
+    nodes, _, _ = _data_view(model, traj, X, Y, 2, monkeypatch)
+    for name in ("scores", "regularization", "residual", "delta", "change"):
+        torch.testing.assert_close(getattr(fused, name), getattr(nodes, name), rtol=1e-11, atol=1e-14)
+    assert fused.stats.evaluations == nodes.stats.evaluations
+    assert fused.stats.max_depth == nodes.stats.max_depth > 0

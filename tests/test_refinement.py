@@ -123,6 +123,42 @@ def test_rows_on_a_segment_match_the_generic_path(cls, kind):
     torch.testing.assert_close(gp, g @ proj, rtol=0, atol=1e-12)
 
 
+@pytest.mark.parametrize("cls, kind", [(Mixed, "tokens"), (UsesParameterDirectly, "vector")])
+def test_a_rule_at_once_is_the_weighted_sum_of_its_nodes(cls, kind):
+    """integrated_grads_on_segment: Σ_j w_ij ∇f(θ(t_ij); x_i) and each node's ∇f·Δ, per row with
+    its own nodes and weights (zero weights included: no division by them), against the gradient
+    at each node computed on its own; None off the shared-weight path."""
+    torch.manual_seed(1)
+    model = cls().double()
+    names = [n for n, _ in model.named_parameters()]
+    layout = ParamLayout(names, [p.shape for _, p in model.named_parameters()])
+    fm = FunctionalModel(model, layout, {}, device=torch.device("cpu"), dtype=torch.float64)
+    theta0 = layout.flatten(dict(model.named_parameters())).detach()
+    delta = 0.1 * torch.randn_like(theta0)
+    X, _ = make_data(kind, 4)
+    X = X % 6 if kind == "tokens" else X
+    B = Batch.from_inputs(X)
+    sel = lambda out, j: out.reshape(-1).gather(0, j.reshape(1)).squeeze(0)  # noqa: E731
+    j = torch.tensor([0, 1, 2, 3])
+    t = torch.rand(4, 3, dtype=torch.float64)
+    w = torch.rand(4, 3, dtype=torch.float64)
+    w[1, 2] = 0.0
+    got = fm.integrated_grads_on_segment(theta0, delta, t, w, B, sel, j)
+    if cls is UsesParameterDirectly:
+        assert got is None and not fm.affine_ok
+        return
+    assert got is not None
+    payload, slopes = got
+    assert payload.shape == (4, theta0.numel()) and slopes.shape == (4, 3)
+    for i in range(4):
+        ref = torch.zeros_like(theta0)
+        for q in range(3):
+            gi, _ = fm.selected_grads(theta0 + t[i, q] * delta, B.row(i), sel, j[i : i + 1])
+            ref += w[i, q] * gi[0]
+            torch.testing.assert_close(slopes[i, q], gi[0] @ delta, rtol=0, atol=1e-12)
+        torch.testing.assert_close(payload[i], ref, rtol=0, atol=1e-12)
+
+
 def test_relu_model_with_norms_converges_end_to_end(tmp_path):
     torch.manual_seed(0)
     model = Mixed().double()

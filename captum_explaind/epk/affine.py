@@ -61,15 +61,20 @@ class AffineParameters(TorchFunctionMode):
             (differentiated by ``grad``: the row's gradient) or a :class:`Combo` (its
             coefficients differentiated: directional derivatives); parameters it leaves out get
             none; ``None`` for plain forwards.
+        scale (Tensor, optional): a factor ``s`` on the extra term, ``base + t · delta + s · extra``
+            (a scalar; batched under ``vmap``): the gradient by ``extra`` of a sum over points
+            with their own ``s`` is then the ``s``-weighted sum of their gradients (a quadrature
+            rule, one weight per node), formed by the operations' own reductions.
     """
 
     def __init__(self, base: Dict[str, torch.Tensor], delta: Dict[str, torch.Tensor], t: torch.Tensor,
-                 extra: Optional[Dict[str, Extra]] = None) -> None:
+                 extra: Optional[Dict[str, Extra]] = None, scale: Optional[torch.Tensor] = None) -> None:
         super().__init__()
         self.names = {id(v): k for k, v in base.items()}
         self.delta = delta
         self.t = t
         self.extra = extra
+        self.scale = scale
         self.unsupported: Optional[str] = None
 
     def _name(self, x: Any) -> Optional[str]:
@@ -79,24 +84,24 @@ class AffineParameters(TorchFunctionMode):
         extra = None if self.extra is None else self.extra.get(name)  # parameters without one: none
         return self.delta[name], extra
 
-    @staticmethod
-    def _through(op: Any, e: Extra) -> torch.Tensor:
-        """``op(e)`` for an operation linear in ``e``: one direction at a time for a :class:`Combo`."""
+    def _through(self, op: Any, e: Extra) -> torch.Tensor:
+        """``s · op(e)`` for an operation linear in ``e``: one direction at a time for a :class:`Combo`."""
         if isinstance(e, Combo):
             out = None
             for j in range(e.dirs.shape[0]):
                 term = e.coef[j] * op(e.dirs[j])
                 out = term if out is None else out + term
             assert out is not None  # a Combo holds at least one direction
-            return out
-        return op(e)
+        else:
+            out = op(e)
+        # the factor on the operation's output (not on e): a scaled copy of e would be a
+        # parameter-sized tensor per point, and so would its gradient
+        return out if self.scale is None else self.scale * out
 
-    @staticmethod
-    def _dense(e: Extra) -> torch.Tensor:
-        """The extra term as one tensor (small parameters: biases, norm weights)."""
-        if isinstance(e, Combo):
-            return torch.tensordot(e.coef, e.dirs, dims=1)
-        return e
+    def _dense(self, e: Extra) -> torch.Tensor:
+        """``s ·`` the extra term as one tensor (small parameters: biases, norm weights)."""
+        out = torch.tensordot(e.coef, e.dirs, dims=1) if isinstance(e, Combo) else e
+        return out if self.scale is None else self.scale * out
 
     def __torch_function__(
         self, func: Any, types: Any, args: Sequence[Any] = (), kwargs: Optional[Dict[str, Any]] = None

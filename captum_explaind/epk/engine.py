@@ -34,7 +34,7 @@ from . import checks, sweep_split
 from .allocator import keeps_heap
 from .batch import Batch
 from .functional import FunctionalModel
-from .integrator import StepStats, integrate_step
+from .integrator import RULE_NODES, StepStats, integrate_step
 from .layout import ParamLayout
 from .memory import MemoryPlan, activation_bytes, plan, view_bytes
 from .options import EPKOptions, resolve_options
@@ -226,7 +226,7 @@ class ExactPathKernel:
                     activations=activation_bytes(self.functional, theta, batch.row(0)),
                     view_fixed=view_bytes(view), per_input_vectors=int(getattr(view, "per_input_vectors", 2)),
                     gradient_payload=bool(getattr(view, "gradient_payload", True)),
-                    max_evaluations=o.max_evaluations, refine=o.refine)
+                    max_evaluations=o.max_evaluations, refine=o.refine, nodes=min(o.nodes, RULE_NODES))
 
     def tolerance(self, c0: torch.Tensor, c1: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """Per-row step tolerance and noise floor from the checked outputs at both ends of a step.

@@ -76,6 +76,8 @@ class FunctionalModel:
         # None: not probed yet; then whether per-row points can use shared weights (see affine.py)
         self.affine_ok: Optional[bool] = None
         self.affine_reason = ""
+        # whether a rule's nodes as a batch inside each example failed (integrated_grads_on_segment)
+        self.rule_failed = False
 
     def set_fixed(self, fixed: Dict[str, torch.Tensor]) -> None:
         """Replace some frozen tensors (buffers that changed during training)."""
@@ -187,10 +189,11 @@ class FunctionalModel:
 
     # ------------------------------------------------------------------ rows on one segment
     def _affine_raw(self, base: Dict[str, torch.Tensor], delta: Dict[str, torch.Tensor], t: torch.Tensor,
-                    batch: Batch, extra: Optional[Dict[str, Extra]] = None) -> Any:
+                    batch: Batch, extra: Optional[Dict[str, Extra]] = None, scale: Optional[torch.Tensor] = None
+                    ) -> Any:
         params = dict(base)
         params.update(self.fixed)
-        with AffineParameters(base, delta, t, extra) as mode:
+        with AffineParameters(base, delta, t, extra, scale) as mode:
             out = batch.call(self.module, params)
         if mode.unsupported is not None:
             raise _AffineUnsupported(mode.unsupported)
@@ -310,6 +313,57 @@ class FunctionalModel:
         if columns is not None:
             return restrict_columns(grads, columns, delta)
         return grads if project is None else grads @ project
+
+    def integrated_grads_on_segment(self, theta0: torch.Tensor, delta: torch.Tensor, t: torch.Tensor,
+                                    w: torch.Tensor, batch: Batch, scalar: Callable[[Any, Any], torch.Tensor],
+                                    extra: Any, purpose: str = "target"
+                                    ) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
+        """A quadrature rule's weighted sum of per-example gradients, never one per node.
+
+        For example i with nodes ``t[i, j]`` and weights ``w[i, j]`` on the segment, the gradient by
+        a shared ε of ``Σ_j f(θ_0 + t_ij Δ + w_ij ε; x_i)`` is ``Σ_j w_ij ∇f(θ(t_ij); x_i)``, and its
+        derivative by ``t_ij`` is the node's ``∇f(θ(t_ij); x_i) · Δ``. On the shared-weight path
+        (:mod:`.affine`) the nodes are a batch inside each example's evaluation, so each weight's
+        gradient is one product over the nodes (``Σ_j δ_ij a_ijᵀ``): a per-example parameter-sized
+        array is written once per rule, not once per node and then summed.
+
+        Args:
+            theta0, delta (Tensor): the segment, [P] each.
+            t, w (Tensor): nodes and weights per example, [n, K] each.
+            batch (Batch): the examples.
+            scalar, extra, purpose: as in :meth:`selected_grads`.
+
+        Returns:
+            *tuple[Tensor, Tensor]* or None: the integrated gradients [n, P] and the nodes'
+            derivatives along Δ [n, K]; None where the shared-weight path is not available (the
+            caller evaluates node by node).
+        """
+        if self.rule_failed or not (self.use_vmap(purpose) and self._use_affine(theta0, delta, batch)):
+            return None
+        base, dd = self.layout.split(theta0), self.layout.split(delta)
+        zeros: Dict[str, Extra] = {k: torch.zeros_like(v) for k, v in base.items()}
+        ed = batched_dims(extra, batch.n)
+
+        def one(b: Batch, e: Any, t_r: torch.Tensor, w_r: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+            e = lift_rows(e, ed)
+
+            def total(ex: Dict[str, Extra], t_nodes: torch.Tensor) -> torch.Tensor:
+                at = vmap(lambda t_j, w_j: scalar(self._affine_raw(base, dd, t_j, b, ex, w_j), e))
+                return at(t_nodes, w_r).sum()
+
+            g, g_t = grad(total, argnums=(0, 1))(zeros, t_r)
+            return torch.cat([g[k].reshape(-1) for k in self.layout.names]), g_t
+
+        dt = delta.dtype
+        try:
+            with functorch_friendly():
+                return vmap(batch.per_row(one), in_dims=batch.dims + (ed, 0, 0))(
+                    batch.args, batch.kwargs, extra, t.to(dt), w.to(dt))
+        except _AffineUnsupported:
+            raise
+        except Exception:
+            self.rule_failed = True  # node by node from now on (that path owns the loop fallback)
+            return None
 
     def _columns_one(self, base: Dict[str, torch.Tensor], dd: Dict[str, torch.Tensor], t_r: torch.Tensor, b: Batch,
                      e: Any, scalar: Callable[[Any, Any], torch.Tensor],

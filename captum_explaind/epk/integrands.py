@@ -143,6 +143,22 @@ class VjpIntegrand(_Capturing):
         self.fm, self.seg, self.chunk, self.target, self.sink = fm, seg, chunk, target, sink
         self.project = project
 
+    def evaluate_rule(self, t: torch.Tensor, w: torch.Tensor, rows: torch.Tensor
+                      ) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
+        """A rule at once: ``Σ_j w_rj ∇f(θ(t_rj))`` per row [m, P] and each node's checked total
+        [m, K, 1] (``t``, ``w``: [m, K]); None where only node-by-node evaluation is available
+        (projections, models off the shared-weight path)."""
+        if self.project is not None:
+            return None
+        b = self.chunk.take(rows)
+        idx = self.target.rows_index(self.chunk.offset + rows)
+
+        def scalar(raw: Any, i: torch.Tensor) -> torch.Tensor:
+            return self.target.scalar(self.fm.explain(raw, 1), i)
+
+        out = self.fm.integrated_grads_on_segment(self.seg.theta0, self.seg.delta, t, w, b, scalar, idx)
+        return None if out is None else (out[0], out[1].unsqueeze(2))
+
     def evaluate(self, t: Union[float, torch.Tensor], rows: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         b = self.chunk.take(rows)
         idx = self.target.rows_index(self.chunk.offset + rows)

@@ -37,11 +37,15 @@ from .checks import check_integrand
 from .kinks import kink_roots
 from .quadrature import quadrature_rule
 
-__all__ = ["StepIntegrand", "StepStats", "integrate_step", "KINK_SPLIT_RATIO"]
+__all__ = ["StepIntegrand", "StepStats", "integrate_step", "KINK_SPLIT_RATIO", "RULE_NODES"]
 
 #: A rejected step whose error exceeds its tolerance by more than this factor is split at all the
 #: kinks of its activations at once; closer ones are split at the estimated jump only.
 KINK_SPLIT_RATIO = 64.0
+
+#: The most nodes of a rule one ``evaluate_rule`` call takes: each node's activations are held at
+#: once inside every row's evaluation (the memory plan counts this many per row).
+RULE_NODES = 8
 
 
 class StepIntegrand(Protocol):
@@ -51,7 +55,10 @@ class StepIntegrand(Protocol):
     rows, or a tensor with one parameter point per row. ``evaluate`` returns the integrand (a
     payload tensor with rows first, e.g. jvps [m, T, C] or gradients [m, P]) and the checked
     total it implies [m, C]; ``checked`` returns the checked outputs ``f(θ(t))`` [m, C];
-    ``accumulate`` receives the integrated payload of accepted rows.
+    ``accumulate`` receives the integrated payload of accepted rows. An integrand may also offer
+    ``evaluate_rule(t, w, rows)`` (``t``, ``w``: [m, K] nodes and weights per row): the weighted
+    payload sum over the nodes and the totals at each node [m, K, C] at once, or None; the
+    integrator then never holds a payload per node (:func:`_rule_at_once`).
     """
 
     def evaluate(self, t: Union[float, torch.Tensor], rows: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]: ...
@@ -67,7 +74,8 @@ class StepStats:
 
     Attributes:
         error (Tensor): [m] max over checked outputs of |integrated total − exact change|.
-        evaluations (int): integrand evaluation calls (each over any number of rows).
+        evaluations (int): integrand evaluation calls (each over any number of rows; a rule
+            evaluated at once counts one per node).
         depth (int): deepest refinement level used.
         unconverged (int): inputs still above tolerance when ``max_depth`` stopped refinement.
         unconverged_rows (Tensor, optional): which rows of the chunk they are.
@@ -238,24 +246,56 @@ def _known_points(t_nodes: Sequence[float], dtype: torch.dtype, device: torch.de
 
 def _base_pass(integrand: StepIntegrand, t_nodes: Sequence[float], w_nodes: Sequence[float],
                rows: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
-    """Level 0: the base rule on [0, 1] for every row, one call per node (one shared point).
+    """Level 0: the base rule on [0, 1] for every row (one shared point per node).
 
     Returns:
         *tuple*: integrated payload, integrated total [m, C], the totals at the nodes in ascending
-        order [m, n, C], and the calls made.
+        order [m, n, C], and the node evaluations made.
     """
     order = sorted(range(len(t_nodes)), key=lambda q: t_nodes[q])
+    like = torch.zeros((), dtype=torch.float64, device=rows.device)
+    t = like.new_tensor([t_nodes[q] for q in order]).expand(len(rows), -1)
+    w = like.new_tensor([w_nodes[q] for q in order]).expand(len(rows), -1)
+    at_once = _rule_at_once(integrand, t, w, rows)
+    if at_once is not None:
+        summed, g = at_once
+        return summed, (g * _bcast_nodes(w, g)).sum(dim=1), g, len(order)
     contrib: Optional[torch.Tensor] = None
     total: Optional[torch.Tensor] = None
     gvals = []
     for q in order:
-        t, w = t_nodes[q], w_nodes[q]
-        payload, tot = integrand.evaluate(t, rows)
-        contrib = payload * w if contrib is None else contrib.add_(payload, alpha=w)
-        total = tot * w if total is None else total.add_(tot, alpha=w)
+        tq, wq = t_nodes[q], w_nodes[q]
+        payload, tot = integrand.evaluate(tq, rows)
+        contrib = payload * wq if contrib is None else contrib.add_(payload, alpha=wq)
+        total = tot * wq if total is None else total.add_(tot, alpha=wq)
         gvals.append(tot)
     assert contrib is not None and total is not None  # a rule has at least one node
     return contrib, total, torch.stack(gvals, dim=1), len(order)
+
+
+def _bcast_nodes(w: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """Weights [p, K] against node totals [p, K, C]."""
+    return w.to(g.dtype).unsqueeze(2)
+
+
+def _rule_at_once(integrand: StepIntegrand, t: torch.Tensor, w: torch.Tensor, rows: torch.Tensor
+                  ) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
+    """The integrand's whole rule per row in calls of at most :data:`RULE_NODES` nodes, where it
+    offers that (``evaluate_rule``: a per-row parameter-sized payload written once per call, not
+    once per node): ``(Σ_j w_rj payload(t_rj) [p, ...], node totals [p, K, C])``, else None."""
+    rule = getattr(integrand, "evaluate_rule", None)
+    if rule is None:
+        return None
+    payload: Optional[torch.Tensor] = None
+    totals = []
+    for j in range(0, t.shape[1], RULE_NODES):
+        got = rule(t[:, j : j + RULE_NODES], w[:, j : j + RULE_NODES], rows)
+        if got is None:
+            return None  # (decided on the first call: the integrand evaluates node by node)
+        payload = got[0] if payload is None else payload.add_(got[0])
+        totals.append(got[1])
+    assert payload is not None  # a rule has at least one node
+    return payload, torch.cat(totals, dim=1)
 
 
 def _sub_pass(integrand: StepIntegrand, pairs: _Pairs, sub_rule: Tuple[Sequence[float], Sequence[float]],
@@ -274,6 +314,9 @@ def _sub_pass(integrand: StepIntegrand, pairs: _Pairs, sub_rule: Tuple[Sequence[
     a, rows = pairs.a, pairs.rows
     h = pairs.b - a
     hold = len(rows) <= max_rows
+    at_once = _sub_rule_at_once(integrand, pairs, sub_rule, max_rows, hold)
+    if at_once is not None:
+        return at_once
     contrib: Optional[torch.Tensor] = None
     total: Optional[torch.Tensor] = None
     gvals = []
@@ -300,6 +343,35 @@ def _sub_pass(integrand: StepIntegrand, pairs: _Pairs, sub_rule: Tuple[Sequence[
     return contrib, total, torch.stack(gvals, dim=1), calls
 
 
+_Level = Tuple[Optional[torch.Tensor], torch.Tensor, torch.Tensor, int]
+
+
+def _sub_rule_at_once(integrand: StepIntegrand, pairs: _Pairs, sub_rule: Tuple[Sequence[float], Sequence[float]],
+                      max_rows: int, hold: bool) -> Optional[_Level]:
+    """:func:`_sub_pass` by :func:`_rule_at_once`, in slices of ``max_rows`` pairs (None where the
+    integrand evaluates node by node); the node evaluations are counted as node by node."""
+    a, rows = pairs.a, pairs.rows
+    h = (pairs.b - a).unsqueeze(1)
+    t_q, w_q = a.new_tensor(list(sub_rule[0])), a.new_tensor(list(sub_rule[1]))
+    contrib: Optional[torch.Tensor] = None
+    gs = []
+    for i in range(0, len(rows), max_rows):
+        sl = slice(i, i + max_rows)
+        got = _rule_at_once(integrand, a[sl].unsqueeze(1) + h[sl] * t_q, h[sl] * w_q, rows[sl])
+        if got is None:
+            return None
+        if hold:
+            if contrib is None:
+                contrib = got[0].new_empty((len(rows),) + tuple(got[0].shape[1:]))
+            contrib[sl] = got[0]
+        gs.append(got[1])
+        del got
+    g = torch.cat(gs)
+    total = (g * _bcast_nodes(h * w_q, g)).sum(dim=1)
+    calls = len(sub_rule[0]) * len(gs)
+    return (contrib if hold else None), total, g, calls
+
+
 def _payload_kept(integrand: StepIntegrand, pairs: _Pairs, keep: torch.Tensor,
                   sub_rule: Tuple[Sequence[float], Sequence[float]], max_rows: int) -> int:
     """The accepted pairs' integrated payload, recomputed and handed to the integrand in slices of
@@ -310,11 +382,16 @@ def _payload_kept(integrand: StepIntegrand, pairs: _Pairs, keep: torch.Tensor,
     """
     idx = keep.nonzero().reshape(-1)
     a, h, rows = pairs.a[idx], (pairs.b - pairs.a)[idx], pairs.rows[idx]
+    t_q, w_q = a.new_tensor(list(sub_rule[0])), a.new_tensor(list(sub_rule[1]))
     calls = 0
     for i in range(0, len(idx), max_rows):
         sl = slice(i, i + max_rows)
-        part: Optional[torch.Tensor] = None
-        for t, w in zip(*sub_rule):
+        at_once = _rule_at_once(integrand, a[sl].unsqueeze(1) + h[sl].unsqueeze(1) * t_q,
+                                h[sl].unsqueeze(1) * w_q, rows[sl])
+        part: Optional[torch.Tensor] = None if at_once is None else at_once[0]
+        if part is not None:
+            calls += len(sub_rule[0])
+        for t, w in zip(*sub_rule) if part is None else ():
             payload, _ = integrand.evaluate(a[sl] + h[sl] * t, rows[sl])
             calls += 1
             term = payload * _bcast(h[sl] * w, payload)

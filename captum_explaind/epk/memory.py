@@ -6,7 +6,8 @@ plus what one chunk of test inputs costs while a step is integrated:
 
 * every evaluated integrand row holds its payload (a gradient, ``P`` numbers, for the
   gradient-based integrands; a few outputs per tangent for forward mode) and the activations of
-  one example (measured once: the bytes autograd saves for one example's backward pass);
+  one example per node of the rule (measured once: the bytes autograd saves for one example's
+  backward pass; a gradient rule's nodes are evaluated at once, ``integrator.RULE_NODES`` at most);
 * refinement holds one payload per (input, sub-interval) pair of a level, at most
   ``max_evaluations / 3`` per input (a child costs its 2 nodes and its cut check);
 * the data view's training side holds per-sample gradients (``P`` numbers and the activations
@@ -102,8 +103,10 @@ def view_bytes(view: Any) -> int:
 
 
 def plan(budget: int, *, n: int, n_params: int, dtype: torch.dtype, activations: int, view_fixed: int,
-         per_input_vectors: int, gradient_payload: bool, max_evaluations: Optional[int], refine: bool) -> MemoryPlan:
-    """Split ``budget`` bytes into batch sizes (see the module docstring).
+         per_input_vectors: int, gradient_payload: bool, max_evaluations: Optional[int], refine: bool,
+         nodes: int = 1) -> MemoryPlan:
+    """Split ``budget`` bytes into batch sizes (see the module docstring). ``nodes``: the rule's
+    nodes evaluated at once inside each row (their activations held together).
 
     Raises:
         MemoryError: the fixed part alone (accumulators and parameter vectors for ``n`` inputs)
@@ -119,7 +122,7 @@ def plan(budget: int, *, n: int, n_params: int, dtype: torch.dtype, activations:
             "accumulators); raise max_memory, explain fewer inputs at a time, or select fewer parameters"
         )
     free = budget - fixed
-    row = (2 * vec if gradient_payload else 4 * e) + activations  # one evaluated integrand row
+    row = (2 * vec if gradient_payload else 4 * e) + max(1, nodes) * activations  # one evaluated integrand row
     train_bytes = free // 4
     train_batch_size = max(1, train_bytes // (2 * vec + activations))
     refine_rows = max(1, min(1024, (free // 8) // row))  # rows per batched call: speed, not exactness
