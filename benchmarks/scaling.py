@@ -250,7 +250,8 @@ BREAKDOWN = [
     ("captum_explaind.epk.data_view", "DataView", "_test_side"),
     ("captum_explaind.epk.data_view", "DataView", "finish_shard"),
     ("captum_explaind.distributed", None, "all_gather_objects"),
-    ("captum_explaind.distributed", None, "all_gather_equal"),
+    ("captum_explaind.distributed", None, "send_tensors"),
+    ("captum_explaind.distributed", None, "recv_tensors"),
     ("captum_explaind.distributed", None, "all_reduce_sum_"),
 ]
 

@@ -11,7 +11,8 @@ group of one — every function here is the identity and nothing changes. The he
 * :func:`all_reduce_sum_` / :func:`all_reduce_max` / :func:`all_reduce_max_` — combining per-rank
   partial results, in place;
 * :func:`all_gather_shards` — a tensor's rows from every rank's :func:`shard` of them, on every rank;
-* :func:`all_gather_equal` — a tensor of one shape from every rank, on every rank;
+* :func:`send_tensors` / :func:`recv_tensors` — tensors from one rank to another (a carry handed down
+  the ranks' blocks of steps);
 * :func:`all_gather_objects` / :func:`gather_indices` / :func:`broadcast_object` — small Python
   payloads (micro-batch indices of a ``DistributedSampler`` run, counters);
 * :func:`shutdown` — leaving the group at the end of a script (garbage collected first).
@@ -30,7 +31,7 @@ import torch
 import torch.distributed as dist
 
 __all__ = ["active", "rank", "world_size", "is_writer", "shard", "pair_segment", "StepClaims", "all_reduce_sum_",
-           "all_reduce_max", "all_reduce_max_", "all_gather_shards", "all_gather_equal", "exchange",
+           "all_reduce_max", "all_reduce_max_", "all_gather_shards", "send_tensors", "recv_tensors", "exchange",
            "all_gather_objects", "gather_indices", "broadcast_object", "barrier", "check_same", "shutdown"]
 
 T = TypeVar("T")
@@ -212,15 +213,28 @@ def all_gather_shards(part: torch.Tensor, n: int, dim: int = 0) -> torch.Tensor:
     return whole.movedim(0, dim)
 
 
-def all_gather_equal(t: torch.Tensor) -> List[torch.Tensor]:
-    """``[t of rank 0, t of rank 1, …]`` for a tensor of the same shape and dtype on every rank
-    (``[t]`` outside a process group): one ``all_gather``, no pickling, bit for bit."""
+def send_tensors(tensors: Sequence[torch.Tensor], dst: int, tag: int) -> None:
+    """Send ``tensors`` to rank ``dst`` (point to point, one message each, tags ``tag, tag+1, …``);
+    the receiver calls :func:`recv_tensors` with buffers of the same shapes and dtypes."""
     if not active():
-        return [t]
-    send = t.contiguous().to(_comm_device(t))
-    recv = [torch.empty_like(send) for _ in range(world_size())]
-    dist.all_gather(recv, send)
-    return [r.to(t.device) for r in recv]
+        return
+    reqs = [dist.isend(t.contiguous().to(_comm_device(t)), dst=dst, tag=tag + i) for i, t in enumerate(tensors)]
+    for r in reqs:
+        if r is not None:
+            r.wait()
+
+
+def recv_tensors(likes: Sequence[torch.Tensor], src: int, tag: int) -> List[torch.Tensor]:
+    """Receive from rank ``src`` what it sent by :func:`send_tensors`: tensors shaped and typed
+    like ``likes``, where they are."""
+    if not active():
+        return []
+    bufs = [torch.empty(t.shape, dtype=t.dtype, device=_comm_device(t)) for t in likes]
+    reqs = [dist.irecv(b, src=src, tag=tag + i) for i, b in enumerate(bufs)]
+    for r in reqs:
+        if r is not None:
+            r.wait()
+    return [b.to(t.device) for b, t in zip(bufs, likes)]
 
 
 def exchange(send: Dict[int, torch.Tensor], receive: Sequence[int], peer: int, like: torch.Tensor

@@ -164,6 +164,10 @@ class DataView(StepSplit, ViewBase):
         self._lo, self._hi = 0, n
         # Split by steps instead (shard_steps): this rank's steps, stored for the carry exchange
         self._stored: Optional[List[Tuple[Segment, Optional[torch.Tensor]]]] = None
+        self._carry_weight: Dict[int, Optional[torch.Tensor]] = {}  # begin_block: the block's carry
+        self._local: Optional[torch.Tensor] = None
+        self._block_prod: Optional[torch.Tensor] = None
+        self._block_beta: Optional[torch.Tensor] = None
 
     def shard_steps(self, last: int) -> bool:
         """The engine asks whether the split sweep may give each rank a contiguous block of the
@@ -223,14 +227,17 @@ class DataView(StepSplit, ViewBase):
             acc[rows, w] += value
 
     def integrand(self, seg: Segment, chunk: Chunk) -> VjpIntegrand:
-        if self._phi is None:
-            self._phi = self._zeros_rows()
         lo = self._lo
 
         def sink(rows: torch.Tensor, payload: torch.Tensor) -> None:
-            phi = self._phi
-            assert phi is not None  # set above for this step; end_step() clears it
-            phi.index_add_(0, rows - lo, payload)
+            if self._phi is None:
+                if _covers(rows, lo, self._hi) and payload.is_contiguous():
+                    # one hand-over of every row (the base rule accepted them all): the payload
+                    # is φ itself (the integrator never touches it again), no zeros plus a copy
+                    self._phi = payload
+                    return
+                self._phi = self._zeros_rows()
+            self._phi.index_add_(0, rows - lo, payload)
 
         return VjpIntegrand(self.epk.functional, seg, chunk, self.target, sink)
 
@@ -245,15 +252,15 @@ class DataView(StepSplit, ViewBase):
                 assert self._split and self._hi == self._lo
                 phi = self._zeros_rows()
             self._phi = None
-            pre = co.precond if co.precond is not None else 1.0
-            ephi = co.lr * pre * phi  # η_s D_s φ_s
             self._to_windows(self.path, seg.step, slice(self._lo, self._hi), phi @ seg.delta)
-        if self._stored is not None:  # split by steps: the test side needs the carry from later ranks
             self._decoupled(seg, phi)
+            # η_s D_s φ_s in φ's own memory (φ is not read again): no new [inputs, P] array per step
+            ephi = phi.mul_(co.lr if co.precond is None else co.lr * co.precond)
+        if self._stored is not None:  # split by steps: the test side needs the carry from later ranks
+            self._fold(seg, ephi)
             self._stored.append((self._kept_segment(seg), ephi))
             return
         self._test_side(seg, ephi, beta_next)
-        self._decoupled(seg, phi)
 
     def _test_side(self, seg: Segment, ephi: Optional[torch.Tensor], beta_next: Optional[torch.Tensor],
                    keep_all: bool = False) -> None:
@@ -329,8 +336,9 @@ class DataView(StepSplit, ViewBase):
         """Decoupled decay enters directly: ``−η_s φ_s·(λ θ_{s−1})`` in the step's own window(s)."""
         co = seg.coeffs
         if phi is not None and seg.step in self.windows_of and bool((co.decay_decoupled != 0).any()):
+            # (η λ θ) as one vector: no scaled copy of φ
             self._to_windows(self.regularization, seg.step, slice(self._lo, self._hi),
-                             -((co.lr * phi) @ (co.decay_decoupled * seg.theta0)))
+                             -(phi @ (co.lr * co.decay_decoupled * seg.theta0)))
 
     def _acc_sizes(self) -> Dict[int, float]:
         """``max |A^W|`` over all test inputs, per window (over every rank's rows when split, so
@@ -517,6 +525,11 @@ class PolylineDataView(DataView):
             if float(gg) > 0:
                 a[t] = -(kernel[sl] @ g_rep[sl]) / gg
         return a
+
+
+def _covers(rows: torch.Tensor, lo: int, hi: int) -> bool:
+    """Whether ``rows`` are exactly ``lo, lo + 1, …, hi − 1``, in order."""
+    return rows.numel() == hi - lo and bool((rows == torch.arange(lo, hi, device=rows.device)).all())
 
 
 def _coverage(layout: Any, groups: Optional["OrderedDict[str, List[str]]"]) -> Tuple[List[str], List[str]]:

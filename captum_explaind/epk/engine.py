@@ -409,6 +409,8 @@ class ExactPathKernel:
         if steps_mode:
             mine = distributed.shard(range(1, last + 1))
             top, bottom = (mine[-1], mine[0]) if mine else (0, 1)
+            if hasattr(view, "begin_block"):
+                getattr(view, "begin_block")(list(mine), lambda s: um.beta(scalars[s - 1]))  # noqa: B009
         chunks = sweep_split.rank_chunks(self, batch) if sharded and not steps_mode else self.chunks(batch)
         if sharded and not steps_mode and hasattr(view, "shard_rows"):
             rows = distributed.shard(range(batch.n))

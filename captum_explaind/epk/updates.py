@@ -265,6 +265,10 @@ class UpdateModel:
             reg=None,
         )
 
+    def beta(self, sc: StepScalars) -> torch.Tensor:
+        """The momentum coefficient β_s of :meth:`vectors`, alone (one flat vector)."""
+        return self._vec(sc.beta)
+
     def _precond(self, record: StepRecord, counts: List[int]) -> torch.Tensor:
         """Adam's D_s = 1 / (sqrt(v̄_s) / sqrt(1 − β2^k) + ε), from the recorded second moment."""
         amsgrad = [bool(record.groups[g].get("amsgrad", False)) for g in self._group]
