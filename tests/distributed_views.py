@@ -36,17 +36,22 @@ def counted_train_grads() -> Iterator[List[int]]:
     from captum_explaind.epk import train_grads
 
     counts: List[int] = []
-    original = train_grads.per_sample_loss_grads
+    names = ("per_sample_loss_grads", "weighted_param_grads")  # flat, and per parameter
+    originals = {name: getattr(train_grads, name) for name in names}
 
-    def counted(fm, train, loss_fn, theta, indices, *args, **kwargs):
-        counts.append(int(len(indices)))
-        return original(fm, train, loss_fn, theta, indices, *args, **kwargs)
+    def counting(original):
+        def counted(fm, train, loss_fn, theta, indices, *args, **kwargs):
+            counts.append(int(len(indices)))
+            return original(fm, train, loss_fn, theta, indices, *args, **kwargs)
+        return counted
 
-    train_grads.per_sample_loss_grads = counted
+    for name in names:
+        setattr(train_grads, name, counting(originals[name]))
     try:
         yield counts
     finally:
-        train_grads.per_sample_loss_grads = original
+        for name in names:
+            setattr(train_grads, name, originals[name])
 
 
 def step_work(calls: List, steps: int = 64) -> torch.Tensor:

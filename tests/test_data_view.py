@@ -258,13 +258,29 @@ def test_attention_and_cnn_models(tmp_path):
         assert float(res.delta.abs().max()) < 1e-8 * float(res.change.abs().max())
 
 
-def test_vmap_and_loop_paths_agree(case):
+def test_vmap_and_loop_paths_agree(case, monkeypatch):
+    """vmap: the training side from each parameter's weighted per-sample gradients (no [m, P]
+    concatenation); loop: the flat per-sample gradients, weighted after. Same scores, per layer too."""
+    from captum_explaind.epk import train_grads
+
     model, traj, X, Y, x, dense, lf = case
+    used = {"weighted_param_grads": 0, "per_sample_loss_grads": 0}
+    def spying(name, orig):
+        def spy(*a, **k):
+            used[name] += 1
+            return orig(*a, **k)
+        return spy
+
+    for name in used:
+        monkeypatch.setattr(train_grads, name, spying(name, getattr(train_grads, name)))
     tdi = TrainingDataInfluence(model, traj, TensorDataset(X, Y), loss_fn=lf, train_batch_size=3, per_sample="vmap")
-    a = tdi.attribute(x, target=1)
+    a, a_layers = tdi.attribute(x, target=1), tdi.attribute(x, target=1, layers=["fc1", "fc2"])
+    assert used["weighted_param_grads"] > 0 and used["per_sample_loss_grads"] == 0, used
     loop = TrainingDataInfluence(model, traj, TensorDataset(X, Y), loss_fn=lf, train_batch_size=3, per_sample="loop")
-    b = loop.attribute(x, target=1)
+    b, b_layers = loop.attribute(x, target=1), loop.attribute(x, target=1, layers=["fc1", "fc2"])
+    assert used["per_sample_loss_grads"] > 0
     torch.testing.assert_close(a, b, rtol=0, atol=1e-13)
+    torch.testing.assert_close(a_layers, b_layers, rtol=0, atol=1e-13)
 
 
 def test_default_chunking_bounds_per_sample_gradients(case, monkeypatch):

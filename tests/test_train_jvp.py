@@ -46,6 +46,7 @@ def test_jvp_scores_equal_per_sample_scores(run, indexing, monkeypatch):
         x, target=y, steps=steps, indexing=indexing)
     tdi = TrainingDataInfluence(model, traj, TensorDataset(X, Y), nll, train_jvp=True)
     monkeypatch.setattr(train_grads, "per_sample_loss_grads", _no_per_sample_grads)
+    monkeypatch.setattr(train_grads, "weighted_param_grads", _no_per_sample_grads)
     got = tdi.explain(x, target=y, steps=steps, indexing=indexing)
     scale = float(ref.scores.abs().max())
     assert scale > 1e-3

@@ -463,6 +463,34 @@ class FunctionalModel:
                     self.vmap_failed(purpose, err)
             return self._grads_loop(theta, batch, value, extra)
 
+    def param_grads(self, theta: torch.Tensor, batch: Batch, scalar: Callable[[Any, Any], torch.Tensor],
+                    extra: Any, purpose: str = "loss") -> Optional[Dict[str, torch.Tensor]]:
+        """:meth:`selected_grads` per trainable parameter, never concatenated to ``[n, P]``.
+
+        Returns:
+            *dict[str, Tensor]* or None: ``name → [n, numel]`` in the layout's order (θ shared by
+            all examples, [P]); None where ``vmap`` is off for ``purpose`` (the caller then uses
+            :meth:`selected_grads`, which owns the per-example loop).
+        """
+        if not self.use_vmap(purpose):
+            return None
+        params = self.layout.split(theta)
+        ed = batched_dims(extra, batch.n)
+
+        def value(p: Dict[str, torch.Tensor], b: Batch, e: Any) -> torch.Tensor:
+            full = dict(p)
+            full.update(self.fixed)
+            return scalar(b.call(self.module, full), e)
+
+        fn = batch.per_row(lambda b, e: grad(value)(params, b, lift_rows(e, ed)))
+        try:
+            with functorch_friendly():
+                g = vmap(fn, in_dims=batch.dims + (ed,))(batch.args, batch.kwargs, extra)
+        except Exception as err:
+            self.vmap_failed(purpose, err)
+            return None
+        return {k: g[k].reshape(batch.n, -1) for k in self.layout.names}
+
     def _grads_loop(self, theta: torch.Tensor, batch: Batch, value: Callable[..., Tuple[torch.Tensor, torch.Tensor]],
                     extra: Any) -> Tuple[torch.Tensor, torch.Tensor]:
         """:meth:`selected_grads` one example at a time (models ``vmap`` cannot handle)."""

@@ -25,7 +25,7 @@ from __future__ import annotations
 import copy
 import warnings
 from collections.abc import Mapping
-from typing import Any, Callable, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -198,6 +198,20 @@ def per_sample_loss_grads(fm: FunctionalModel, train: TrainingSet, loss_fn: Call
         return loss_fn(raw, y).sum()
 
     return fm.selected_grads(theta, batch, scalar, target, purpose="loss")[0]
+
+
+def weighted_param_grads(fm: FunctionalModel, train: TrainingSet, loss_fn: Callable, theta: torch.Tensor,
+                         indices: torch.Tensor, weights: torch.Tensor) -> Optional[Dict[str, torch.Tensor]]:
+    """``∇_θ w_k loss_fn(f(θ; x_k), y_k)`` for the samples at ``indices`` with weights ``weights``,
+    per trainable parameter (``name → [m, numel]``; the weight inside the loss, so no weighted
+    copy is made); None where per-sample ``vmap`` is off (:meth:`FunctionalModel.param_grads`)."""
+    batch, target = train.batch(indices)
+
+    def scalar(raw: Any, tw: Any) -> torch.Tensor:
+        y, w = tw
+        return (w * loss_fn(raw, y)).sum()
+
+    return fm.param_grads(theta, batch, scalar, (target, weights), purpose="loss")
 
 
 def measured_grad_scale(rec: StepRecord, replayed: torch.Tensor, active: torch.Tensor) -> float:
