@@ -307,6 +307,49 @@ def test_default_chunking_bounds_per_sample_gradients(case, monkeypatch):
     torch.testing.assert_close(chunked, whole, rtol=0, atol=1e-13)
 
 
+def test_decayed_window_stops_the_sweep(tmp_path, monkeypatch):
+    """A window late in a run with little momentum: its accumulator decays below round-off a few
+    steps before the window (β = 0.1 per step), so the sweep drops it and stops there. The scores
+    equal the brute-force reference, and a sweep that never drops (tolerance 0) visits the early
+    steps with no change to them."""
+    from captum_explaind.epk.data_view import DataView
+
+    torch.manual_seed(0)
+    model = TanhMLP().double()
+    X, Y = make_data("vector", 24)
+    cfg = RunConfig(lambda m: torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.1), steps=30)
+    traj, _ = record_run(model, X, Y, tmp_path / "run", cfg)
+    x, target = X[:3], torch.tensor([0, 2, 1])
+    seen = []
+    real = DataView._test_side
+
+    def spy(self, seg, *a, **k):
+        seen.append(seg.step)
+        return real(self, seg, *a, **k)
+
+    monkeypatch.setattr(DataView, "_test_side", spy)
+    tdi = TrainingDataInfluence(model, traj, TensorDataset(X, Y), loss_fn=loss_fn_for("nll"))
+    dropped = tdi.attribute(x, target=target, steps=range(26, 29))
+    visited, seen[:] = sorted(seen), []
+    assert visited[0] > 1 and visited[-1] == 28  # stopped before step 1 ...
+    assert min(visited) < 26  # ... after crediting earlier gradients through momentum
+    monkeypatch.setattr(DataView, "__init__", _no_drop(DataView.__init__))
+    kept = tdi.attribute(x, target=target, steps=range(26, 29))
+    assert sorted(seen) == list(range(1, 29))
+    torch.testing.assert_close(dropped, kept, rtol=0, atol=1e-15)
+    dense = bf.dense_influence(model, traj, X, Y, x, "nll", nodes=16)
+    torch.testing.assert_close(dropped, bf.window_per_sample(dense, 26, 28)[torch.arange(3), :, target],
+                               rtol=0, atol=ATOL)
+
+
+def _no_drop(init):
+    def wrapped(self, *a, **k):
+        init(self, *a, **k)
+        self._tiny = 0.0  # drop a window only where its accumulator is exactly zero
+
+    return wrapped
+
+
 def test_float32_trajectory_reports_its_residual(tmp_path):
     torch.manual_seed(0)
     model = TanhMLP()

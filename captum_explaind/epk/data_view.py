@@ -293,16 +293,20 @@ class DataView(StepSplit, ViewBase):
             for w0 in own:
                 if w0 not in self._acc:
                     self._acc[w0] = fresh
-            sizes = self._acc_sizes()
+            # max |A^W| decides only for the windows outside their own steps (below their start):
+            # the drop test, and the zero test of a block of a split sweep. Inside its window an
+            # accumulator is always used, so no pass reads it for its size there.
+            sizes = self._acc_sizes([w for w in self._acc if w not in own])
             for w, acc in list(self._acc.items()):
-                peak = max(self._peak.get(w, 0.0), sizes[w])
-                self._peak[w] = peak
-                mine = w in own
-                if keep_all and not mine and sizes[w] == 0.0:
-                    continue  # nothing carried into this window yet (no momentum): no credit
-                if not keep_all and not mine and s < self.windows[w].start and sizes[w] <= self._tiny * peak:
-                    del self._acc[w]  # decayed below round-off: nothing earlier can reach it
-                    continue
+                if w not in own:
+                    # the reference is the largest size since the window was left: never above
+                    # the peak inside it, so a window is kept at least as long as against that
+                    peak = self._peak[w] = max(self._peak.get(w, 0.0), sizes[w])
+                    if keep_all and sizes[w] == 0.0:
+                        continue  # nothing carried into this window yet (no momentum): no credit
+                    if not keep_all and s < self.windows[w].start and sizes[w] <= self._tiny * peak:
+                        del self._acc[w]  # decayed below round-off: nothing earlier can reach it
+                        continue
                 windows.append(w)
                 accs.append(acc)
         else:
@@ -340,17 +344,19 @@ class DataView(StepSplit, ViewBase):
             self._to_windows(self.regularization, seg.step, slice(self._lo, self._hi),
                              -(phi @ (co.lr * co.decay_decoupled * seg.theta0)))
 
-    def _acc_sizes(self) -> Dict[int, float]:
-        """``max |A^W|`` over all test inputs, per window (over every rank's rows when split, so
-        that all ranks drop a decayed window, and stop, at the same step)."""
-        if not self._acc:
+    def _acc_sizes(self, keys: List[int]) -> Dict[int, float]:
+        """``max |A^W|`` over all test inputs for the windows ``keys`` (over every rank's rows
+        when split, so that all ranks drop a decayed window, and stop, at the same step; ``keys``
+        depends on the step and the windows alone, so every rank calls the reduction or none)."""
+        if not keys:
             return {}
         # max |A| by a reduction (no |A| array): one read of each accumulator
+        accs = [self._acc[w] for w in keys]
         sizes = torch.stack([torch.linalg.vector_norm(acc, float("inf")) if acc.numel() else acc.new_zeros(())
-                             for acc in self._acc.values()])
+                             for acc in accs])
         if self._split:
             distributed.all_reduce_max_(sizes)
-        return dict(zip(self._acc, sizes.tolist()))
+        return dict(zip(keys, sizes.tolist()))
 
     def run(self, batch: Batch, show_progress: Optional[bool] = None) -> SweepStats:
         """The reverse sweep over the steps that can contribute to the windows (subnormal numbers
